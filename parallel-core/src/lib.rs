@@ -1,0 +1,85 @@
+//! # parallel-core
+//!
+//! The contracts of the parallel diffusion toolkit. Every strategy crate and every model
+//! crate depends on this crate alone, never on each other:
+//!
+//! ```text
+//! parallel-core  <- strategy-*              (a strategy never imports a model)
+//! parallel-core  <- models-dit, models-unet (a model never imports a strategy)
+//! everything     <- harness                 (composes model × strategy × scheduler)
+//! ```
+//!
+//! Three contracts:
+//!
+//! 1. **Communicator** ([`comm`]): a group of ranks exchanging tensors — all-gather,
+//!    all-to-all, all-reduce (sum), broadcast, tagged send/recv, a paired `send_recv` for
+//!    ring neighbours, barrier, async forms returning a handle to wait on, and sub-groups
+//!    over a [`Mesh`] of named axes (cfg, pipefusion, ring, ulysses, tensor). [`LocalComm`]
+//!    runs N ranks as N threads of one process (the embedded default; every strategy is
+//!    tested this way on a CPU). Every [`Comm`] counts what its rank sends by one rule
+//!    ([`CommStats`]), and no wait hangs: a timeout, or a failed peer, ends it with an error
+//!    naming the operation and the rank.
+//! 2. **Model seams** ([`seams`]): the places where a strategy may act inside a model written
+//!    once for one device, each with a serial default:
+//!
+//!    | seam | used by |
+//!    |---|---|
+//!    | self-attention over image tokens | Ulysses, Ring, DistriFusion, PipeFusion, naive patch |
+//!    | reduce after a row-parallel projection | tensor parallel |
+//!    | conv halo rows | DistriFusion on a U-Net |
+//!    | group-norm statistics | DistriFusion on a U-Net |
+//!
+//!    Models also expose a [`ModelDesc`] to validate against, their stages
+//!    ([`StagedDenoiser`]: embed a band of rows, run block `i`, head of a band) and their
+//!    parameters' placement under tensor parallelism ([`ParamInfo`], [`Sharding`]); a
+//!    strategy says what a rank loads with a [`LoadPlan`].
+//! 3. **[`ParallelStrategy`]**: one instance per rank, owning all state kept across steps
+//!    (reset by `begin_request`), validating degrees before any work, running one denoiser
+//!    evaluation or the whole loop ([`DenoiseLoop`]), and reporting its buffers and expected
+//!    communication ([`ExpectedComm`]). A [`Registry`] maps names to constructors; an
+//!    unknown name is an error that lists the known ones.
+//!
+//! # Adding a strategy crate
+//!
+//! 1. `cargo new --lib strategy-foo`, add it to the workspace, depend on `parallel-core`
+//!    and `burn` only.
+//! 2. Write `struct Foo<B: Backend>` holding its `Comm<B>` (split sub-groups with
+//!    [`Comm::split`] over a [`Mesh`]) and its per-request state, and implement
+//!    [`ParallelStrategy`]: `validate` (an error that says what to change), `load_plan`,
+//!    `begin_request` (reset everything), `forward` (use the model's [`StagedDenoiser`]
+//!    stages or pass your own [`Seams`] implementation to [`Denoiser::forward_rows`]), and
+//!    `expected_comm` (your communication formula, from the real shapes).
+//! 3. Export `pub const NAME`, `pub fn info() -> StrategyInfo` (its options, documented)
+//!    and `pub fn register<B: Backend>(r: &mut Registry<B>)`.
+//! 4. Add one line to the harness's registry (behind a cargo feature) and add the strategy
+//!    to the shared conformance suite: it must equal serial at world sizes 1, 2 and 4.
+
+pub mod attention;
+pub mod comm;
+pub mod error;
+pub mod mesh;
+pub mod model;
+pub mod registry;
+pub mod seams;
+pub mod strategy;
+
+pub use comm::{
+    Comm, CommStats, Communicator, LaunchOptions, LocalComm, OpKind, OpStats, Pending, PendingSend,
+    Tag, launch,
+};
+pub use error::{CommError, ParallelError, Result};
+pub use mesh::{Axis, Mesh};
+pub use model::{
+    Conditioning, Denoiser, DenoiserInput, LatentGrid, LoadPlan, ModelDesc, ModelFamily, ParamInfo,
+    Shard, Sharding, StagedDenoiser, TokenGrid,
+};
+pub use registry::{
+    OptionInfo, OptionValue, Registry, StrategyCtor, StrategyInfo, StrategyOptions,
+};
+pub use seams::{
+    AttentionSite, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams, Serial,
+};
+pub use strategy::{
+    DenoiseLoop, ExpectedComm, MemoryReport, ParallelStrategy, RequestInfo, SerialStrategy,
+    StepKind,
+};

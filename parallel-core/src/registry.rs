@@ -1,0 +1,221 @@
+//! The strategy registry: names to constructors, filled explicitly by the binary.
+//!
+//! Each strategy crate exports `NAME`, its options and a `register(&mut Registry<B>)`
+//! function; the harness calls one `register` per strategy crate (behind a cargo feature).
+//! No link-time magic: what is registered is what the binary's source says.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use burn::tensor::backend::Backend;
+
+use crate::comm::Comm;
+use crate::error::{ParallelError, Result};
+use crate::strategy::{ParallelStrategy, SerialStrategy};
+
+/// A strategy option's value, as it comes from a TOML file or a command-line flag.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OptionValue {
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A string.
+    Str(String),
+}
+
+impl fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptionValue::Int(v) => write!(f, "{v}"),
+            OptionValue::Float(v) => write!(f, "{v}"),
+            OptionValue::Bool(v) => write!(f, "{v}"),
+            OptionValue::Str(v) => write!(f, "\"{v}\""),
+        }
+    }
+}
+
+/// A strategy's documented option.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptionInfo {
+    /// The config key (snake_case), also the flag `--key-with-dashes`.
+    pub key: &'static str,
+    /// The default, as shown by `harness list`.
+    pub default: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+/// A registered strategy's name, summary and options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StrategyInfo {
+    /// The registered name.
+    pub name: &'static str,
+    /// One line on what it splits.
+    pub summary: &'static str,
+    /// Its options.
+    pub options: Vec<OptionInfo>,
+}
+
+/// Options given to a strategy, checked against its [`StrategyInfo`] by the registry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StrategyOptions {
+    strategy: String,
+    values: BTreeMap<String, OptionValue>,
+}
+
+impl StrategyOptions {
+    /// Options for `strategy` (named in errors).
+    pub fn new(strategy: impl Into<String>) -> Self {
+        StrategyOptions { strategy: strategy.into(), values: BTreeMap::new() }
+    }
+
+    /// These options with `key = value`.
+    pub fn with(mut self, key: impl Into<String>, value: OptionValue) -> Self {
+        self.values.insert(key.into(), value);
+        self
+    }
+
+    /// Sets `key = value`.
+    pub fn set(&mut self, key: impl Into<String>, value: OptionValue) {
+        self.values.insert(key.into(), value);
+    }
+
+    /// The keys given.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
+
+    fn bad(&self, key: &str, reason: String) -> ParallelError {
+        ParallelError::BadOption { strategy: self.strategy.clone(), key: key.into(), reason }
+    }
+
+    /// A non-negative integer option, or `default` when absent.
+    pub fn usize(&self, key: &str, default: usize) -> Result<usize> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(OptionValue::Int(v)) if *v >= 0 => Ok(*v as usize),
+            Some(v) => Err(self.bad(key, format!("expected a non-negative integer, got {v}"))),
+        }
+    }
+
+    /// An optional non-negative integer option.
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        if self.values.contains_key(key) { self.usize(key, 0).map(Some) } else { Ok(None) }
+    }
+
+    /// A boolean option, or `default` when absent.
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(OptionValue::Bool(v)) => Ok(*v),
+            Some(v) => Err(self.bad(key, format!("expected true or false, got {v}"))),
+        }
+    }
+
+    /// A string option, or `default` when absent.
+    pub fn string(&self, key: &str, default: &str) -> Result<String> {
+        match self.values.get(key) {
+            None => Ok(default.to_string()),
+            Some(OptionValue::Str(v)) => Ok(v.clone()),
+            Some(v) => Err(self.bad(key, format!("expected a string, got {v}"))),
+        }
+    }
+}
+
+/// Builds a strategy instance for one rank from its world communicator and options.
+pub type StrategyCtor<B> = fn(Comm<B>, &StrategyOptions) -> Result<Box<dyn ParallelStrategy<B>>>;
+
+/// Strategies by name.
+pub struct Registry<B: Backend> {
+    entries: BTreeMap<&'static str, (StrategyInfo, StrategyCtor<B>)>,
+}
+
+impl<B: Backend> fmt::Debug for Registry<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.entries.keys()).finish()
+    }
+}
+
+impl<B: Backend> Default for Registry<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B: Backend> Registry<B> {
+    /// A registry holding the serial reference strategy.
+    pub fn new() -> Self {
+        let mut r = Registry { entries: BTreeMap::new() };
+        r.register(
+            StrategyInfo {
+                name: SerialStrategy::<B>::NAME,
+                summary: "one rank, no split: the reference every strategy is compared with",
+                options: vec![],
+            },
+            |comm, _| Ok(Box::new(SerialStrategy::new(comm)?)),
+        );
+        r
+    }
+
+    /// Adds (or replaces) a strategy.
+    pub fn register(&mut self, info: StrategyInfo, ctor: StrategyCtor<B>) {
+        self.entries.insert(info.name, (info, ctor));
+    }
+
+    /// The registered names, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.entries.keys().copied().collect()
+    }
+
+    /// The registered strategies' descriptions, sorted by name.
+    pub fn infos(&self) -> impl Iterator<Item = &StrategyInfo> {
+        self.entries.values().map(|(i, _)| i)
+    }
+
+    /// The description of `name`.
+    pub fn info(&self, name: &str) -> Result<&StrategyInfo> {
+        self.entries.get(name).map(|(i, _)| i).ok_or_else(|| self.unknown(name))
+    }
+
+    fn unknown(&self, name: &str) -> ParallelError {
+        ParallelError::UnknownStrategy {
+            name: name.to_string(),
+            known: self.names().into_iter().map(String::from).collect(),
+        }
+    }
+
+    /// Checks that every option given is one the strategy declares.
+    pub fn check_options(&self, name: &str, options: &StrategyOptions) -> Result<()> {
+        let info = self.info(name)?;
+        for key in options.keys() {
+            if !info.options.iter().any(|o| o.key == key) {
+                let known: Vec<&str> = info.options.iter().map(|o| o.key).collect();
+                return Err(ParallelError::BadOption {
+                    strategy: name.into(),
+                    key: key.into(),
+                    reason: if known.is_empty() {
+                        "this strategy takes no options".into()
+                    } else {
+                        format!("unknown option; known options: {}", known.join(", "))
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A strategy instance for the rank of `comm`.
+    pub fn create(
+        &self,
+        name: &str,
+        comm: Comm<B>,
+        options: &StrategyOptions,
+    ) -> Result<Box<dyn ParallelStrategy<B>>> {
+        self.check_options(name, options)?;
+        let (_, ctor) = self.entries.get(name).ok_or_else(|| self.unknown(name))?;
+        ctor(comm, options)
+    }
+}
