@@ -219,3 +219,49 @@ impl<B: Backend> Registry<B> {
         ctor(comm, options)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::{LaunchOptions, LocalComm};
+    use burn_flex::Flex;
+
+    fn comm(n: usize) -> Comm<Flex> {
+        LocalComm::create(n, &LaunchOptions::default()).remove(0)
+    }
+
+    #[test]
+    fn unknown_name_lists_the_known_ones() {
+        let mut r = Registry::<Flex>::new();
+        r.register(StrategyInfo { name: "zeta", summary: "test", options: vec![] }, |c, _| {
+            Ok(Box::new(SerialStrategy::new(c)?))
+        });
+        let e = r.create("ulyses", comm(1), &StrategyOptions::new("ulyses")).err().unwrap();
+        assert_eq!(e.to_string(), "unknown strategy `ulyses`; known strategies: serial, zeta");
+    }
+
+    #[test]
+    fn unknown_option_is_named() {
+        let r = Registry::<Flex>::new();
+        let opts = StrategyOptions::new("serial").with("warmup_steps", OptionValue::Int(1));
+        let e = r.create("serial", comm(1), &opts).err().unwrap().to_string();
+        assert!(e.contains("`warmup_steps`") && e.contains("takes no options"), "{e}");
+    }
+
+    #[test]
+    fn option_types_are_checked() {
+        let o = StrategyOptions::new("x")
+            .with("a", OptionValue::Int(-1))
+            .with("b", OptionValue::Str("yes".into()));
+        assert!(o.usize("a", 0).unwrap_err().to_string().contains("option `a`"));
+        assert!(o.bool("b", false).unwrap_err().to_string().contains("option `b`"));
+        assert_eq!(o.usize("missing", 7).unwrap(), 7);
+    }
+
+    #[test]
+    fn serial_refuses_more_than_one_rank() {
+        let r = Registry::<Flex>::new();
+        let e = r.create("serial", comm(2), &StrategyOptions::new("serial")).err().unwrap();
+        assert!(e.to_string().contains("--world-size 1"), "{e}");
+    }
+}

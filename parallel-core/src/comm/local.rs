@@ -35,10 +35,13 @@ struct Status {
     left: Vec<bool>,
 }
 
+/// Groups of a world by (members, how many times each member split onto them).
+type GroupMap<B> = HashMap<(Vec<usize>, u64), Arc<Group<B>>>;
+
 struct World<B: Backend> {
     timeout: Duration,
     status: Mutex<Status>,
-    groups: Mutex<HashMap<(Vec<usize>, u64), Arc<Group<B>>>>,
+    groups: Mutex<GroupMap<B>>,
 }
 
 impl<B: Backend> World<B> {
@@ -496,7 +499,7 @@ impl<B: Backend> RankGroup<B> {
                     && s < nd
                     && g < nd
                     && shapes.iter().all(|x| (0..nd).all(|i| i == g || x[i] == shapes[0][i]))
-                    && shapes[0][s] % n == 0;
+                    && shapes[0][s].is_multiple_of(n);
                 if !ok {
                     return Err(self.shape_error(
                         op,
