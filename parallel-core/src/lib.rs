@@ -61,6 +61,7 @@ pub mod mesh;
 pub mod model;
 pub mod registry;
 pub mod seams;
+pub mod split;
 pub mod strategy;
 
 pub use comm::{

@@ -75,7 +75,11 @@ impl ModelDesc {
     /// Checks that the latent grid is made of whole rows of the coarsest feature map.
     pub fn check_grid(&self, grid: LatentGrid) -> Result<()> {
         let g = self.row_granularity;
-        if grid.height == 0 || grid.width == 0 || !grid.height.is_multiple_of(g) || !grid.width.is_multiple_of(g) {
+        if grid.height == 0
+            || grid.width == 0
+            || !grid.height.is_multiple_of(g)
+            || !grid.width.is_multiple_of(g)
+        {
             return Err(ParallelError::Model(format!(
                 "latent size {grid} must be a positive multiple of {g} in both dims for {} \
                  (image height and width a multiple of {})",

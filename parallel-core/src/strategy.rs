@@ -21,6 +21,8 @@ pub struct RequestInfo {
     pub grid: LatentGrid,
     /// Batch of one denoiser evaluation (2 × images with classifier-free guidance).
     pub batch: usize,
+    /// Images of the request (the latents' batch).
+    pub images: usize,
     /// Text tokens of the cross-attention context (0 without text).
     pub text_tokens: usize,
 }
@@ -34,7 +36,9 @@ pub trait DenoiseLoop<B: Backend> {
     fn num_steps(&self) -> usize;
 
     /// The denoiser input of step `step` for the *full* latents (guidance batch, scaled
-    /// model input, timestep, text).
+    /// model input, timestep, text). It must depend on nothing but its arguments: a
+    /// strategy may call it more than once per step (PipeFusion's stages do, for the
+    /// conditioning).
     fn model_input(&mut self, step: usize, latents: &Tensor<B, 4>) -> Result<DenoiserInput<B>>;
 
     /// Guidance and the scheduler step for latent rows `region`: `noise_pred` is the

@@ -326,3 +326,27 @@ fn stats_reset_and_since() {
         Ok(())
     });
 }
+
+#[test]
+fn uneven_ulysses_round_trip_with_chunk_sizes() {
+    // Ranks hold 3, 3, 2, 2 tokens: forward pass gathers uneven tokens, the return pass
+    // scatters them back with explicit chunk sizes.
+    for n in [2, 3, 4] {
+        let tokens: Vec<usize> =
+            parallel_core::split::balanced(10, n).iter().map(|r| r.len()).collect();
+        let stats = run(n, |comm| {
+            let r = comm.rank();
+            let x = rank_tensor(r, [2, 2 * n, tokens[r], 3]);
+            let y = comm.all_to_all(x.clone(), 1, 2)?;
+            assert_eq!(y.dims(), [2, 2, 10, 3]);
+            let back = comm.all_to_all_sizes(y, 2, &tokens, 1)?;
+            assert_same(back, x);
+            Ok(comm.stats())
+        });
+        for (r, s) in stats.iter().enumerate() {
+            let there = (2 * 2 * n * tokens[r] * 3) as u64 * (n as u64 - 1) / n as u64;
+            let back = (2 * 2 * 3 * (10 - tokens[r])) as u64;
+            assert_eq!(s.get(OpKind::AllToAll).elements, there + back);
+        }
+    }
+}

@@ -1,1 +1,518 @@
-//! placeholder
+//! # strategy-pipefusion: displaced patch pipeline parallelism (PipeFusion)
+//!
+//! ## Algorithm
+//! The `L` transformer blocks are split into `N` contiguous **stages**, one per rank
+//! (`blocks_per_stage`, else as even as possible, earlier stages longer). A rank loads
+//! only its own blocks — plus the patch embedding on the first stage and the final layer
+//! on the last; the small conditioning embeddings (timestep, caption, class) are
+//! replicated, since every block reads them. The latent is split by token rows into `M`
+//! **patches** (`num_pipeline_patch`, balanced, longer first: an uneven last patch is
+//! fine).
+//!
+//! Each stage keeps, per own layer, a K/V buffer of the *full* sequence. A stage runs its
+//! blocks on one patch at a time: the patch's fresh K/V overwrite their slice of the buffer
+//! and attention reads the whole buffer — patches earlier in this step are fresh, later ones
+//! one step stale. A stage sends each patch's activations to the next stage; the last stage
+//! finishes the patch (final layer, guidance, the scheduler step on that patch's rows with
+//! that region's own scheduler state) and sends the updated latent patch to stage 0 for the
+//! next step, so the pipeline flows across diffusion steps without emptying:
+//!
+//! ```text
+//! M = 4 patches, N = 3 stages; (t, m) = step t, patch m; time runs right
+//! stage 0: (t,0) (t,1) (t,2) (t,3) (t+1,0) (t+1,1) ...
+//! stage 1:       (t,0) (t,1) (t,2) (t,3)   (t+1,0) ...
+//! stage 2:             (t,0) (t,1) (t,2)   (t,3)   (t+1,0) ...
+//!                        └─ latent patch (t,0) → stage 0, needed for (t+1,0)
+//! ```
+//!
+//! The first `warmup_steps` (≥ 1, default 1, the setting of the PipeFusion paper and xDiT)
+//! run synchronously on the whole latent through all stages, which fills every buffer with
+//! fresh K/V. Every message is tagged with what it is (kind, step, patch) and checked on
+//! arrival: a mismatch is an error naming both, never a silent mix-up. After the last step
+//! the last stage broadcasts the final latents so that every rank returns them.
+//!
+//! A single [`forward`](ParallelStrategy::forward) (no scheduler) runs synchronously and
+//! broadcasts the noise prediction from the last stage: it equals serial.
+//!
+//! ## Constraints
+//! `L ≥ N` (every stage holds at least one block); `1 ≤ M ≤ token rows`;
+//! `warmup_steps ≥ 1` (the buffers must be full before stale reads).
+//!
+//! ## Config keys
+//! `num_pipeline_patch` (M, default = world size), `warmup_steps` (default 1),
+//! `blocks_per_stage` (comma-separated counts, e.g. `"10,9,9"`; default even).
+//!
+//! ## Communication (per denoising step, per rank `s`)
+//! `B` the model batch (guidance included), `Bi` the image batch, `p` tokens, `hs` hidden:
+//!
+//! ```text
+//! stage s < N−1: send = B · p · hs          (every patch's activations, once; no factor L)
+//! stage N−1:     send = Bi · C · H · W      (every updated latent patch back to stage 0)
+//! per request, once: broadcast of the final latents from the last stage (Bi·C·H·W·(N−1))
+//! ```
+//! In a synchronous step the same volumes move as one message each. Memory: the K/V
+//! buffers hold `L_s · 2 · B · p · hs` elements on stage `s` (own layers only); parameters
+//! ≈ block parameters / N + the replicated embeddings.
+
+use std::ops::Range;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use parallel_core::attention::sdpa;
+use parallel_core::split::balanced;
+use parallel_core::{
+    AttentionSite, Comm, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc,
+    OpKind, OptionInfo, ParallelError, ParallelStrategy, Registry, RequestInfo, Result, Seams,
+    StagedDenoiser, StepKind, StrategyInfo, StrategyOptions, Tag,
+};
+
+/// The registered name.
+pub const NAME: &str = "pipefusion";
+/// Default synchronous warmup steps.
+pub const DEFAULT_WARMUP_STEPS: usize = 1;
+
+const ACT: &str = "activations";
+const ACT_SYNC: &str = "activations_sync";
+const LATENT: &str = "latent_patch";
+const LATENT_SYNC: &str = "latent_sync";
+
+/// PipeFusion over the whole world, one stage per rank.
+pub struct PipeFusion<B: Backend> {
+    world: Comm<B>,
+    patches: Option<usize>,
+    warmup_steps: usize,
+    blocks_per_stage: Option<Vec<usize>>,
+    /// Per own layer (indexed from the stage's first block): `[2, B, H, p, d]`.
+    buffers: Vec<Option<Tensor<B, 5>>>,
+}
+
+impl<B: Backend> PipeFusion<B> {
+    /// PipeFusion with `patches` patches (`None`: the world size), `warmup_steps` synchronous
+    /// steps and an optional explicit stage split.
+    pub fn new(
+        world: Comm<B>,
+        patches: Option<usize>,
+        warmup_steps: usize,
+        blocks_per_stage: Option<Vec<usize>>,
+    ) -> Result<Self> {
+        let n = world.size();
+        if warmup_steps == 0 {
+            return Err(bad(
+                "warmup_steps",
+                "must be ≥ 1: the K/V buffers are filled by a synchronous step".into(),
+            ));
+        }
+        if patches == Some(0) {
+            return Err(bad("num_pipeline_patch", "must be ≥ 1".into()));
+        }
+        if let Some(b) = &blocks_per_stage
+            && (b.len() != n || b.contains(&0))
+        {
+            return Err(bad(
+                "blocks_per_stage",
+                format!("needs {n} positive counts (one per stage), got {b:?}"),
+            ));
+        }
+        Ok(PipeFusion { world, patches, warmup_steps, blocks_per_stage, buffers: Vec::new() })
+    }
+
+    /// The number of patches for this world.
+    pub fn num_patches(&self) -> usize {
+        self.patches.unwrap_or(self.world.size())
+    }
+
+    /// The blocks of every stage.
+    pub fn stages(&self, model: &ModelDesc) -> Result<Vec<Range<usize>>> {
+        let n = self.world.size();
+        let l = model.num_layers;
+        match &self.blocks_per_stage {
+            Some(counts) => {
+                if counts.iter().sum::<usize>() != l {
+                    return Err(bad(
+                        "blocks_per_stage",
+                        format!(
+                            "{counts:?} sums to {} but {} has {l} blocks",
+                            counts.iter().sum::<usize>(),
+                            model.class_name
+                        ),
+                    ));
+                }
+                let mut start = 0;
+                Ok(counts
+                    .iter()
+                    .map(|c| {
+                        let r = start..start + c;
+                        start += c;
+                        r
+                    })
+                    .collect())
+            }
+            None => {
+                if l < n {
+                    return Err(ParallelError::Unsupported {
+                        strategy: NAME.into(),
+                        reason: format!(
+                            "{} has {l} transformer blocks, fewer than the {n} pipeline stages; \
+                             use at most {l} ranks",
+                            model.class_name
+                        ),
+                    });
+                }
+                Ok(balanced(l, n))
+            }
+        }
+    }
+
+    fn patch_rows(&self, model: &ModelDesc, request: &RequestInfo) -> Result<Vec<Range<usize>>> {
+        model.check_grid(request.grid)?;
+        let rows = model.tokens(request.grid).rows;
+        let m = self.num_patches();
+        if m > rows {
+            return Err(bad(
+                "num_pipeline_patch",
+                format!(
+                    "{m} patches but the latent has only {rows} token rows (height {}); use at \
+                     most {rows}",
+                    request.grid.height
+                ),
+            ));
+        }
+        Ok(balanced(rows, m))
+    }
+
+    fn is_last(&self) -> bool {
+        self.world.rank() + 1 == self.world.size()
+    }
+
+    /// Runs this stage's blocks on token rows `rows`, reading and refreshing the buffers.
+    fn run_stage(
+        &mut self,
+        model: &dyn StagedDenoiser<B>,
+        hidden: Tensor<B, 3>,
+        rows: Range<usize>,
+        cond: &parallel_core::Conditioning,
+    ) -> Result<Tensor<B, 3>> {
+        let blocks = model.held_blocks();
+        let first = blocks.start;
+        if self.buffers.len() < blocks.len() {
+            self.buffers.resize_with(blocks.len(), || None);
+        }
+        let mut seams = PfSeams { buffers: &mut self.buffers, first };
+        let mut h = hidden;
+        for i in blocks {
+            h = model.block(i, h, rows.clone(), cond, &mut seams)?;
+        }
+        Ok(h)
+    }
+
+    fn staged<'m>(&self, model: &'m dyn Denoiser<B>) -> Result<&'m dyn StagedDenoiser<B>> {
+        model.staged().ok_or_else(|| ParallelError::Unsupported {
+            strategy: NAME.into(),
+            reason: format!(
+                "{} is not a stack of transformer blocks; PipeFusion needs a DiT",
+                model.desc().class_name
+            ),
+        })
+    }
+
+    /// One synchronous pass of the whole latent through the pipeline; the noise prediction
+    /// on the last stage (`None` elsewhere).
+    fn sync_pass(
+        &mut self,
+        model: &dyn StagedDenoiser<B>,
+        input: &DenoiserInput<B>,
+        step: usize,
+    ) -> Result<Option<Tensor<B, 4>>> {
+        let (s, n) = (self.world.rank(), self.world.size());
+        let cond = model.condition(input)?;
+        let rows = 0..cond.grid.rows;
+        let tag = Tag::new(ACT_SYNC).step(step as u32);
+        let hidden = if s == 0 {
+            model.embed(input, rows.clone(), &cond)?
+        } else {
+            self.world.recv(s - 1, tag.layer(s as u32))?
+        };
+        let hidden = self.run_stage(model, hidden, rows.clone(), &cond)?;
+        if s + 1 < n {
+            self.world.send(hidden, s + 1, tag.layer(s as u32 + 1))?;
+            Ok(None)
+        } else {
+            Ok(Some(model.head(hidden, rows, &cond)?))
+        }
+    }
+}
+
+fn bad(key: &str, reason: String) -> ParallelError {
+    ParallelError::BadOption { strategy: NAME.into(), key: key.into(), reason }
+}
+
+struct PfSeams<'a, B: Backend> {
+    buffers: &'a mut Vec<Option<Tensor<B, 5>>>,
+    first: usize,
+}
+
+impl<B: Backend> Seams<B> for PfSeams<'_, B> {
+    fn self_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let slot = &mut self.buffers[site.layer - self.first];
+        let fresh: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
+        let kv = if site.tokens.start == 0 && site.tokens.end == site.total_tokens {
+            fresh
+        } else {
+            let Some(buffer) = slot.take() else {
+                return Err(ParallelError::State {
+                    strategy: NAME.into(),
+                    reason: format!(
+                        "layer {} has no K/V buffer yet: a patch step ran before a warmup step",
+                        site.layer
+                    ),
+                });
+            };
+            let d = buffer.dims();
+            buffer.slice_assign([0..d[0], 0..d[1], 0..d[2], site.tokens.clone(), 0..d[4]], fresh)
+        };
+        *slot = Some(kv.clone());
+        let k_full = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
+        let v_full = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
+        Ok(sdpa(q, k_full, v_full, None))
+    }
+}
+
+/// The description for the registry.
+pub fn info() -> StrategyInfo {
+    StrategyInfo {
+        name: NAME,
+        summary: "layers split into stages, latent into M patches pipelined across steps (stale K/V of later patches)",
+        options: vec![
+            OptionInfo {
+                key: "num_pipeline_patch",
+                default: "world size",
+                doc: "patches M the latent is split into (token rows)",
+            },
+            OptionInfo {
+                key: "warmup_steps",
+                default: "1",
+                doc: "synchronous whole-latent steps that fill the K/V buffers (≥ 1)",
+            },
+            OptionInfo {
+                key: "blocks_per_stage",
+                default: "even",
+                doc: "comma-separated block counts per stage, e.g. \"10,9,9\"",
+            },
+        ],
+    }
+}
+
+/// Registers `pipefusion`.
+pub fn register<B: Backend>(registry: &mut Registry<B>) {
+    registry.register(info(), |comm, opts: &StrategyOptions| {
+        let patches = opts.opt_usize("num_pipeline_patch")?;
+        let warmup = opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)?;
+        let blocks = match opts.string("blocks_per_stage", "")?.as_str() {
+            "" => None,
+            s => Some(
+                s.split(',')
+                    .map(|x| x.trim().parse::<usize>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        bad("blocks_per_stage", format!("`{s}` is not a list of counts: {e}"))
+                    })?,
+            ),
+        };
+        Ok(Box::new(PipeFusion::new(comm, patches, warmup, blocks)?))
+    });
+}
+
+impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn comm(&self) -> &Comm<B> {
+        &self.world
+    }
+
+    fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        self.stages(model)?;
+        self.patch_rows(model, request)?;
+        Ok(())
+    }
+
+    fn load_plan(&self, model: &ModelDesc) -> Result<LoadPlan> {
+        let stages = self.stages(model)?;
+        let s = self.world.rank();
+        Ok(LoadPlan {
+            tensor_shard: None,
+            blocks: Some(stages[s].clone()),
+            skip_embed: s != 0,
+            skip_head: !self.is_last(),
+        })
+    }
+
+    fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        self.validate(model, request)?;
+        self.buffers.clear();
+        Ok(())
+    }
+
+    fn forward(
+        &mut self,
+        model: &dyn Denoiser<B>,
+        input: &DenoiserInput<B>,
+        step: usize,
+    ) -> Result<Tensor<B, 4>> {
+        let staged = self.staged(model)?;
+        let out = self.sync_pass(staged, input, step)?;
+        let last = self.world.size() - 1;
+        let template = match out {
+            Some(t) => t,
+            None => {
+                let grid = input.grid();
+                let d = model.desc();
+                Tensor::zeros(
+                    [input.batch(), d.out_channels, grid.height, grid.width],
+                    &input.hidden_states.device(),
+                )
+            }
+        };
+        Ok(self.world.broadcast(template, last)?)
+    }
+
+    fn denoise(
+        &mut self,
+        model: &dyn Denoiser<B>,
+        sampler: &mut dyn DenoiseLoop<B>,
+        latents: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let staged = self.staged(model)?;
+        let (s, n) = (self.world.rank(), self.world.size());
+        let last = n - 1;
+        let p = model.desc().patch_size;
+        let [_, _, height, _] = latents.dims();
+        let grid = parallel_core::LatentGrid { height, width: latents.dims()[3] };
+        let images = latents.dims()[0];
+        let request =
+            RequestInfo { steps: sampler.num_steps(), grid, batch: images, images, text_tokens: 0 };
+        let patches = self.patch_rows(model.desc(), &request)?;
+        let mut latents = latents;
+        for step in 0..sampler.num_steps() {
+            let input = sampler.model_input(step, &latents)?;
+            if step < self.warmup_steps {
+                if let Some(noise) = self.sync_pass(staged, &input, step)? {
+                    latents = sampler.step(step, 0..height, noise, latents)?;
+                    if n > 1 {
+                        self.world.send(
+                            latents.clone(),
+                            0,
+                            Tag::new(LATENT_SYNC).step(step as u32),
+                        )?;
+                    }
+                } else if s == 0 {
+                    latents = self.world.recv(last, Tag::new(LATENT_SYNC).step(step as u32))?;
+                }
+                continue;
+            }
+            let cond = staged.condition(&input)?;
+            for (m, rows) in patches.iter().enumerate() {
+                let lat_rows = rows.start * p..rows.end * p;
+                let act = Tag::new(ACT).step(step as u32).patch(m as u32);
+                let hidden = if s == 0 {
+                    // The latent patch of the previous step arrives from the last stage
+                    // (after a synchronous step, stage 0 already holds the whole latent).
+                    if n > 1 && step > self.warmup_steps {
+                        let tag = Tag::new(LATENT).step(step as u32 - 1).patch(m as u32);
+                        let patch: Tensor<B, 4> = self.world.recv(last, tag)?;
+                        latents = assign_rows(latents, lat_rows.clone(), patch);
+                    }
+                    let input = sampler.model_input(step, &latents)?;
+                    staged.embed(&input, rows.clone(), &cond)?
+                } else {
+                    self.world.recv(s - 1, act.layer(s as u32))?
+                };
+                let hidden = self.run_stage(staged, hidden, rows.clone(), &cond)?;
+                if s < last {
+                    self.world.send(hidden, s + 1, act.layer(s as u32 + 1))?;
+                    continue;
+                }
+                let noise = staged.head(hidden, rows.clone(), &cond)?;
+                let current = latents.clone().narrow(2, lat_rows.start, lat_rows.len());
+                let next = sampler.step(step, lat_rows.clone(), noise, current)?;
+                latents = assign_rows(latents, lat_rows.clone(), next.clone());
+                if n > 1 {
+                    let tag = Tag::new(LATENT).step(step as u32).patch(m as u32);
+                    self.world.send(next, 0, tag)?;
+                }
+            }
+        }
+        // The last step's patches reach stage 0 like every step's (one formula per step).
+        let steps = sampler.num_steps();
+        if s == 0 && n > 1 && steps > self.warmup_steps {
+            for (m, rows) in patches.iter().enumerate() {
+                let tag = Tag::new(LATENT).step(steps as u32 - 1).patch(m as u32);
+                let patch: Tensor<B, 4> = self.world.recv(last, tag)?;
+                latents = assign_rows(latents, rows.start * p..rows.end * p, patch);
+            }
+        }
+        Ok(self.world.broadcast(latents, last)?)
+    }
+
+    fn buffer_bytes(&self) -> u64 {
+        self.buffers
+            .iter()
+            .flatten()
+            .map(|t| (t.shape().num_elements() * t.dtype().size()) as u64)
+            .sum()
+    }
+
+    fn expected_comm(
+        &self,
+        model: &ModelDesc,
+        request: &RequestInfo,
+        _step: StepKind,
+    ) -> Result<ExpectedComm> {
+        let (s, n) = (self.world.rank(), self.world.size());
+        let p = model.tokens(request.grid).len();
+        let mut e = ExpectedComm::none(format!(
+            "pipefusion: stage < N−1 sends B·p·hs = {}·{p}·{}; the last stage sends the latent \
+             (Bi·C·H·W) to stage 0; no factor L",
+            request.batch, model.hidden_size
+        ));
+        if n > 1 && s + 1 < n {
+            e.add(OpKind::Send, (request.batch * p * model.hidden_size) as u64);
+        }
+        if n > 1 && s + 1 == n {
+            let g = request.grid;
+            e.add(OpKind::Send, (request.images * model.in_channels * g.height * g.width) as u64);
+        }
+        Ok(e)
+    }
+}
+
+impl<B: Backend> PipeFusion<B> {
+    /// Elements of the final broadcast of the latents, sent once per request by the last
+    /// stage (0 on other stages).
+    pub fn final_broadcast_elements(&self, model: &ModelDesc, request: &RequestInfo) -> u64 {
+        let n = self.world.size();
+        if self.is_last() {
+            let g = request.grid;
+            (request.images * model.in_channels * g.height * g.width * (n - 1)) as u64
+        } else {
+            0
+        }
+    }
+}
+
+/// `full` with latent rows `rows` replaced by `part`.
+fn assign_rows<B: Backend>(
+    full: Tensor<B, 4>,
+    rows: Range<usize>,
+    part: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, c, _, w] = full.dims();
+    full.slice_assign([0..b, 0..c, rows, 0..w], part)
+}

@@ -1,1 +1,243 @@
-//! placeholder
+//! # strategy-ring: Ring sequence parallelism
+//!
+//! ## Algorithm
+//! The image tokens are split by latent (token) rows over the `N` ranks of the ring: rank `r`
+//! holds a contiguous band of `n_r` tokens (balanced, longer bands first; uneven splits are
+//! fine). Every layer runs on the local tokens only, except self-attention, where each
+//! rank needs the keys and values of every token. There the K/V blocks travel around the
+//! ring: at round `i` a rank attends its queries to the block it holds (its own at round 0),
+//! while it sends that block to its successor and receives the next one from its
+//! predecessor with a paired, tagged `send_recv` (started before the attention and waited
+//! after it, so the transfer overlaps the compute). The partial results are merged with
+//! their log-sum-exps in float32, which equals attention over all tokens up to rounding.
+//! Cross-attention (to text) and the feed-forward are local. After the last layer the
+//! bands' outputs are all-gathered along the latent rows, so the noise prediction is
+//! complete on every rank and the scheduler steps identically everywhere.
+//!
+//! ## Constraints
+//! At least one token row per rank (`token rows ≥ N`). Any head count.
+//!
+//! ## Config keys
+//! None: `harness run --strategy ring --world-size N`.
+//!
+//! ## Communication (per denoising step, per rank `r`)
+//! With `B` the batch, `h` the heads, `d` the head dim (`hs = h·d`), `L` the layers and
+//! `m_j` the tokens of rank `j`: in each layer rank `r` forwards every block but the one it
+//! receives last, from rank `r+1`:
+//!
+//! ```text
+//! send = L · 2 · B · hs · Σ_{j ≠ (r+1) mod N} m_j      (≈ 2·(p/N)·hs·(N−1)·L per image)
+//! all_gather (output) = B · C_out · (n_r rows · patch) · W · (N − 1)
+//! ```
+//!
+//! The ring kernel [`RingAttention`] is public so that USP (Ulysses × Ring, in
+//! `strategy-ulysses`) composes it with the Ulysses all-to-all instead of copying it.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use parallel_core::attention::{merge_partial, sdpa_with_lse};
+use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
+use parallel_core::{
+    AttentionSite, Comm, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
+    ParallelStrategy, Registry, RequestInfo, Result, Seams, StepKind, StrategyInfo,
+    StrategyOptions, Tag,
+};
+
+/// The registered name.
+pub const NAME: &str = "ring";
+
+/// The ring attention kernel over one ring group.
+///
+/// Holds the ring communicator and a call counter that tags every message with the
+/// forward it belongs to, so a message from another forward is an error, never mixed in.
+pub struct RingAttention<B: Backend> {
+    ring: Comm<B>,
+    forward: u32,
+}
+
+impl<B: Backend> RingAttention<B> {
+    /// A kernel over the ring group `ring` (rank `j` passes to `j + 1`).
+    pub fn new(ring: Comm<B>) -> Self {
+        RingAttention { ring, forward: 0 }
+    }
+
+    /// The ring group.
+    pub fn comm(&self) -> &Comm<B> {
+        &self.ring
+    }
+
+    /// Starts a new denoiser evaluation (the tag's step).
+    pub fn begin_forward(&mut self, forward: u32) {
+        self.forward = forward;
+    }
+
+    /// Attention of the local queries over the keys and values of every rank of the ring.
+    ///
+    /// # Shapes
+    /// `q`: `[batch, heads, n_r, head_dim]`, `k`, `v`: `[batch, heads, n_r, head_dim]` (the
+    /// local block; blocks may differ in length between ranks); output like `q`.
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let n = self.ring.size();
+        let r = self.ring.rank();
+        let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+        let tag = |origin: usize| {
+            Tag::new("ring_kv").step(self.forward).layer(layer as u32).patch(origin as u32)
+        };
+        let mut kv: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
+        let mut acc: Option<(Tensor<B, 4>, Tensor<B, 4>)> = None;
+        for round in 0..n {
+            let origin = (r + n - round) % n;
+            // Start the transfer of the block we hold before computing with it.
+            let incoming = if round + 1 < n {
+                let send = self.ring.send_async(kv.clone(), next, tag(origin))?;
+                let recv = self.ring.recv_async::<5>(prev, tag((origin + n - 1) % n))?;
+                Some((send, recv))
+            } else {
+                None
+            };
+            let k_blk = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
+            let v_blk = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
+            let (out, lse) = sdpa_with_lse(q.clone(), k_blk, v_blk);
+            acc = Some(match acc {
+                None => (out, lse),
+                Some((o, l)) => merge_partial(o, l, out, lse),
+            });
+            match incoming {
+                Some((send, recv)) => {
+                    send.wait()?;
+                    kv = recv.wait()?;
+                }
+                None => break,
+            }
+        }
+        Ok(acc.expect("a ring has at least one rank").0)
+    }
+
+    /// Elements rank `r` sends per layer, for block lengths `tokens` (in ring order) and
+    /// `batch · heads · head_dim` elements per token.
+    pub fn sent_per_layer(tokens: &[usize], rank: usize, elems_per_token: usize) -> u64 {
+        let n = tokens.len();
+        if n <= 1 {
+            return 0;
+        }
+        let skip = (rank + 1) % n;
+        let sum: usize =
+            tokens.iter().enumerate().filter(|&(j, _)| j != skip).map(|(_, m)| m).sum();
+        (2 * sum * elems_per_token) as u64
+    }
+}
+
+struct RingSeams<'a, B: Backend> {
+    kernel: &'a mut RingAttention<B>,
+}
+
+impl<B: Backend> Seams<B> for RingSeams<'_, B> {
+    fn self_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        self.kernel.attend(site.layer, q, k, v)
+    }
+}
+
+/// Ring sequence parallelism over the whole world.
+pub struct Ring<B: Backend> {
+    world: Comm<B>,
+    kernel: RingAttention<B>,
+    forwards: u32,
+}
+
+impl<B: Backend> Ring<B> {
+    /// A ring over every rank of `world`.
+    pub fn new(world: Comm<B>) -> Self {
+        Ring { kernel: RingAttention::new(world.clone()), world, forwards: 0 }
+    }
+}
+
+/// The strategy's description for the registry.
+pub fn info() -> StrategyInfo {
+    StrategyInfo {
+        name: NAME,
+        summary: "tokens split by rows; K/V blocks travel round the ring (fresh K/V, log-sum-exp merge)",
+        options: vec![],
+    }
+}
+
+/// Registers the ring strategy.
+pub fn register<B: Backend>(registry: &mut Registry<B>) {
+    registry.register(info(), |comm, _opts: &StrategyOptions| Ok(Box::new(Ring::new(comm))));
+}
+
+impl<B: Backend> ParallelStrategy<B> for Ring<B> {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn comm(&self) -> &Comm<B> {
+        &self.world
+    }
+
+    fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        row_partition(NAME, model, request.grid, self.world.size()).map(|_| ())
+    }
+
+    fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        self.validate(model, request)?;
+        self.forwards = 0;
+        Ok(())
+    }
+
+    fn forward(
+        &mut self,
+        model: &dyn Denoiser<B>,
+        input: &DenoiserInput<B>,
+        _step: usize,
+    ) -> Result<Tensor<B, 4>> {
+        self.kernel.begin_forward(self.forwards);
+        self.forwards += 1;
+        let mut seams = RingSeams { kernel: &mut self.kernel };
+        row_split_forward(NAME, model, input, &self.world, &mut seams)
+    }
+
+    fn expected_comm(
+        &self,
+        model: &ModelDesc,
+        request: &RequestInfo,
+        _step: StepKind,
+    ) -> Result<ExpectedComm> {
+        let n = self.world.size();
+        let r = self.world.rank();
+        let parts = row_partition(NAME, model, request.grid, n)?;
+        let cols = request.grid.width / model.patch_size;
+        let tokens: Vec<usize> = parts.iter().map(|p| p.len() * cols).collect();
+        let per_token = request.batch * model.num_heads * model.head_dim;
+        let layer = RingAttention::<B>::sent_per_layer(&tokens, r, per_token);
+        let mut e = ExpectedComm::none(format!(
+            "ring: L·2·B·hs·Σ_(j≠r+1) m_j = {}·2·{}·{}·{} + output gather",
+            model.num_layers,
+            request.batch,
+            model.hidden_size,
+            tokens
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != (r + 1) % n)
+                .map(|(_, m)| m)
+                .sum::<usize>()
+        ));
+        e.add(OpKind::Send, layer * model.num_layers as u64);
+        e.add(
+            OpKind::AllGather,
+            output_gather_elements(model, request.grid, request.batch, &parts[r], n),
+        );
+        Ok(e)
+    }
+}

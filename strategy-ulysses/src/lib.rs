@@ -1,1 +1,323 @@
-//! placeholder
+//! # strategy-ulysses: Ulysses sequence parallelism, and USP (Ulysses × Ring)
+//!
+//! ## Algorithm
+//! The image tokens are split by latent (token) rows over the `N` ranks (balanced, longer
+//! bands first; uneven splits are fine). Every layer runs on the local tokens, except
+//! self-attention: there the ranks of a Ulysses group exchange q, k and v with one
+//! all-to-all (scatter heads, gather tokens), so each rank holds *all* the group's tokens
+//! for `H/u` of the heads, attends, and a second all-to-all (scatter tokens back with the
+//! bands' own sizes, gather heads) returns the output to the token split. Cross-attention
+//! and the feed-forward are local. After the last layer the bands' outputs are
+//! all-gathered along the latent rows: the noise prediction is complete on every rank.
+//!
+//! **USP** (`usp`, `ulysses_degree × ring_degree = N`): the ranks form a mesh whose Ulysses
+//! groups are neighbouring ranks and whose rings run across the groups. After the Ulysses
+//! all-to-all, a rank holds its group's tokens for `H/u` heads; the attention over the
+//! other groups' tokens is the ring of `strategy-ring` ([`RingAttention`]), on the ring
+//! group. `ulysses` is USP with `ring_degree = 1`; `ring` (its own crate) is the case
+//! `ulysses_degree = 1`.
+//!
+//! ## Constraints
+//! The heads must be divisible by the Ulysses degree; at least one token row per rank.
+//! Both are checked before any work, with an error that says what to change.
+//!
+//! ## Config keys
+//! - `ulysses`: none (`--strategy ulysses --world-size N`);
+//! - `usp`: `ulysses_degree`, `ring_degree` (give one or both; their product must be the
+//!   world size).
+//!
+//! ## Communication (per denoising step, per rank `w`)
+//! `B` batch, `H` heads, `d` head dim (`hs = H·d`), `L` layers, `n_w` the rank's tokens,
+//! `T_g` the tokens of its Ulysses group, `u` and `R` the degrees:
+//!
+//! ```text
+//! all_to_all = L · [ 3·B·H·n_w·d·(u−1)/u          (q, k, v: heads out, tokens in)
+//!                  + B·(H/u)·d·(T_g − n_w) ]      (output: tokens out, heads in)
+//!            ≈ 4·(p/N)·hs·(N−1)/N·L for pure Ulysses
+//! send (ring) = L · 2 · B·(H/u)·d · Σ_{j ≠ (ρ+1) mod R} T_j   (ρ: the ring rank)
+//! all_gather (output) = B · C_out · (n_w rows · patch) · W · (N − 1)
+//! ```
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use parallel_core::attention::sdpa;
+use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
+use parallel_core::{
+    AttentionSite, Axis, Comm, Denoiser, DenoiserInput, ExpectedComm, Mesh, ModelDesc, OpKind,
+    OptionInfo, ParallelError, ParallelStrategy, Registry, RequestInfo, Result, Seams, StepKind,
+    StrategyInfo, StrategyOptions,
+};
+pub use strategy_ring::RingAttention;
+
+/// The registered name of pure Ulysses.
+pub const NAME: &str = "ulysses";
+/// The registered name of the Ulysses × Ring hybrid.
+pub const USP_NAME: &str = "usp";
+
+/// Ulysses (and USP) sequence parallelism.
+pub struct Usp<B: Backend> {
+    name: &'static str,
+    world: Comm<B>,
+    mesh: Mesh,
+    ulysses: Comm<B>,
+    ring: RingAttention<B>,
+    forwards: u32,
+}
+
+impl<B: Backend> Usp<B> {
+    /// Pure Ulysses over the whole world.
+    pub fn ulysses(world: Comm<B>) -> Result<Self> {
+        let n = world.size();
+        Self::with_degrees(NAME, world, n, 1)
+    }
+
+    /// USP with the given degrees (`ulysses × ring` must be the world size).
+    pub fn with_degrees(
+        name: &'static str,
+        world: Comm<B>,
+        ulysses_degree: usize,
+        ring_degree: usize,
+    ) -> Result<Self> {
+        let n = world.size();
+        let mesh = Mesh::new(n, &[(Axis::Ring, ring_degree), (Axis::Ulysses, ulysses_degree)])
+            .map_err(|e| ParallelError::BadOption {
+                strategy: name.into(),
+                key: "ulysses_degree".into(),
+                reason: format!(
+                    "ulysses_degree {ulysses_degree} × ring_degree {ring_degree} must equal the \
+                     world size {n} ({e})"
+                ),
+            })?;
+        let ulysses = world.split(&mesh, &[Axis::Ulysses])?;
+        let ring = RingAttention::new(world.split(&mesh, &[Axis::Ring])?);
+        Ok(Usp { name, world, mesh, ulysses, ring, forwards: 0 })
+    }
+
+    /// The Ulysses degree.
+    pub fn ulysses_degree(&self) -> usize {
+        self.mesh.degree(Axis::Ulysses)
+    }
+
+    /// The ring degree.
+    pub fn ring_degree(&self) -> usize {
+        self.mesh.degree(Axis::Ring)
+    }
+
+    /// Tokens of every world rank for this request.
+    fn tokens_per_rank(&self, model: &ModelDesc, request: &RequestInfo) -> Result<Vec<usize>> {
+        let cols = request.grid.width / model.patch_size;
+        Ok(row_partition(self.name, model, request.grid, self.world.size())?
+            .iter()
+            .map(|p| p.len() * cols)
+            .collect())
+    }
+}
+
+struct UspSeams<'a, B: Backend> {
+    ulysses: &'a Comm<B>,
+    /// Tokens of each member of this rank's Ulysses group, in group order.
+    group_tokens: Vec<usize>,
+    ring: &'a mut RingAttention<B>,
+}
+
+impl<B: Backend> Seams<B> for UspSeams<'_, B> {
+    fn self_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let u = self.ulysses.size();
+        let (q, k, v) = if u > 1 {
+            // [B, 3, H, n, d]: one all-to-all for q, k and v (scatter heads, gather tokens).
+            let qkv = Tensor::stack::<5>(vec![q, k, v], 1);
+            let qkv = self.ulysses.all_to_all(qkv, 2, 3)?;
+            let part = |i| qkv.clone().narrow(1, i, 1).squeeze_dim::<4>(1);
+            (part(0), part(1), part(2))
+        } else {
+            (q, k, v)
+        };
+        let out = if self.ring.comm().size() > 1 {
+            self.ring.attend(site.layer, q, k, v)?
+        } else {
+            sdpa(q, k, v, None)
+        };
+        if u > 1 {
+            // Back to the token split: scatter tokens with the bands' sizes, gather heads.
+            Ok(self.ulysses.all_to_all_sizes(out, 2, &self.group_tokens, 1)?)
+        } else {
+            Ok(out)
+        }
+    }
+}
+
+/// The description of `ulysses` for the registry.
+pub fn info() -> StrategyInfo {
+    StrategyInfo {
+        name: NAME,
+        summary: "tokens split by rows; all-to-all to heads for attention (fresh K/V)",
+        options: vec![],
+    }
+}
+
+/// The description of `usp` for the registry.
+pub fn usp_info() -> StrategyInfo {
+    StrategyInfo {
+        name: USP_NAME,
+        summary: "Ulysses groups of neighbouring ranks, Ring across them (fresh K/V)",
+        options: vec![
+            OptionInfo {
+                key: "ulysses_degree",
+                default: "world size / ring_degree",
+                doc: "ranks of each Ulysses group (must divide the heads)",
+            },
+            OptionInfo {
+                key: "ring_degree",
+                default: "world size / ulysses_degree",
+                doc: "ranks of each ring",
+            },
+        ],
+    }
+}
+
+fn usp_from_options<B: Backend>(world: Comm<B>, opts: &StrategyOptions) -> Result<Usp<B>> {
+    let n = world.size();
+    let bad = |key: &str, reason: String| ParallelError::BadOption {
+        strategy: USP_NAME.into(),
+        key: key.into(),
+        reason,
+    };
+    let (u, r) = match (opts.opt_usize("ulysses_degree")?, opts.opt_usize("ring_degree")?) {
+        (Some(u), Some(r)) => (u, r),
+        (Some(u), None) if u > 0 && n.is_multiple_of(u) => (u, n / u),
+        (None, Some(r)) if r > 0 && n.is_multiple_of(r) => (n / r, r),
+        (Some(u), None) => {
+            return Err(bad("ulysses_degree", format!("{u} does not divide the world size {n}")));
+        }
+        (None, Some(r)) => {
+            return Err(bad("ring_degree", format!("{r} does not divide the world size {n}")));
+        }
+        (None, None) => {
+            return Err(bad(
+                "ulysses_degree",
+                format!(
+                    "give ulysses_degree and/or ring_degree (their product is the world size {n})"
+                ),
+            ));
+        }
+    };
+    Usp::with_degrees(USP_NAME, world, u, r)
+}
+
+/// Registers `ulysses` and `usp`.
+pub fn register<B: Backend>(registry: &mut Registry<B>) {
+    registry.register(info(), |comm, _| Ok(Box::new(Usp::ulysses(comm)?)));
+    registry.register(usp_info(), |comm, opts| Ok(Box::new(usp_from_options(comm, opts)?)));
+}
+
+impl<B: Backend> ParallelStrategy<B> for Usp<B> {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn comm(&self) -> &Comm<B> {
+        &self.world
+    }
+
+    fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        let u = self.ulysses_degree();
+        if !model.num_heads.is_multiple_of(u) {
+            let divisors: Vec<String> = (1..=model.num_heads)
+                .filter(|d| model.num_heads.is_multiple_of(*d))
+                .map(|d| d.to_string())
+                .collect();
+            return Err(ParallelError::Unsupported {
+                strategy: self.name.into(),
+                reason: format!(
+                    "{} has {} attention heads, not divisible by the Ulysses degree {u}; use a \
+                     Ulysses degree among {}",
+                    model.class_name,
+                    model.num_heads,
+                    divisors.join(", ")
+                ),
+            });
+        }
+        row_partition(self.name, model, request.grid, self.world.size()).map(|_| ())
+    }
+
+    fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        self.validate(model, request)?;
+        self.forwards = 0;
+        Ok(())
+    }
+
+    fn forward(
+        &mut self,
+        model: &dyn Denoiser<B>,
+        input: &DenoiserInput<B>,
+        _step: usize,
+    ) -> Result<Tensor<B, 4>> {
+        let desc = model.desc();
+        let request = RequestInfo {
+            steps: 1,
+            grid: input.grid(),
+            batch: input.batch(),
+            images: input.batch(),
+            text_tokens: 0,
+        };
+        self.validate(desc, &request)?;
+        let tokens = self.tokens_per_rank(desc, &request)?;
+        let group_tokens = self.ulysses.members().iter().map(|&w| tokens[w]).collect();
+        self.ring.begin_forward(self.forwards);
+        self.forwards += 1;
+        let mut seams = UspSeams { ulysses: &self.ulysses, group_tokens, ring: &mut self.ring };
+        row_split_forward(self.name, model, input, &self.world, &mut seams)
+    }
+
+    fn expected_comm(
+        &self,
+        model: &ModelDesc,
+        request: &RequestInfo,
+        _step: StepKind,
+    ) -> Result<ExpectedComm> {
+        let (u, rd) = (self.ulysses_degree(), self.ring_degree());
+        let w = self.world.rank();
+        let tokens = self.tokens_per_rank(model, request)?;
+        let (b, h, d, l) = (request.batch, model.num_heads, model.head_dim, model.num_layers);
+        let n_w = tokens[w];
+        let t_g: usize = self.ulysses.members().iter().map(|&m| tokens[m]).sum();
+        let mut e = ExpectedComm::none(format!(
+            "{}: L·[3·B·H·n·d·(u−1)/u + B·(H/u)·d·(T_g − n)] all-to-all + ring L·2·B·(H/u)·d·Σ T_j \
+             + output gather; L={l} B={b} H={h} d={d} n={n_w} T_g={t_g} u={u} R={rd}",
+            self.name
+        ));
+        if u > 1 {
+            let there = 3 * b * h * n_w * d * (u - 1) / u;
+            let back = b * (h / u) * d * (t_g - n_w);
+            e.add(OpKind::AllToAll, (l * (there + back)) as u64);
+        }
+        if rd > 1 {
+            // Tokens of each ring member's Ulysses group, in ring order.
+            let ring_tokens: Vec<usize> = (0..rd)
+                .map(|j| {
+                    let member = self.ring.comm().members()[j];
+                    let group = self.mesh.group(member, &[Axis::Ulysses]);
+                    group.iter().map(|&m| tokens[m]).sum()
+                })
+                .collect();
+            let per_layer = RingAttention::<B>::sent_per_layer(
+                &ring_tokens,
+                self.ring.comm().rank(),
+                b * (h / u) * d,
+            );
+            e.add(OpKind::Send, per_layer * l as u64);
+        }
+        let parts = row_partition(self.name, model, request.grid, self.world.size())?;
+        e.add(
+            OpKind::AllGather,
+            output_gather_elements(model, request.grid, b, &parts[w], self.world.size()),
+        );
+        Ok(e)
+    }
+}

@@ -70,7 +70,7 @@ impl<B: Backend> World<B> {
 #[derive(Clone, Debug, PartialEq)]
 enum OpDesc {
     AllGather { dim: usize },
-    AllToAll { scatter: usize, gather: usize },
+    AllToAll { scatter: usize, sizes: Vec<usize>, gather: usize },
     AllReduce,
     Broadcast { root: usize },
     Barrier,
@@ -80,8 +80,8 @@ impl fmt::Display for OpDesc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             OpDesc::AllGather { dim } => write!(f, "all_gather(dim={dim})"),
-            OpDesc::AllToAll { scatter, gather } => {
-                write!(f, "all_to_all(scatter_dim={scatter}, gather_dim={gather})")
+            OpDesc::AllToAll { scatter, sizes, gather } => {
+                write!(f, "all_to_all(scatter_dim={scatter}, sizes={sizes:?}, gather_dim={gather})")
             }
             OpDesc::AllReduce => write!(f, "all_reduce"),
             OpDesc::Broadcast { root } => write!(f, "broadcast(root={root})"),
@@ -492,36 +492,33 @@ impl<B: Backend> RankGroup<B> {
                 let parts: Vec<_> = tensors().map(|t| self.to_device(t)).collect();
                 Ok(B::float_cat(parts, d))
             }
-            OpDesc::AllToAll { scatter, gather } => {
+            OpDesc::AllToAll { scatter, sizes, gather } => {
                 let (s, g) = (*scatter, *gather);
                 let nd = shapes[0].num_dims();
                 let ok = same_rank(&shapes)
                     && s < nd
                     && g < nd
                     && shapes.iter().all(|x| (0..nd).all(|i| i == g || x[i] == shapes[0][i]))
-                    && shapes[0][s].is_multiple_of(n);
+                    && sizes.len() == n
+                    && sizes.iter().sum::<usize>() == shapes[0][s];
                 if !ok {
                     return Err(self.shape_error(
                         op,
                         seq,
                         format!(
-                            "dim {s} must be divisible by the group size {n} and shapes must \
+                            "dim {s} must split into the chunk sizes {sizes:?} and shapes must \
                              agree except along dim {g}; got {}",
                             show(&shapes)
                         ),
                     ));
                 }
-                let chunk = shapes[0][s] / n;
-                let start = (self.rank * chunk) as isize;
+                let start: usize = sizes[..self.rank].iter().sum();
+                let (start, end) = (start as isize, (start + sizes[self.rank]) as isize);
                 let parts: Vec<_> = tensors()
                     .map(|t| {
                         let slices: Vec<Slice> = (0..nd)
                             .map(|i| {
-                                if i == s {
-                                    Slice::new(start, Some(start + chunk as isize), 1)
-                                } else {
-                                    Slice::full()
-                                }
+                                if i == s { Slice::new(start, Some(end), 1) } else { Slice::full() }
                             })
                             .collect();
                         self.to_device(B::float_slice(t, &slices))
@@ -684,9 +681,13 @@ impl<B: Backend> Communicator<B> for LocalComm<B> {
         &self,
         t: FloatTensor<B>,
         scatter_dim: usize,
+        scatter_sizes: Vec<usize>,
         gather_dim: usize,
     ) -> Result<RawPending<B>, CommError> {
-        self.start(OpDesc::AllToAll { scatter: scatter_dim, gather: gather_dim }, t)
+        self.start(
+            OpDesc::AllToAll { scatter: scatter_dim, sizes: scatter_sizes, gather: gather_dim },
+            t,
+        )
     }
 
     fn start_all_reduce(&self, t: FloatTensor<B>) -> Result<RawPending<B>, CommError> {

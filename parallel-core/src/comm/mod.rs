@@ -120,14 +120,15 @@ pub trait Communicator<B: Backend>: Send + Sync {
     /// Starts an all-gather: every rank's tensor, concatenated along `dim` in rank order.
     /// Sizes along `dim` may differ between ranks; all other dims must agree.
     fn start_all_gather(&self, t: FloatTensor<B>, dim: usize) -> Result<RawPending<B>, CommError>;
-    /// Starts an all-to-all: splits `t` into `size()` equal chunks along `scatter_dim`, sends
-    /// chunk `j` to rank `j`, and concatenates the received chunks along `gather_dim` in
-    /// rank order. `scatter_dim` must be divisible by `size()`; sizes along `gather_dim` may
-    /// differ between ranks.
+    /// Starts an all-to-all: splits `t` along `scatter_dim` into `size()` chunks of
+    /// `scatter_sizes` (which sum to that dim and are the same on every rank), sends chunk
+    /// `j` to rank `j`, and concatenates the received chunks along `gather_dim` in rank
+    /// order. Sizes along `gather_dim` may differ between ranks.
     fn start_all_to_all(
         &self,
         t: FloatTensor<B>,
         scatter_dim: usize,
+        scatter_sizes: Vec<usize>,
         gather_dim: usize,
     ) -> Result<RawPending<B>, CommError>;
     /// Starts a sum all-reduce. Shapes must agree; the sum is taken in rank order, so
@@ -285,19 +286,71 @@ impl<B: Backend> Comm<B> {
     }
 
     /// All-to-all: scatter `scatter_dim` in `size()` equal chunks, gather along `gather_dim`.
+    ///
+    /// # Errors
+    /// [`CommError::Shape`] when `scatter_dim` is not divisible by the group size.
     pub fn all_to_all<const D: usize>(
         &self,
         t: Tensor<B, D>,
         scatter_dim: usize,
         gather_dim: usize,
     ) -> Result<Tensor<B, D>, CommError> {
+        let n = self.size();
+        let len = t.dims().get(scatter_dim).copied().unwrap_or(0);
+        if !len.is_multiple_of(n) {
+            return Err(CommError::Shape {
+                op: format!("all_to_all on group {:?}", self.members()),
+                rank: self.world_rank(),
+                detail: format!(
+                    "dim {scatter_dim} of shape {:?} must be divisible by the group size {n}",
+                    t.dims()
+                ),
+            });
+        }
+        self.all_to_all_sizes(t, scatter_dim, &vec![len / n; n], gather_dim)
+    }
+
+    /// All-to-all with explicit chunk sizes along `scatter_dim` (chunk `j` goes to rank `j`;
+    /// every rank passes the same sizes): the return pass of a sequence split whose ranks
+    /// hold different numbers of tokens.
+    pub fn all_to_all_sizes<const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        scatter_dim: usize,
+        scatter_sizes: &[usize],
+        gather_dim: usize,
+    ) -> Result<Tensor<B, D>, CommError> {
         let p = primitive(t);
-        let n = self.size() as u64;
-        let local = p.shape().num_elements() as u64;
-        // An indivisible scatter dim is an error raised by the implementation; count the
-        // chunks that would have gone to other ranks either way.
-        self.record(OpKind::AllToAll, local - local / n, &p);
-        self.inner.start_all_to_all(p, scatter_dim, gather_dim)?.0.wait().map(float_tensor)
+        let shape = p.shape();
+        let bad = |detail: String| CommError::Shape {
+            op: format!("all_to_all on group {:?}", self.members()),
+            rank: self.world_rank(),
+            detail,
+        };
+        if scatter_dim >= shape.num_dims() || gather_dim >= shape.num_dims() {
+            return Err(bad(format!(
+                "dims {scatter_dim} and {gather_dim} must index shape {:?}",
+                shape.as_slice()
+            )));
+        }
+        if scatter_sizes.len() != self.size()
+            || scatter_sizes.iter().sum::<usize>() != shape[scatter_dim]
+        {
+            return Err(bad(format!(
+                "chunk sizes {scatter_sizes:?} must be {} values summing to dim {scatter_dim} of \
+                 shape {:?}",
+                self.size(),
+                shape.as_slice()
+            )));
+        }
+        let local = shape.num_elements() as u64;
+        let own = (local / shape[scatter_dim].max(1) as u64) * scatter_sizes[self.rank()] as u64;
+        self.record(OpKind::AllToAll, local - own, &p);
+        self.inner
+            .start_all_to_all(p, scatter_dim, scatter_sizes.to_vec(), gather_dim)?
+            .0
+            .wait()
+            .map(float_tensor)
     }
 
     /// Sum over ranks; identical bits on every rank.
