@@ -1,1 +1,165 @@
-//! placeholder
+//! # strategy-tensor: tensor parallelism (Megatron-style) for DiT
+//!
+//! ## Shard plan
+//! Every rank holds all tokens and `1/N` of every transformer block:
+//!
+//! | parameter | placement | why |
+//! |---|---|---|
+//! | `attn1.to_q/k/v`, `attn2.to_q/k/v` (weights and biases) | column-parallel (output features, i.e. heads, split) | each rank computes its `H/N` heads end to end |
+//! | `ff.net.0.proj` (weight and bias) | column-parallel | the GELU is element-wise, so each rank's slice of the hidden layer is complete |
+//! | `attn1.to_out.0`, `attn2.to_out.0`, `ff.net.2` (weights) | row-parallel (input features split) | consumes the local heads / hidden slice; the partial outputs are all-reduced |
+//! | their biases | replicated, added **once, after** the all-reduce | adding them before would count them `N` times |
+//! | patch/position embedding, timestep/class/caption embeddings, adaLN tables, norms, final layer | replicated | small (no `hs²` or `hs·ff` matrices) and needed whole by every rank; sharding them would add communication for no memory worth saving |
+//!
+//! The model reads only its own slices from the safetensors files (a rank never holds the
+//! full weights of a sharded layer, not even while loading): the strategy hands it a
+//! [`LoadPlan`] with `tensor_shard = Shard { rank, world: N }`.
+//!
+//! ## Constraints
+//! Heads and the feed-forward width divisible by `N` (checked before any work).
+//!
+//! ## Config keys
+//! None: `harness run --strategy tensor --world-size N`.
+//!
+//! ## Communication (per denoising step, per rank `r`)
+//! One all-reduce after every row-parallel projection, of `B · p · hs` elements (the whole
+//! token stream), counted as a ring all-reduce, `2·size·(N−1)/N`:
+//!
+//! ```text
+//! all_reduce = L · k · (2 · B·p·hs · (N − 1)/N)    k = 3 with cross-attention (PixArt), 2 without (DiT)
+//! ```
+//! No output gather: every rank computes every token. Parameters per rank:
+//! `(sharded block parameters)/N + replicated parameters`.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use parallel_core::comm::all_reduce_elements;
+use parallel_core::{
+    Comm, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc, ModelFamily, OpKind,
+    ParallelError, ParallelStrategy, ReduceSite, Registry, RequestInfo, Result, Seams, Shard,
+    StepKind, StrategyInfo,
+};
+
+/// The registered name.
+pub const NAME: &str = "tensor";
+
+/// Tensor parallelism over the whole world.
+pub struct TensorParallel<B: Backend> {
+    world: Comm<B>,
+}
+
+impl<B: Backend> TensorParallel<B> {
+    /// Tensor parallelism over every rank of `world`.
+    pub fn new(world: Comm<B>) -> Self {
+        TensorParallel { world }
+    }
+
+    /// This rank's shard.
+    pub fn shard(&self) -> Shard {
+        Shard { rank: self.world.rank(), world: self.world.size() }
+    }
+}
+
+struct TpSeams<'a, B: Backend> {
+    comm: &'a Comm<B>,
+}
+
+impl<B: Backend> Seams<B> for TpSeams<'_, B> {
+    fn reduce_partial(
+        &mut self,
+        _site: &ReduceSite,
+        partial: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 3>> {
+        Ok(self.comm.all_reduce_sum(partial)?)
+    }
+}
+
+/// The description for the registry.
+pub fn info() -> StrategyInfo {
+    StrategyInfo {
+        name: NAME,
+        summary: "heads and MLP columns split; all-reduce after each row-parallel projection (fresh K/V, P/N weights)",
+        options: vec![],
+    }
+}
+
+/// Registers `tensor`.
+pub fn register<B: Backend>(registry: &mut Registry<B>) {
+    registry.register(info(), |comm, _| Ok(Box::new(TensorParallel::new(comm))));
+}
+
+impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn comm(&self) -> &Comm<B> {
+        &self.world
+    }
+
+    fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        let n = self.world.size();
+        let unsupported =
+            |reason: String| ParallelError::Unsupported { strategy: NAME.into(), reason };
+        if model.family != ModelFamily::Dit {
+            return Err(unsupported(format!(
+                "{} is a {}; tensor parallelism needs a DiT",
+                model.class_name, model.family
+            )));
+        }
+        if !model.num_heads.is_multiple_of(n) {
+            return Err(unsupported(format!(
+                "{} has {} attention heads, not divisible by {n} ranks; use a world size that \
+                 divides {}",
+                model.class_name, model.num_heads, model.num_heads
+            )));
+        }
+        if !model.ff_inner.is_multiple_of(n) {
+            return Err(unsupported(format!(
+                "the feed-forward width {} of {} is not divisible by {n} ranks",
+                model.ff_inner, model.class_name
+            )));
+        }
+        model.check_grid(request.grid)
+    }
+
+    fn load_plan(&self, model: &ModelDesc) -> Result<LoadPlan> {
+        let _ = model;
+        Ok(LoadPlan { tensor_shard: Some(self.shard()), ..LoadPlan::full() })
+    }
+
+    fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        self.validate(model, request)
+    }
+
+    fn forward(
+        &mut self,
+        model: &dyn Denoiser<B>,
+        input: &DenoiserInput<B>,
+        _step: usize,
+    ) -> Result<Tensor<B, 4>> {
+        let mut seams = TpSeams { comm: &self.world };
+        model.forward_rows(input, 0..input.grid().height, &mut seams)
+    }
+
+    fn expected_comm(
+        &self,
+        model: &ModelDesc,
+        request: &RequestInfo,
+        _step: StepKind,
+    ) -> Result<ExpectedComm> {
+        let (n, r) = (self.world.size(), self.world.rank());
+        let p = model.tokens(request.grid).len();
+        let size = (request.batch * p * model.hidden_size) as u64;
+        let k = if model.cross_attention { 3 } else { 2 };
+        let mut e = ExpectedComm::none(format!(
+            "tensor: L·k·ring all-reduce of B·p·hs; L={} k={k} B={} p={p} hs={} N={n}",
+            model.num_layers, request.batch, model.hidden_size
+        ));
+        e.add(
+            OpKind::AllReduce,
+            model.num_layers as u64 * k * all_reduce_elements(size, r as u64, n as u64),
+        );
+        Ok(e)
+    }
+}
