@@ -1,0 +1,370 @@
+//! [`Scheduler`] (a config plus its training tables), [`Schedule`] (one number of inference
+//! steps: timesteps, sigmas, the step rule) and [`SchedulerState`] (the multistep history of one
+//! image or one image region).
+
+use std::path::Path;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+use crate::SchedulerError;
+use crate::config::SchedulerConfig;
+use crate::scheduling_ddim::{DdimStep, DdimTables};
+use crate::scheduling_dpmsolver_multistep::{DpmSolverStep, DpmSolverTables};
+use crate::scheduling_euler_discrete::{EulerStep, EulerTables};
+use crate::scheduling_flow_match_euler_discrete::{FlowMatchStep, FlowMatchTables};
+
+/// A scheduler: its validated config and the training-timestep tables diffusers computes in
+/// `__init__` (betas, `alphas_cumprod`, training sigmas).
+///
+/// Build one per model; call [`Scheduler::set_timesteps`] once per number of inference steps.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    tables: Tables,
+}
+
+#[derive(Debug, Clone)]
+enum Tables {
+    DpmSolver(DpmSolverTables),
+    Ddim(DdimTables),
+    Euler(EulerTables),
+    FlowMatch(FlowMatchTables),
+}
+
+impl Scheduler {
+    /// Validates the config and computes the training tables.
+    pub fn new(config: SchedulerConfig) -> Result<Self, SchedulerError> {
+        config.validate()?;
+        let tables = match &config {
+            SchedulerConfig::DpmSolverMultistep(c) => Tables::DpmSolver(DpmSolverTables::new(c)),
+            SchedulerConfig::Ddim(c) => Tables::Ddim(DdimTables::new(c)),
+            SchedulerConfig::EulerDiscrete(c) => Tables::Euler(EulerTables::new(c)),
+            SchedulerConfig::FlowMatchEulerDiscrete(c) => {
+                Tables::FlowMatch(FlowMatchTables::new(c))
+            }
+        };
+        Ok(Self { config, tables })
+    }
+
+    /// Reads a `scheduler_config.json` and builds its scheduler.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SchedulerError> {
+        Self::new(SchedulerConfig::from_file(path)?)
+    }
+
+    /// Parses the text of a `scheduler_config.json` and builds its scheduler.
+    pub fn from_json(json: &str) -> Result<Self, SchedulerError> {
+        Self::new(SchedulerConfig::from_json(json)?)
+    }
+
+    /// The config this scheduler was built from.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The diffusers class name (`"DPMSolverMultistepScheduler"`, …).
+    pub fn class_name(&self) -> &'static str {
+        self.config.class_name()
+    }
+
+    /// `alphas_cumprod` of every training timestep (float32, as diffusers holds it), for the
+    /// schedulers that have one (not flow matching).
+    pub fn alphas_cumprod(&self) -> Option<&[f32]> {
+        match &self.tables {
+            Tables::DpmSolver(t) => Some(&t.alphas_cumprod),
+            Tables::Ddim(t) => Some(&t.alphas_cumprod),
+            Tables::Euler(t) => Some(&t.alphas_cumprod),
+            Tables::FlowMatch(_) => None,
+        }
+    }
+
+    /// The schedule for `num_inference_steps` steps: diffusers' `set_timesteps`.
+    ///
+    /// Errors when `num_inference_steps` is 0 or larger than `num_train_timesteps`.
+    pub fn set_timesteps(&self, num_inference_steps: usize) -> Result<Schedule, SchedulerError> {
+        let (class, max) = (self.class_name(), self.num_train_timesteps());
+        if num_inference_steps == 0 || num_inference_steps > max {
+            return Err(SchedulerError::InvalidStepCount { class, got: num_inference_steps, max });
+        }
+        Ok(match (&self.config, &self.tables) {
+            (SchedulerConfig::DpmSolverMultistep(c), Tables::DpmSolver(t)) => {
+                t.set_timesteps(c, num_inference_steps)
+            }
+            (SchedulerConfig::Ddim(c), Tables::Ddim(t)) => {
+                t.set_timesteps(c, num_inference_steps)?
+            }
+            (SchedulerConfig::EulerDiscrete(c), Tables::Euler(t)) => {
+                t.set_timesteps(c, num_inference_steps)
+            }
+            (SchedulerConfig::FlowMatchEulerDiscrete(c), Tables::FlowMatch(t)) => {
+                t.set_timesteps(c, num_inference_steps)
+            }
+            _ => unreachable!("tables are built from the config they sit beside"),
+        })
+    }
+
+    fn num_train_timesteps(&self) -> usize {
+        match &self.config {
+            SchedulerConfig::DpmSolverMultistep(c) => c.num_train_timesteps,
+            SchedulerConfig::Ddim(c) => c.num_train_timesteps,
+            SchedulerConfig::EulerDiscrete(c) => c.num_train_timesteps,
+            SchedulerConfig::FlowMatchEulerDiscrete(c) => c.num_train_timesteps,
+        }
+    }
+}
+
+/// The element type diffusers gives `scheduler.timesteps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepDType {
+    /// `torch.int64` (DDIM, DPM-Solver): every timestep is an integer.
+    Int64,
+    /// `torch.float32` (Euler, flow matching): timesteps may be fractional.
+    Float32,
+}
+
+/// One schedule of a [`Scheduler`]: the timesteps and sigmas of a given number of inference
+/// steps, and the rule that steps a sample from one to the next.
+///
+/// A schedule is immutable and holds no per-image state: share it (`&Schedule`) between
+/// requests, threads and image regions, and give each of them its own [`SchedulerState`]
+/// ([`Schedule::new_state`]).
+///
+/// ```ignore
+/// let schedule = Scheduler::from_file("scheduler/scheduler_config.json")?.set_timesteps(20)?;
+/// let mut state = schedule.new_state::<B, 4>();
+/// let mut latents = noise.mul_scalar(schedule.init_noise_sigma());
+/// for i in 0..schedule.len() {
+///     let input = schedule.scale_model_input(latents.clone(), i);
+///     let eps = model.forward(input, schedule.timestep(i) as f32);
+///     latents = schedule.step(&mut state, i, eps, latents);
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub(crate) class: &'static str,
+    /// Exact values of diffusers' `scheduler.timesteps` (int64 or float32, widened to f64).
+    pub(crate) timesteps: Vec<f64>,
+    pub(crate) timestep_dtype: TimestepDType,
+    /// Diffusers' `scheduler.sigmas` (`len + 1` values), where the scheduler has them.
+    pub(crate) sigmas: Option<Vec<f32>>,
+    pub(crate) init_noise_sigma: f32,
+    pub(crate) rule: StepRule,
+}
+
+/// The per-class part of a step.
+#[derive(Debug, Clone)]
+pub(crate) enum StepRule {
+    DpmSolver(DpmSolverStep),
+    Ddim(DdimStep),
+    Euler(EulerStep),
+    FlowMatch(FlowMatchStep),
+}
+
+impl Schedule {
+    /// The diffusers class name of the scheduler that made this schedule.
+    pub fn class_name(&self) -> &'static str {
+        self.class
+    }
+
+    /// The number of inference steps.
+    pub fn len(&self) -> usize {
+        self.timesteps.len()
+    }
+
+    /// Whether the schedule has no steps (never, for a schedule from `set_timesteps`).
+    pub fn is_empty(&self) -> bool {
+        self.timesteps.is_empty()
+    }
+
+    /// Diffusers' `scheduler.timesteps`, exactly (int64 or float32 values widened to f64; a
+    /// model that embeds timesteps in float32 gets the same float32 as diffusers by `as f32`).
+    pub fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// The timestep of step `step_index` (see [`Schedule::timesteps`]).
+    ///
+    /// # Panics
+    /// If `step_index >= self.len()`.
+    pub fn timestep(&self, step_index: usize) -> f64 {
+        self.timesteps[step_index]
+    }
+
+    /// The element type diffusers gives the timesteps.
+    pub fn timestep_dtype(&self) -> TimestepDType {
+        self.timestep_dtype
+    }
+
+    /// The timesteps as integers, where diffusers holds them as `int64` (DDIM, DPM-Solver);
+    /// `None` for float32 timesteps (Euler, flow matching), even when they happen to be whole.
+    pub fn timesteps_i64(&self) -> Option<Vec<i64>> {
+        match self.timestep_dtype {
+            TimestepDType::Int64 => Some(self.timesteps.iter().map(|&t| t as i64).collect()),
+            TimestepDType::Float32 => None,
+        }
+    }
+
+    /// Diffusers' `scheduler.sigmas` after `set_timesteps`: `len() + 1` float32 values, the last
+    /// one the sigma after the final step. `None` for DDIM, which has none.
+    pub fn sigmas(&self) -> Option<&[f32]> {
+        self.sigmas.as_deref()
+    }
+
+    /// The standard deviation of the initial noise: multiply unit Gaussian noise by it.
+    ///
+    /// 1 for DDIM and DPM-Solver; for Euler the largest sigma (or `sqrt(σmax² + 1)` with
+    /// `"leading"` spacing), computed in float32 as diffusers does; 1 for flow matching, which
+    /// has no such attribute in diffusers (its pipelines do not scale the noise).
+    pub fn init_noise_sigma(&self) -> f32 {
+        self.init_noise_sigma
+    }
+
+    /// A fresh state for one image (or one region of an image) to be stepped through this
+    /// schedule. Keep one per region when regions are stepped separately.
+    pub fn new_state<B: Backend, const D: usize>(&self) -> SchedulerState<B, D> {
+        SchedulerState {
+            schedule_len: self.len(),
+            next_step: None,
+            model_outputs: Vec::new(),
+            lower_order_nums: 0,
+        }
+    }
+
+    /// The denoiser's input at step `step_index`: `sample / sqrt(σ² + 1)` for Euler, the
+    /// sample itself for the other schedulers (diffusers' `scale_model_input`).
+    ///
+    /// It reads no state, so it may be called for any region at any time.
+    ///
+    /// # Panics
+    /// If `step_index >= self.len()`.
+    pub fn scale_model_input<B: Backend, const D: usize>(
+        &self,
+        sample: Tensor<B, D>,
+        step_index: usize,
+    ) -> Tensor<B, D> {
+        self.check_index(step_index);
+        match &self.rule {
+            StepRule::Euler(_) => {
+                let sigma = self.sigma(step_index);
+                EulerStep::scale_model_input(sample, sigma)
+            }
+            StepRule::DpmSolver(_) | StepRule::Ddim(_) | StepRule::FlowMatch(_) => sample,
+        }
+    }
+
+    /// One denoising step: from `sample` at step `step_index` and the denoiser's
+    /// `model_output` there, the sample at the next timestep (diffusers' `step(...).prev_sample`).
+    ///
+    /// `state` carries what a multistep solver remembers between steps (DPM-Solver's previous
+    /// data predictions); it must have been made by this schedule, and steps must come in order
+    /// (`step_index` one more than the last one this state took; the first may be any index, as
+    /// with diffusers' `set_begin_index`). Every operation is elementwise, so stepping the rows
+    /// of a region with its own state gives exactly those rows of the whole-image step.
+    ///
+    /// # Panics
+    /// If `step_index >= self.len()`, if the state comes from a schedule of another length or
+    /// has already stepped and `step_index` is not the next index, or if `model_output`,
+    /// `sample` and the state's history differ in shape.
+    pub fn step<B: Backend, const D: usize>(
+        &self,
+        state: &mut SchedulerState<B, D>,
+        step_index: usize,
+        model_output: Tensor<B, D>,
+        sample: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        self.check_index(step_index);
+        assert_eq!(
+            state.schedule_len,
+            self.len(),
+            "{}: the state was made by a schedule of {} steps, this one has {}",
+            self.class,
+            state.schedule_len,
+            self.len()
+        );
+        if let Some(next) = state.next_step {
+            assert_eq!(
+                step_index, next,
+                "{}: this state expects step {next} but was given step {step_index}; \
+                 states step in order, keep one state per image region",
+                self.class
+            );
+        }
+        assert_eq!(
+            model_output.dims(),
+            sample.dims(),
+            "{}: model_output and sample differ in shape",
+            self.class
+        );
+        let prev = match &self.rule {
+            StepRule::DpmSolver(rule) => rule.step(
+                self.sigmas.as_deref().expect("DPM-Solver has sigmas"),
+                state,
+                step_index,
+                model_output,
+                sample,
+            ),
+            StepRule::Ddim(rule) => rule.step(step_index, model_output, sample),
+            StepRule::Euler(rule) => {
+                rule.step(self.sigma(step_index), self.sigma(step_index + 1), model_output, sample)
+            }
+            StepRule::FlowMatch(rule) => {
+                rule.step(self.sigma(step_index), self.sigma(step_index + 1), model_output, sample)
+            }
+        };
+        state.next_step = Some(step_index + 1);
+        prev
+    }
+
+    fn sigma(&self, index: usize) -> f32 {
+        self.sigmas.as_ref().expect("this scheduler has sigmas")[index]
+    }
+
+    fn check_index(&self, step_index: usize) {
+        assert!(
+            step_index < self.len(),
+            "{}: step index {step_index} is out of range for a schedule of {} steps",
+            self.class,
+            self.len()
+        );
+    }
+}
+
+/// What one image, or one region of an image, carries from step to step: the index of the next
+/// step and, for DPM-Solver, its previous data predictions (`model_outputs`) and how many
+/// lower-order warm-up steps it has taken (`lower_order_nums`).
+///
+/// Made by [`Schedule::new_state`]. PipeFusion steps each patch on its last stage with the
+/// patch's own state; cloning a state forks the history.
+#[derive(Debug, Clone)]
+pub struct SchedulerState<B: Backend, const D: usize = 4> {
+    pub(crate) schedule_len: usize,
+    pub(crate) next_step: Option<usize>,
+    /// Previous data predictions, oldest first; at most `solver_order` of them.
+    pub(crate) model_outputs: Vec<Tensor<B, D>>,
+    pub(crate) lower_order_nums: usize,
+}
+
+impl<B: Backend, const D: usize> SchedulerState<B, D> {
+    /// The step index this state expects next; `None` before its first step.
+    pub fn next_step_index(&self) -> Option<usize> {
+        self.next_step
+    }
+
+    /// DPM-Solver's `lower_order_nums`: how many steps have filled the history (capped at the
+    /// solver order). 0 for the single-step schedulers.
+    pub fn lower_order_nums(&self) -> usize {
+        self.lower_order_nums
+    }
+
+    /// How many previous data predictions the state holds (DPM-Solver; 0 otherwise).
+    pub fn history_len(&self) -> usize {
+        self.model_outputs.len()
+    }
+
+    /// Forgets everything, as at the start of a new request.
+    pub fn reset(&mut self) {
+        self.next_step = None;
+        self.model_outputs.clear();
+        self.lower_order_nums = 0;
+    }
+}
