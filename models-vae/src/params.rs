@@ -16,6 +16,16 @@ use crate::VaeError;
 /// The eps of every GroupNorm in diffusers' `AutoencoderKL`.
 pub const GROUP_NORM_EPS: f64 = 1e-6;
 
+/// SiLU as PyTorch's CPU kernel computes it, `x / (1 + exp(-x))`: one `exp` per element,
+/// about twice as fast on Flex as Burn's `x · sigmoid(x)` (whose sigmoid branches on the sign).
+/// For very negative `x`, `exp(-x)` overflows to infinity and the result is −0, as in PyTorch.
+///
+/// # Shapes
+/// - `x`: any; output: the same
+pub(crate) fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() / (x.neg().exp() + 1.0)
+}
+
 /// How a tensor is initialised when it does not come from a file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Init {

@@ -4,10 +4,9 @@
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use crate::VaeError;
-use crate::params::{ParamSource, conv1x1, conv3x3, group_norm};
+use crate::params::{ParamSource, conv1x1, conv3x3, group_norm, silu};
 
 /// A pre-norm residual block: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`.
 ///

@@ -4,11 +4,10 @@
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use crate::VaeError;
 use crate::config::AutoencoderKLConfig;
-use crate::params::{ParamSource, conv3x3, group_norm};
+use crate::params::{ParamSource, conv3x3, group_norm, silu};
 use crate::unet_2d_blocks::{DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
 
 /// The VAE decoder: latent (after `post_quant_conv`) to image.
