@@ -361,6 +361,23 @@ impl<B: Backend, const D: usize> SchedulerState<B, D> {
         self.model_outputs.len()
     }
 
+    /// The state of a region of this state's sample: every history tensor narrowed to
+    /// `range` along `dim` (counters kept). Stepping the regions' states on the regions'
+    /// rows equals stepping this state on the whole sample — what a pipeline needs when it
+    /// moves from whole-latent steps to per-patch steps (PipeFusion after its warmup).
+    pub fn narrow(&self, dim: usize, range: std::ops::Range<usize>) -> Self {
+        SchedulerState {
+            schedule_len: self.schedule_len,
+            next_step: self.next_step,
+            model_outputs: self
+                .model_outputs
+                .iter()
+                .map(|t| t.clone().narrow(dim, range.start, range.len()))
+                .collect(),
+            lower_order_nums: self.lower_order_nums,
+        }
+    }
+
     /// Forgets everything, as at the start of a new request.
     pub fn reset(&mut self) {
         self.next_step = None;

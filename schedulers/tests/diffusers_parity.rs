@@ -349,3 +349,30 @@ fn a_state_of_another_schedule_panics() {
     let x = Tensor::<B, 4>::zeros([1, 4, 2, 2], &Default::default());
     twenty.step(&mut state, 0, x.clone(), x);
 }
+
+/// PipeFusion steps the whole latent during warmup, then each patch with its own state: a
+/// state narrowed to a band after `k` whole steps continues exactly like the whole state.
+#[test]
+fn a_narrowed_state_continues_the_whole_one() {
+    for name in ["dpmsolver_multistep", "ddim", "euler", "flow_match_euler"] {
+        let schedule = scheduler(name).set_timesteps(20).unwrap();
+        let r = Reference::load(name, 20);
+        let mut whole_state = schedule.new_state::<B, 4>();
+        let mut whole = r.tensor4("initial_sample");
+        for i in 0..2 {
+            whole = schedule.step(&mut whole_state, i, r.item("model_outputs", i), whole);
+        }
+        let bands = [3usize, 5];
+        let mut states: Vec<_> =
+            [0..3, 3..8].into_iter().map(|rg| whole_state.narrow(2, rg)).collect();
+        let mut parts = split_rows(whole.clone(), &bands);
+        for i in 2..20 {
+            let outs = split_rows(r.item("model_outputs", i), &bands);
+            for b in 0..2 {
+                parts[b] = schedule.step(&mut states[b], i, outs[b].clone(), parts[b].clone());
+            }
+            whole = schedule.step(&mut whole_state, i, r.item("model_outputs", i), whole);
+            assert_eq!(values(cat_rows(parts.clone())), values(whole.clone()), "{name} step {i}");
+        }
+    }
+}
