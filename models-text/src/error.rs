@@ -1,0 +1,46 @@
+//! Typed errors of the text-encoding crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading a text encoder.
+///
+/// Every variant names the file or the configuration key at fault, so that a message read in
+/// a log says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    /// A file could not be read (missing, unreadable).
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is not valid JSON or a key has the wrong type.
+    #[error("{path}: invalid config: {message}")]
+    ConfigParse {
+        /// The config file (or `<memory>` when parsed from a string).
+        path: PathBuf,
+        /// serde_json's message, which names the key and the line.
+        message: String,
+    },
+    /// `config.json` asks for something this crate does not implement, or holds a value
+    /// that cannot be right (zero heads, …).
+    #[error("unsupported config: `{key}` = {value}: {reason}")]
+    UnsupportedConfig {
+        /// The config key at fault, e.g. `feed_forward_proj`.
+        key: &'static str,
+        /// Its value as written in the file.
+        value: String,
+        /// What is supported instead.
+        reason: String,
+    },
+    /// Loading the weights failed (missing or unused key, wrong shape, unreadable or pickle
+    /// file); the inner error names the key or the file.
+    #[error("loading T5 weights: {0}")]
+    Weights(#[from] weights::WeightError),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, TextError>;

@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: fixture paths, reading reference tensors, error
+//! metrics.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+/// The test backend.
+pub type B = burn_flex::Flex;
+
+/// `fixtures/pipeline` at the workspace root.
+pub fn pipeline_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/pipeline")
+}
+
+/// The tiny PixArt-α pipeline folder.
+pub fn tiny() -> PathBuf {
+    pipeline_dir().join("pixart-alpha-tiny")
+}
+
+/// A reference file under `fixtures/pipeline/reference`.
+pub fn reference(name: &str) -> PathBuf {
+    pipeline_dir().join("reference").join(name)
+}
+
+/// A reference safetensors file, read whole.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    /// Reads `fixtures/pipeline/reference/{name}`.
+    pub fn open(name: &str) -> Self {
+        let path = reference(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { bytes }
+    }
+
+    fn view(&self, key: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let st = SafeTensors::deserialize(&self.bytes).expect("valid safetensors");
+        let t = st.tensor(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        (t.dtype(), t.shape().to_vec(), t.data().to_vec())
+    }
+
+    /// An int64 tensor: `(shape, values)`.
+    pub fn i64(&self, key: &str) -> (Vec<usize>, Vec<i64>) {
+        let (dtype, shape, data) = self.view(key);
+        assert_eq!(dtype, Dtype::I64, "{key}");
+        let v = data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        (shape, v)
+    }
+
+    /// A float32 tensor: `(shape, values)`.
+    pub fn f32(&self, key: &str) -> (Vec<usize>, Vec<f32>) {
+        let (dtype, shape, data) = self.view(key);
+        assert_eq!(dtype, Dtype::F32, "{key}");
+        let v = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        (shape, v)
+    }
+}
+
+/// `‖a − b‖₂ / ‖b‖₂`, accumulated in f64.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// `max|a − b| / max|b|`.
+pub fn rel_max(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max);
+    let scale = b.iter().map(|&y| (y as f64).abs()).fold(0.0, f64::max);
+    diff / scale
+}
+
+/// A fresh empty folder under cargo's per-target temporary directory.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("models-text").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
