@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while loading a text encoder.
+/// Everything that can go wrong while loading a text encoder or a tokenizer, or while
+/// tokenizing prompts.
 ///
 /// Every variant names the file or the configuration key at fault, so that a message read in
 /// a log says what to fix.
@@ -35,6 +36,50 @@ pub enum TextError {
         value: String,
         /// What is supported instead.
         reason: String,
+    },
+    /// `tokenizer.json` could not be loaded by the `tokenizers` crate.
+    #[error("{path}: cannot load tokenizer: {message}")]
+    TokenizerLoad {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// The `tokenizers` crate's message.
+        message: String,
+    },
+    /// The tokenizer lacks a special token the pipeline needs.
+    #[error("the tokenizer has no `{token}` token (T5 tokenizers define `<pad>` and `</s>`)")]
+    MissingSpecialToken {
+        /// The token, e.g. `<pad>`.
+        token: String,
+    },
+    /// Tokenizing a prompt failed inside the `tokenizers` crate.
+    #[error("cannot tokenize prompt #{index}: {message}")]
+    Tokenize {
+        /// Index of the prompt in the batch.
+        index: usize,
+        /// The `tokenizers` crate's message.
+        message: String,
+    },
+    /// A tokenizer setting was invalid (e.g. `max_length` 0).
+    #[error("invalid tokenizer setting `{key}`: {reason}")]
+    InvalidTokenizerSetting {
+        /// The setting, e.g. `max_length`.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A token id is outside the text encoder's vocabulary (tokenizer and encoder do not
+    /// belong together).
+    #[error(
+        "prompt #{index} has token id {id}, but the text encoder's vocabulary has {vocab_size} \
+         entries: the tokenizer and the text encoder do not belong together"
+    )]
+    TokenOutOfVocab {
+        /// Index of the prompt in the batch.
+        index: usize,
+        /// The token id.
+        id: u32,
+        /// `vocab_size` of the text encoder.
+        vocab_size: usize,
     },
     /// Loading the weights failed (missing or unused key, wrong shape, unreadable or pickle
     /// file); the inner error names the key or the file.

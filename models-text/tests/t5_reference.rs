@@ -12,12 +12,14 @@
 //!   0.48, dropping the mask > 1e-3 (asserted below), and an untransposed weight panics on
 //!   a shape. `max|a−b|/max|b|` is printed beside it.
 //! - `input_embeds`: **exact** — an embedding lookup copies the stored f32 values.
+//! - The pipeline's `prompt_embeds` (`pipeline_4steps.safetensors`): relative L2 ≤ 1e-5, as
+//!   above; masks exact.
 
 mod common;
 
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use common::{B, Reference, rel_l2, rel_max, tiny};
-use models_text::T5EncoderModel;
+use models_text::{PIXART_ALPHA_MAX_LENGTH, PromptTokenizer, T5EncoderModel, encode_prompts};
 
 /// The project's float32 bar (DESIGN.md: serial models equal diffusers to relative L2 1e-5).
 const REL_L2_TOL: f64 = 1e-5;
@@ -77,4 +79,51 @@ fn last_hidden_state_without_mask_equals_transformers() {
     // The mask matters in this fixture (row 0 is padded): the masked reference differs.
     let (_, masked) = r.f32("last_hidden_state");
     assert!(rel_l2(&expected, &masked) > 1e-3);
+}
+
+#[test]
+fn encode_prompts_equals_the_reference_batch() {
+    // The reference batch is ["a photo of a cat", <prompt 6>], tokenized by the pipeline.
+    let r = Reference::open("t5.safetensors");
+    let prompts_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::reference("prompts.json")).unwrap())
+            .unwrap();
+    let prompts = vec![
+        prompts_json["prompts"][0]["prompt"].as_str().unwrap().to_string(),
+        prompts_json["prompts"][6]["prompt"].as_str().unwrap().to_string(),
+    ];
+    let tokenizer =
+        PromptTokenizer::from_dir(tiny().join("tokenizer"), PIXART_ALPHA_MAX_LENGTH).unwrap();
+    let (embeds, mask) =
+        encode_prompts(&tokenizer, &model(), &prompts, PIXART_ALPHA_MAX_LENGTH).unwrap();
+    let (_, ref_mask) = r.i64("attention_mask");
+    let got_mask: Vec<i64> = mask.int().into_data().convert::<i64>().to_vec::<i64>().unwrap();
+    assert_eq!(got_mask, ref_mask);
+    let (_, expected) = r.f32("last_hidden_state");
+    check("encode_prompts", &values(embeds), &expected);
+}
+
+#[test]
+fn pipeline_prompt_embeds_equal_diffusers() {
+    // pipe.encode_prompt("a photo of a cat", negative_prompt="") of the 4-step pipeline call.
+    let r = Reference::open("pipeline_4steps.safetensors");
+    let tokenizer =
+        PromptTokenizer::from_dir(tiny().join("tokenizer"), PIXART_ALPHA_MAX_LENGTH).unwrap();
+    let encoder = model();
+    for (prompt, embeds_key, mask_key) in [
+        ("a photo of a cat", "prompt_embeds", "prompt_attention_mask"),
+        ("", "negative_prompt_embeds", "negative_prompt_attention_mask"),
+    ] {
+        let (embeds, mask) =
+            encode_prompts(&tokenizer, &encoder, &[prompt.to_string()], 120).unwrap();
+        let (_, ref_mask) = r.i64(mask_key);
+        assert_eq!(
+            mask.int().into_data().convert::<i64>().to_vec::<i64>().unwrap(),
+            ref_mask,
+            "{mask_key}"
+        );
+        let (shape, expected) = r.f32(embeds_key);
+        assert_eq!(embeds.dims().to_vec(), shape);
+        check(embeds_key, &values(embeds), &expected);
+    }
 }
