@@ -1,0 +1,123 @@
+//! Shared helpers of the integration tests: fixture paths, reading diffusers cases into
+//! [`DenoiserInput`]s, comparison metrics, temp dirs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_flex::Flex;
+use parallel_core::DenoiserInput;
+use safetensors::{Dtype, SafeTensors};
+
+pub type B = Flex;
+
+/// `fixtures/dit/` of the repository.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/dit")
+}
+
+/// The case files of a fixture model, sorted.
+pub fn cases(model: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fixtures().join(model).join("cases"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn values_f32(st: &SafeTensors<'_>, name: &str) -> Option<(Vec<f32>, Vec<usize>)> {
+    let view = st.tensor(name).ok()?;
+    let shape = view.shape().to_vec();
+    let b = view.data();
+    let values = match view.dtype() {
+        Dtype::F32 => {
+            b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        }
+        Dtype::I64 => {
+            b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+        }
+        other => panic!("{name}: dtype {other:?}"),
+    };
+    Some((values, shape))
+}
+
+fn values_i64(st: &SafeTensors<'_>, name: &str) -> Option<(Vec<i64>, Vec<usize>)> {
+    let view = st.tensor(name).ok()?;
+    assert_eq!(view.dtype(), Dtype::I64, "{name}");
+    let shape = view.shape().to_vec();
+    let values =
+        view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    Some((values, shape))
+}
+
+fn tensor<const D: usize>(v: (Vec<f32>, Vec<usize>)) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(v.0, v.1), &Default::default())
+}
+
+/// A diffusers case: the forward inputs and the expected `sample`.
+pub struct Case {
+    pub name: String,
+    pub input: DenoiserInput<B>,
+    pub sample: Tensor<B, 4>,
+}
+
+/// Reads a case file (inputs named like diffusers' forward arguments, output `sample`).
+pub fn read_case(path: &Path) -> Case {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let get = |n: &str| values_f32(&st, n);
+    let mut input =
+        DenoiserInput::new(tensor(get("hidden_states").unwrap()), tensor(get("timestep").unwrap()));
+    input.encoder_hidden_states = get("encoder_hidden_states").map(tensor);
+    input.encoder_attention_mask = get("encoder_attention_mask").map(tensor);
+    for name in ["resolution", "aspect_ratio"] {
+        if let Some(v) = get(name) {
+            input.added_cond.insert(name.to_string(), tensor(v));
+        }
+    }
+    input.class_labels = values_i64(&st, "class_labels")
+        .map(|(v, s)| Tensor::<B, 1, Int>::from_data(TensorData::new(v, s), &Default::default()));
+    let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+    Case { name, input, sample: tensor(get("sample").unwrap()) }
+}
+
+/// `(‖a − b‖ / ‖b‖, max|a − b| / max|b|)`.
+pub fn errors<const D: usize>(a: &Tensor<B, D>, b: &Tensor<B, D>) -> (f64, f64) {
+    assert_eq!(a.dims(), b.dims());
+    let a: Vec<f32> = a.to_data().to_vec().unwrap();
+    let b: Vec<f32> = b.to_data().to_vec().unwrap();
+    let (mut num, mut den, mut max_diff, mut max_b) = (0f64, 0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(&b) {
+        let d = (*x as f64 - *y as f64).abs();
+        num += d * d;
+        den += (*y as f64) * (*y as f64);
+        max_diff = max_diff.max(d);
+        max_b = max_b.max((*y as f64).abs());
+    }
+    ((num / den).sqrt(), max_diff / max_b)
+}
+
+/// A fresh, empty folder under the system temp dir, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("models-dit-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
