@@ -86,6 +86,16 @@ impl DiTConfig {
         t
     }
 
+    /// A model with random weights, `N(0, 0.02²)`, honouring `plan` (Burn's
+    /// `Config::init`; see [`DiTTransformer2DModel::random`]).
+    pub fn init<B: Backend>(
+        &self,
+        plan: &LoadPlan,
+        device: &B::Device,
+    ) -> Result<DiTTransformer2DModel<B>> {
+        DiTTransformer2DModel::random(self, plan, device)
+    }
+
     /// Every parameter (diffusers key, full shape, tensor-parallel placement, block) with
     /// `elem_bytes` per element. Block 0's timestep/class embedder is listed once, in block
     /// 0, though the final layer also uses it.

@@ -61,6 +61,20 @@
 //! embedding sliced to them; `block(i, rows)`; `head(rows)` the final layer and unpatchify of
 //! those rows; `forward_rows` is embed → all blocks → head for a band of latent rows. The
 //! crate holds no strategy-specific code.
+//!
+//! # Design notes
+//!
+//! - Layers have no per-layer `XxxConfig::init`: every module is assembled from one
+//!   parameter table per model (key, shape, sharding, part), filled either from a checkpoint
+//!   or with random values ([`PixArtConfig::init`], [`DitModel::preset`]). Shapes, the
+//!   tensor-parallel split and [`PixArtConfig::params`] therefore come from one place and
+//!   cannot disagree; the model-level configs are serde structs mirroring `config.json`.
+//! - The compute dtype is the weights' dtype (the device default, or
+//!   [`weights::WeightStore::with_dtype`] with [`DitModel::from_store`]); inputs of any float
+//!   dtype are cast at entry, and the sinusoidal embeddings are computed in float32 first as
+//!   diffusers does.
+//! - DiT reads `class_labels` back to the host once per forward to range-check them (an
+//!   out-of-range label would otherwise index past the class table).
 
 mod attention;
 mod block;

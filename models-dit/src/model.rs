@@ -82,6 +82,11 @@ impl<B: Backend> DitModel<B> {
         })
     }
 
+    /// The model of a configuration with random weights (see [`DitModel::random`]).
+    pub fn init(config: &ModelConfig, plan: &LoadPlan, device: &B::Device) -> Result<Self> {
+        Self::random(config, plan, device)
+    }
+
     /// A named preset ([`PRESETS`](crate::PRESETS)) with random weights, honouring `plan`
     /// (load only a few blocks to keep it small).
     pub fn preset(name: &str, plan: &LoadPlan, device: &B::Device) -> Result<Self> {

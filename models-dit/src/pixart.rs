@@ -87,6 +87,16 @@ impl PixArtConfig {
         t
     }
 
+    /// A model with random weights, `N(0, 0.02²)`, honouring `plan` (Burn's
+    /// `Config::init`; see [`PixArtTransformer2DModel::random`]).
+    pub fn init<B: Backend>(
+        &self,
+        plan: &LoadPlan,
+        device: &B::Device,
+    ) -> Result<PixArtTransformer2DModel<B>> {
+        PixArtTransformer2DModel::random(self, plan, device)
+    }
+
     /// Every parameter (diffusers key, full shape, tensor-parallel placement, block) with
     /// `elem_bytes` per element, in checkpoint order of the model's structure.
     pub fn params(&self, elem_bytes: usize) -> Vec<ParamInfo> {
@@ -319,6 +329,8 @@ impl<B: Backend> PixArtTransformer2DModel<B> {
                     ),
                 ));
             }
+            let dtype = self.adaln_single.linear.weight.val().dtype();
+            let states = states.cast(dtype);
             let states = match &self.caption_projection {
                 Some(proj) => proj.forward(states),
                 None => states,
@@ -335,7 +347,7 @@ impl<B: Backend> PixArtTransformer2DModel<B> {
                         ));
                     }
                     // diffusers: (1 − mask) · −10000, broadcast over heads and queries.
-                    let bias = mask.clone().neg().add_scalar(1.0).mul_scalar(-10000.0);
+                    let bias = mask.clone().cast(dtype).neg().add_scalar(1.0).mul_scalar(-10000.0);
                     Some(bias.reshape([batch, 1, 1, tokens]))
                 }
                 None => None,

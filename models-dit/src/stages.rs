@@ -91,7 +91,9 @@ pub(crate) fn embed<B: Backend>(
     let grid = cond.grid;
     check_rows(desc, &rows, grid)?;
     let p = desc.patch_size;
-    let latent = input.hidden_states.clone().narrow(2, rows.start * p, rows.len() * p);
+    // Inputs come in any float dtype; compute in the weights' dtype.
+    let dtype = pos_embed.proj.weight.val().dtype();
+    let latent = input.hidden_states.clone().narrow(2, rows.start * p, rows.len() * p).cast(dtype);
     Ok(pos_embed.forward(latent, grid, rows))
 }
 
