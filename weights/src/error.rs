@@ -115,6 +115,17 @@ pub enum WeightError {
         /// What is wrong.
         reason: String,
     },
+    /// A tensor file holds a tensor of a name the reader does not know (a typo would
+    /// otherwise be silently ignored).
+    #[error("{file}: unknown tensor `{name}`; known names: {known}")]
+    UnknownInput {
+        /// The tensor's name.
+        name: String,
+        /// The file.
+        file: PathBuf,
+        /// The names the reader takes.
+        known: String,
+    },
     /// Keys in the checkpoint that nothing took: usually a checkpoint of another model, or a
     /// config that does not match its weights.
     #[error(

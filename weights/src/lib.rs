@@ -52,5 +52,8 @@ mod error;
 mod file;
 mod store;
 
+pub mod tensors;
+
 pub use error::{Result, WeightError};
 pub use store::{TensorMeta, WeightStore};
+pub use tensors::{HostTensor, read_denoiser_input, read_tensors, write_tensors};
