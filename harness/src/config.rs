@@ -1,0 +1,235 @@
+//! TOML configuration of `harness run` (and the shared parts of `forward` and `bench`).
+//!
+//! Unknown keys are rejected, and every error names the file and the key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use parallel_core::{OptionValue, StrategyOptions};
+use serde::Deserialize;
+
+use crate::error::{HarnessError, Result};
+
+/// How the work is split: the strategy, the world size and its options.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Registered strategy name (`harness list` shows them).
+    pub strategy: String,
+    /// Ranks (threads on the CPU backend).
+    pub world_size: usize,
+    /// Seconds any communication wait may block before it fails.
+    pub timeout_secs: u64,
+    /// Threads of each rank's pool (default: cores / world size, at least 1).
+    pub threads_per_rank: Option<usize>,
+    /// The strategy's own options (`harness list` shows them).
+    pub options: BTreeMap<String, toml::Value>,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig {
+            strategy: "serial".into(),
+            world_size: 1,
+            timeout_secs: 600,
+            threads_per_rank: None,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl ParallelConfig {
+    /// The options as the registry takes them; a value of an unsupported TOML type names
+    /// its key.
+    pub fn strategy_options(&self) -> Result<StrategyOptions> {
+        let mut opts = StrategyOptions::new(self.strategy.clone());
+        for (key, value) in &self.options {
+            let v = match value {
+                toml::Value::Integer(i) => OptionValue::Int(*i),
+                toml::Value::Float(f) => OptionValue::Float(*f),
+                toml::Value::Boolean(b) => OptionValue::Bool(*b),
+                toml::Value::String(s) => OptionValue::Str(s.clone()),
+                other => {
+                    return Err(HarnessError::Config {
+                        location: "[parallel.options]".into(),
+                        reason: format!(
+                            "option `{key}` must be a number, boolean or string, not {}",
+                            other.type_str()
+                        ),
+                    });
+                }
+            };
+            opts.set(key.clone(), v);
+        }
+        Ok(opts)
+    }
+
+    /// Sets a strategy option from a `key=value` string (a number, `true`/`false`, or text).
+    pub fn set_option(&mut self, assignment: &str) -> Result<()> {
+        let Some((key, value)) = assignment.split_once('=') else {
+            return Err(HarnessError::Config {
+                location: "--strategy-option".into(),
+                reason: format!("`{assignment}` is not of the form key=value"),
+            });
+        };
+        let v = if let Ok(i) = value.parse::<i64>() {
+            toml::Value::Integer(i)
+        } else if let Ok(f) = value.parse::<f64>() {
+            toml::Value::Float(f)
+        } else if let Ok(b) = value.parse::<bool>() {
+            toml::Value::Boolean(b)
+        } else {
+            toml::Value::String(value.to_string())
+        };
+        self.options.insert(key.trim().to_string(), v);
+        Ok(())
+    }
+}
+
+/// Settings of one text-to-image run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// A diffusers pipeline folder (`model_index.json`, `transformer/`, `text_encoder/`,
+    /// `tokenizer/`, `vae/`, `scheduler/`). Relative paths are relative to the config file.
+    pub model: PathBuf,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (classifier-free guidance's unconditional half).
+    pub negative_prompt: String,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off).
+    pub guidance_scale: f64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Image height in pixels (default: the transformer's sample size × 8).
+    pub height: Option<usize>,
+    /// Image width in pixels (default: the transformer's sample size × 8).
+    pub width: Option<usize>,
+    /// Scheduler (`harness list`); default: the pipeline folder's own.
+    pub scheduler: Option<String>,
+    /// Initial latents from a safetensors file (tensor `latents`), instead of seeded noise.
+    pub latents: Option<PathBuf>,
+    /// Where the PNG goes.
+    pub output: PathBuf,
+    /// Where to save the final latents (safetensors, tensor `latents`), if anywhere.
+    pub save_latents: Option<PathBuf>,
+    /// Maximum text tokens (default: 120 for PixArt-α, 300 for PixArt-Σ).
+    pub max_sequence_length: Option<usize>,
+    /// The parallel split.
+    pub parallel: ParallelConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            model: PathBuf::new(),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 20,
+            guidance_scale: 4.5,
+            seed: 0,
+            height: None,
+            width: None,
+            scheduler: None,
+            latents: None,
+            output: PathBuf::from("out.png"),
+            save_latents: None,
+            max_sequence_length: None,
+            parallel: ParallelConfig::default(),
+        }
+    }
+}
+
+/// Reads a TOML file into `T`, rejecting unknown keys; errors name the file and the key.
+pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| HarnessError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    parse_toml(&text, &path.display().to_string())
+}
+
+/// Parses TOML text into `T`; `location` names the source in errors.
+pub fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str, location: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| HarnessError::Config {
+        location: location.to_string(),
+        reason: e.message().to_string()
+            + &e.span()
+                .map(|s| {
+                    let line = text[..s.start].lines().count().max(1);
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default(),
+    })
+}
+
+impl RunConfig {
+    /// Reads a run config; relative paths in it become relative to the file's folder.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let mut cfg: RunConfig = read_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        rebase(&mut cfg.model);
+        rebase(&mut cfg.output);
+        if let Some(p) = cfg.latents.as_mut() {
+            rebase(p);
+        }
+        if let Some(p) = cfg.save_latents.as_mut() {
+            rebase(p);
+        }
+        Ok(cfg)
+    }
+
+    /// Checks the settings that need no files.
+    pub fn check(&self) -> Result<()> {
+        let bad = |key: &str, reason: String| HarnessError::Config { location: key.into(), reason };
+        if self.model.as_os_str().is_empty() {
+            return Err(bad("model", "no model folder given (set `model` or --model)".into()));
+        }
+        if self.steps == 0 {
+            return Err(bad("steps", "must be at least 1".into()));
+        }
+        if self.parallel.world_size == 0 {
+            return Err(bad("parallel.world_size", "must be at least 1".into()));
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(bad("guidance_scale", "must be a finite number".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_typo_names_the_key_and_line() {
+        let e = parse_toml::<RunConfig>("prompt = \"a cat\"\nstpes = 4\n", "demo.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("demo.toml") && msg.contains("stpes") && msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn nested_typo_is_named() {
+        let e = parse_toml::<RunConfig>("[parallel]\nworld_sise = 2\n", "x.toml").unwrap_err();
+        assert!(e.to_string().contains("world_sise"), "{e}");
+    }
+
+    #[test]
+    fn options_keep_their_types() {
+        let cfg: RunConfig = parse_toml(
+            "[parallel]\nstrategy = \"usp\"\nworld_size = 4\n[parallel.options]\nulysses_degree = 2\n",
+            "x",
+        )
+        .unwrap();
+        let o = cfg.parallel.strategy_options().unwrap();
+        assert_eq!(o.usize("ulysses_degree", 0).unwrap(), 2);
+    }
+}
