@@ -516,3 +516,80 @@ fn assign_rows<B: Backend>(
     let [b, c, _, w] = full.dims();
     full.slice_assign([0..b, 0..c, rows, 0..w], part)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_flex::Flex;
+    use parallel_core::{LaunchOptions, LocalComm, ModelFamily};
+
+    fn desc(layers: usize) -> ModelDesc {
+        ModelDesc {
+            class_name: "Test".into(),
+            family: ModelFamily::Dit,
+            num_layers: layers,
+            num_heads: 4,
+            head_dim: 8,
+            hidden_size: 32,
+            ff_inner: 128,
+            patch_size: 2,
+            in_channels: 4,
+            out_channels: 8,
+            cross_attention: true,
+            row_granularity: 2,
+            sample_size: 16,
+        }
+    }
+
+    fn rank(n: usize, r: usize) -> Comm<Flex> {
+        LocalComm::create(n, &LaunchOptions::default()).swap_remove(r)
+    }
+
+    #[test]
+    fn stages_are_even_or_explicit() {
+        let p = PipeFusion::new(rank(3, 0), None, 1, None).unwrap();
+        assert_eq!(p.stages(&desc(28)).unwrap(), vec![0..10, 10..19, 19..28]);
+        let p = PipeFusion::new(rank(3, 0), None, 1, Some(vec![4, 12, 12])).unwrap();
+        assert_eq!(p.stages(&desc(28)).unwrap(), vec![0..4, 4..16, 16..28]);
+        let e = p.stages(&desc(27)).unwrap_err().to_string();
+        assert!(e.contains("blocks_per_stage") && e.contains("27 blocks"), "{e}");
+    }
+
+    #[test]
+    fn load_plans_keep_embed_on_the_first_stage_and_head_on_the_last() {
+        let plan =
+            |r| PipeFusion::new(rank(3, r), None, 1, None).unwrap().load_plan(&desc(6)).unwrap();
+        assert_eq!(
+            plan(0),
+            LoadPlan { tensor_shard: None, blocks: Some(0..2), skip_embed: false, skip_head: true }
+        );
+        assert_eq!(
+            plan(1),
+            LoadPlan { tensor_shard: None, blocks: Some(2..4), skip_embed: true, skip_head: true }
+        );
+        assert_eq!(
+            plan(2),
+            LoadPlan { tensor_shard: None, blocks: Some(4..6), skip_embed: true, skip_head: false }
+        );
+    }
+
+    #[test]
+    fn bad_options_name_their_key() {
+        let e = PipeFusion::new(rank(2, 0), None, 0, None).err().unwrap().to_string();
+        assert!(e.contains("warmup_steps"), "{e}");
+        let e = PipeFusion::new(rank(2, 0), Some(0), 1, None).err().unwrap().to_string();
+        assert!(e.contains("num_pipeline_patch"), "{e}");
+        let e = PipeFusion::new(rank(2, 0), None, 1, Some(vec![3])).err().unwrap().to_string();
+        assert!(e.contains("blocks_per_stage") && e.contains("2 positive counts"), "{e}");
+        let p = PipeFusion::new(rank(2, 0), Some(9), 1, None).unwrap();
+        let request = RequestInfo {
+            steps: 1,
+            grid: parallel_core::LatentGrid { height: 16, width: 16 },
+            batch: 1,
+            images: 1,
+            text_tokens: 0,
+        };
+        let e = p.validate(&desc(4), &request).unwrap_err().to_string();
+        assert!(e.contains("9 patches") && e.contains("only 8 token rows"), "{e}");
+    }
+}

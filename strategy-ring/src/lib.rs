@@ -241,3 +241,18 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
         Ok(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_flex::Flex;
+
+    #[test]
+    fn a_rank_forwards_every_block_but_the_one_it_receives_last() {
+        // Blocks of 3, 3, 2, 2 tokens: rank 1 never forwards rank 2's block.
+        let tokens = [3, 3, 2, 2];
+        assert_eq!(RingAttention::<Flex>::sent_per_layer(&tokens, 1, 10), 2 * (3 + 3 + 2) * 10);
+        assert_eq!(RingAttention::<Flex>::sent_per_layer(&tokens, 3, 10), 2 * (3 + 2 + 2) * 10);
+        assert_eq!(RingAttention::<Flex>::sent_per_layer(&[5], 0, 10), 0);
+    }
+}

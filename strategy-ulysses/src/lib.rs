@@ -321,3 +321,44 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
         Ok(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_flex::Flex;
+    use parallel_core::{LaunchOptions, LocalComm, OptionValue, launch};
+
+    #[test]
+    fn usp_degrees_come_from_either_option() {
+        for (opts, want) in [
+            (vec![("ulysses_degree", 2)], (2, 2)),
+            (vec![("ring_degree", 4)], (1, 4)),
+            (vec![("ulysses_degree", 4), ("ring_degree", 1)], (4, 1)),
+        ] {
+            let results = launch(4, &LaunchOptions::<Flex>::default(), |comm| {
+                let mut o = StrategyOptions::new(USP_NAME);
+                for (k, v) in &opts {
+                    o.set(*k, OptionValue::Int(*v));
+                }
+                let s = usp_from_options(comm, &o)?;
+                Ok((s.ulysses_degree(), s.ring_degree()))
+            });
+            for r in results {
+                assert_eq!(r.unwrap(), want);
+            }
+        }
+    }
+
+    #[test]
+    fn usp_rejects_degrees_that_do_not_fit_the_world() {
+        let comm = LocalComm::<Flex>::create(4, &LaunchOptions::default()).swap_remove(0);
+        let o = StrategyOptions::new(USP_NAME).with("ulysses_degree", OptionValue::Int(3));
+        let e = usp_from_options(comm.clone(), &o).err().unwrap().to_string();
+        assert!(
+            e.contains("ulysses_degree") && e.contains("does not divide the world size 4"),
+            "{e}"
+        );
+        let e = usp_from_options(comm, &StrategyOptions::new(USP_NAME)).err().unwrap().to_string();
+        assert!(e.contains("give ulysses_degree and/or ring_degree"), "{e}");
+    }
+}
