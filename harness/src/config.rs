@@ -10,6 +10,26 @@ use serde::Deserialize;
 
 use crate::error::{HarnessError, Result};
 
+/// The backend the ranks compute on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Burn's Flex CPU backend (rayon + SIMD): ranks are threads with their own pools.
+    #[default]
+    Cpu,
+    /// Burn's CUDA backend, rank `r` on GPU `r` (feature `cuda`).
+    Cuda,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
+
 /// How the work is split: the strategy, the world size and its options.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -22,6 +42,9 @@ pub struct ParallelConfig {
     pub timeout_secs: u64,
     /// Threads of each rank's pool (default: cores / world size, at least 1).
     pub threads_per_rank: Option<usize>,
+    /// Where ranks compute: `cpu` (Flex; ranks are threads) or `cuda` (one GPU per rank,
+    /// `cuda:rank`; needs the `cuda` feature).
+    pub backend: BackendKind,
     /// The strategy's own options (`harness list` shows them).
     pub options: BTreeMap<String, toml::Value>,
 }
@@ -33,6 +56,7 @@ impl Default for ParallelConfig {
             world_size: 1,
             timeout_secs: 600,
             threads_per_rank: None,
+            backend: BackendKind::Cpu,
             options: BTreeMap::new(),
         }
     }
@@ -144,10 +168,8 @@ impl Default for RunConfig {
 
 /// Reads a TOML file into `T`, rejecting unknown keys; errors name the file and the key.
 pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| HarnessError::Io {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| HarnessError::Io { path: path.to_path_buf(), reason: e.to_string() })?;
     parse_toml(&text, &path.display().to_string())
 }
 
@@ -211,9 +233,13 @@ mod tests {
 
     #[test]
     fn a_typo_names_the_key_and_line() {
-        let e = parse_toml::<RunConfig>("prompt = \"a cat\"\nstpes = 4\n", "demo.toml").unwrap_err();
+        let e =
+            parse_toml::<RunConfig>("prompt = \"a cat\"\nstpes = 4\n", "demo.toml").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("demo.toml") && msg.contains("stpes") && msg.contains("line 2"), "{msg}");
+        assert!(
+            msg.contains("demo.toml") && msg.contains("stpes") && msg.contains("line 2"),
+            "{msg}"
+        );
     }
 
     #[test]

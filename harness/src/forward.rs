@@ -1,0 +1,209 @@
+//! `harness forward`: one denoiser evaluation, under any strategy, for checking against
+//! diffusers.
+//!
+//! The inputs file holds tensors named like diffusers' forward arguments (`hidden_states`,
+//! `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `class_labels`,
+//! `resolution`, `aspect_ratio`; see [`weights::read_denoiser_input`]); the output file gets
+//! `sample`. If the inputs file also holds a `sample` (a reference case), the relative L2
+//! error against it is reported.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use models_dit::{DitModel, ModelConfig};
+use parallel_core::{Comm, RequestInfo, StepKind};
+
+use crate::config::{BackendKind, ParallelConfig};
+use crate::error::{HarnessError, Result};
+use crate::launch::{launch_options, launch_ranks};
+use crate::run::{HostTensor, RankReport};
+
+/// The transformer folder of `model`: the folder itself if it has a `config.json`, else its
+/// `transformer/` (a pipeline folder).
+pub fn transformer_folder(model: &Path) -> Result<PathBuf> {
+    if model.join("config.json").is_file() {
+        Ok(model.to_path_buf())
+    } else if model.join("transformer").join("config.json").is_file() {
+        Ok(model.join("transformer"))
+    } else if !model.is_dir() {
+        Err(HarnessError::io(model, "no such model folder (--model)"))
+    } else {
+        Err(HarnessError::io(
+            model,
+            "neither a model folder (config.json + weights) nor a pipeline folder with a \
+             transformer/ (--model)",
+        ))
+    }
+}
+
+/// The result of [`forward`].
+#[derive(Debug, Clone)]
+pub struct ForwardReport {
+    /// The noise prediction, `[batch, out_channels, height, width]`.
+    pub sample: HostTensor,
+    /// Where it was written.
+    pub output: PathBuf,
+    /// `‖sample − reference‖₂ / ‖reference‖₂` when the inputs file holds a `sample`.
+    pub rel_l2: Option<f64>,
+    /// The strategy.
+    pub strategy: String,
+    /// Ranks.
+    pub world_size: usize,
+    /// Every rank's counters.
+    pub ranks: Vec<RankReport>,
+}
+
+impl ForwardReport {
+    /// The line `harness forward` prints.
+    pub fn summary(&self) -> String {
+        let check = match self.rel_l2 {
+            Some(e) => format!("; relative L2 error vs the inputs' `sample`: {e:.3e}"),
+            None => String::new(),
+        };
+        format!(
+            "wrote `sample` {:?} to {} (strategy {} on {} rank{}){check}",
+            self.sample.shape,
+            self.output.display(),
+            self.strategy,
+            self.world_size,
+            if self.world_size == 1 { "" } else { "s" },
+        )
+    }
+}
+
+/// One forward of the transformer at `model` on the inputs file, under `parallel`; writes
+/// `sample` to `output`.
+pub fn forward(
+    model: &Path,
+    inputs: &Path,
+    output: &Path,
+    parallel: &ParallelConfig,
+) -> Result<ForwardReport> {
+    if parallel.world_size == 0 {
+        return Err(HarnessError::config("--world-size", "must be at least 1"));
+    }
+    let folder = transformer_folder(model)?;
+    let config = ModelConfig::from_folder(&folder)?;
+    let options = parallel.strategy_options()?;
+    crate::registry::<crate::CpuBackend>().check_options(&parallel.strategy, &options)?;
+    if !inputs.is_file() {
+        return Err(HarnessError::io(inputs, "no such inputs file (--inputs)"));
+    }
+    let job = Job { folder, config, options, inputs, output, parallel };
+    let (sample, rel_l2, ranks) = match parallel.backend {
+        BackendKind::Cpu => job.execute::<crate::CpuBackend>(Vec::new())?,
+        BackendKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                let devices = (0..parallel.world_size).map(burn_cuda::CudaDevice::new).collect();
+                job.execute::<crate::CudaBackend>(devices)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                return Err(crate::error::no_cuda());
+            }
+        }
+    };
+    Ok(ForwardReport {
+        sample,
+        output: output.to_path_buf(),
+        rel_l2,
+        strategy: parallel.strategy.clone(),
+        world_size: parallel.world_size,
+        ranks,
+    })
+}
+
+struct Job<'a> {
+    folder: PathBuf,
+    config: ModelConfig,
+    options: parallel_core::StrategyOptions,
+    inputs: &'a Path,
+    output: &'a Path,
+    parallel: &'a ParallelConfig,
+}
+
+type RankResult = (RankReport, Option<(HostTensor, Option<f64>)>);
+
+impl Job<'_> {
+    fn execute<B: Backend>(
+        &self,
+        devices: Vec<B::Device>,
+    ) -> Result<(HostTensor, Option<f64>, Vec<RankReport>)> {
+        let launch = launch_options::<B>(self.parallel, devices);
+        let outputs = launch_ranks(self.parallel.world_size, &launch, |comm| self.rank(comm))?;
+        let mut ranks = Vec::new();
+        let mut result = None;
+        for (report, r0) in outputs {
+            ranks.push(report);
+            result = result.or(r0);
+        }
+        let (sample, rel) = result.ok_or_else(|| {
+            HarnessError::Parallel(parallel_core::ParallelError::Model(
+                "rank 0 returned no result".into(),
+            ))
+        })?;
+        Ok((sample, rel, ranks))
+    }
+
+    fn rank<B: Backend>(&self, comm: Comm<B>) -> Result<RankResult> {
+        let device = comm.device();
+        let desc = self.config.desc();
+        let (input, reference) = weights::read_denoiser_input::<B>(self.inputs, &device)?;
+        let dims = input.hidden_states.dims();
+        if dims[1] != desc.in_channels {
+            return Err(HarnessError::config(
+                format!("--inputs {}", self.inputs.display()),
+                format!(
+                    "`hidden_states` has shape {dims:?}, but {} takes {} latent channels",
+                    desc.class_name, desc.in_channels
+                ),
+            ));
+        }
+        let request = RequestInfo {
+            steps: 1,
+            grid: input.grid(),
+            batch: input.batch(),
+            images: input.batch(),
+            text_tokens: input.encoder_hidden_states.as_ref().map_or(0, |t| t.dims()[1]),
+        };
+        let registry = crate::registry::<B>();
+        let mut strategy = registry.create(&self.parallel.strategy, comm.clone(), &self.options)?;
+        strategy.validate(&desc, &request)?;
+        let plan = strategy.load_plan(&desc)?;
+        let model = DitModel::<B>::load(&self.folder, &plan, &device)?;
+        strategy.begin_request(&desc, &request)?;
+        comm.reset_stats();
+        let sample = strategy.forward(&model, &input, 0)?;
+        let report = RankReport {
+            rank: comm.rank(),
+            comm: comm.stats(),
+            param_bytes: parallel_core::Denoiser::param_bytes(&model),
+            buffer_bytes: strategy.buffer_bytes(),
+            expected_warmup: strategy.expected_comm(&desc, &request, StepKind::Warmup)?,
+            expected_steady: strategy.expected_comm(&desc, &request, StepKind::Steady)?,
+        };
+        if comm.rank() != 0 {
+            return Ok((report, None));
+        }
+        weights::write_tensors(self.output, &[("sample", sample.clone())])?;
+        let sample = HostTensor::from_tensor(sample)?;
+        let rel = match reference {
+            Some(r) => {
+                let r = HostTensor::from_tensor(r)?;
+                if r.shape != sample.shape {
+                    return Err(HarnessError::config(
+                        format!("--inputs {}", self.inputs.display()),
+                        format!(
+                            "its `sample` has shape {:?}, the model's output is {:?}",
+                            r.shape, sample.shape
+                        ),
+                    ));
+                }
+                Some(sample.rel_l2_error(&r.values))
+            }
+            None => None,
+        };
+        Ok((report, Some((sample, rel))))
+    }
+}

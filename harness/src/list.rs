@@ -1,0 +1,77 @@
+//! `harness list`: what `--model`, `--strategy` and `--scheduler` accept.
+
+use std::fmt::Write;
+
+use crate::pipeline::{COMPONENTS, PIPELINE_CLASSES, SCHEDULER_NAMES};
+
+/// The bundled tiny pipeline, relative to the repository root.
+pub const BUNDLED_PIPELINE: &str = "fixtures/pipeline/pixart-alpha-tiny";
+
+/// The text `harness list` prints.
+pub fn list_text() -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "Models (--model takes a diffusers folder; nothing is downloaded):");
+    let _ = writeln!(
+        s,
+        "  run      a pipeline folder: model_index.json, {}",
+        COMPONENTS.map(|c| format!("{c}/")).join(", ")
+    );
+    let classes: Vec<String> =
+        PIPELINE_CLASSES.iter().map(|(c, n)| format!("{c} ({n} text tokens)")).collect();
+    let _ = writeln!(s, "           pipelines: {}", classes.join(", "));
+    let _ = writeln!(
+        s,
+        "  forward  a transformer folder (config.json + diffusion_pytorch_model.safetensors) or a \
+         pipeline folder"
+    );
+    let _ = writeln!(s, "           transformer classes: {}", models_dit::KNOWN_CLASSES.join(", "));
+    let _ = writeln!(s, "  bundled  {BUNDLED_PIPELINE} (tiny random-weight PixArt-α, 128×128)");
+    let _ = writeln!(
+        s,
+        "  presets  real-size configs with random weights (benchmarks): {}",
+        models_dit::PRESETS.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "           real weights: a diffusers folder you already have, e.g. \
+         PixArt-alpha/PixArt-XL-2-512x512"
+    );
+    let _ = writeln!(s);
+    let _ =
+        writeln!(s, "Strategies (--strategy NAME; options as [parallel.options] keys or flags):");
+    let registry = crate::registry::<crate::CpuBackend>();
+    for info in registry.infos() {
+        let _ = writeln!(s, "  {:<13}{}", info.name, info.summary);
+        for o in &info.options {
+            let _ = writeln!(
+                s,
+                "      {} / --{} (default: {}): {}",
+                o.key,
+                o.key.replace('_', "-"),
+                o.default,
+                o.doc
+            );
+        }
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "Schedulers (--scheduler NAME; default: the pipeline's own):");
+    for (short, class) in SCHEDULER_NAMES {
+        let _ = writeln!(s, "  {short:<22}{class}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lists_every_registered_strategy_and_scheduler() {
+        let text = super::list_text();
+        for name in crate::registry::<crate::CpuBackend>().names() {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+        for (short, class) in crate::pipeline::SCHEDULER_NAMES {
+            assert!(text.contains(short) && text.contains(class));
+        }
+        assert!(text.contains("PixArt-XL-2-512x512"));
+    }
+}

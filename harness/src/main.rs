@@ -1,0 +1,256 @@
+//! The `harness` command line: `run`, `forward`, `list`. See the library docs for the flow.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use harness::config::BackendKind;
+use harness::{HarnessError, ParallelConfig, RunConfig};
+
+/// Parallel diffusion inference: prompt → image on N ranks with any strategy.
+#[derive(Debug, Parser)]
+#[command(name = "harness", version, about)]
+struct Cli {
+    /// More log output (-v: info, -vv: debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Text to image: settings from a TOML file, each overridable by a flag.
+    Run(Box<RunArgs>),
+    /// One denoiser evaluation on a file of diffusers forward inputs; writes `sample`.
+    Forward(Box<ForwardArgs>),
+    /// Known models, strategies (with their options) and schedulers.
+    List,
+}
+
+/// The parallel split, shared by `run` and `forward`.
+#[derive(Debug, Args)]
+struct ParallelArgs {
+    /// Strategy name (`harness list`).
+    #[arg(long)]
+    strategy: Option<String>,
+    /// Ranks.
+    #[arg(long)]
+    world_size: Option<usize>,
+    /// Seconds a communication wait may block before it fails.
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+    /// Threads of each rank's pool (default: cores / world size).
+    #[arg(long)]
+    threads_per_rank: Option<usize>,
+    /// Backend of the ranks.
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// Strategy option `warmup_steps` (distrifusion, pipefusion).
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Strategy option `num_pipeline_patch` (pipefusion).
+    #[arg(long)]
+    num_pipeline_patch: Option<usize>,
+    /// Strategy option `ulysses_degree` (usp).
+    #[arg(long)]
+    ulysses_degree: Option<usize>,
+    /// Strategy option `ring_degree` (usp).
+    #[arg(long)]
+    ring_degree: Option<usize>,
+    /// Strategy option `blocks_per_stage` (pipefusion), e.g. "2,2".
+    #[arg(long)]
+    blocks_per_stage: Option<String>,
+    /// Any strategy option, `key=value` (repeatable).
+    #[arg(long = "strategy-option", value_name = "KEY=VALUE")]
+    strategy_option: Vec<String>,
+}
+
+impl ParallelArgs {
+    fn apply(&self, p: &mut ParallelConfig) -> harness::Result<()> {
+        if let Some(v) = &self.strategy {
+            p.strategy = v.clone();
+        }
+        if let Some(v) = self.world_size {
+            p.world_size = v;
+        }
+        if let Some(v) = self.timeout_secs {
+            p.timeout_secs = v;
+        }
+        if let Some(v) = self.threads_per_rank {
+            p.threads_per_rank = Some(v);
+        }
+        if let Some(v) = self.backend {
+            p.backend = v;
+        }
+        let int = |v: usize| toml::Value::Integer(v as i64);
+        for (key, value) in [
+            ("warmup_steps", self.warmup_steps.map(int)),
+            ("num_pipeline_patch", self.num_pipeline_patch.map(int)),
+            ("ulysses_degree", self.ulysses_degree.map(int)),
+            ("ring_degree", self.ring_degree.map(int)),
+            ("blocks_per_stage", self.blocks_per_stage.clone().map(toml::Value::String)),
+        ] {
+            if let Some(v) = value {
+                p.options.insert(key.to_string(), v);
+            }
+        }
+        for a in &self.strategy_option {
+            p.set_option(a)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// A TOML run config (`configs/demo.toml`); its relative paths are relative to it.
+    config: Option<PathBuf>,
+    /// A diffusers PixArt pipeline folder.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// The negative prompt.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (≤ 1: off).
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    /// Seed of the initial noise.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Image height in pixels.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Image width in pixels.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Scheduler: dpm_solver_multistep, ddim, euler, flow_match_euler or a diffusers class.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Initial latents: a safetensors file with tensor `latents`.
+    #[arg(long, value_name = "FILE")]
+    latents: Option<PathBuf>,
+    /// The PNG to write.
+    #[arg(long, value_name = "FILE.png")]
+    output: Option<PathBuf>,
+    /// Also write the final latents (tensor `latents`) here.
+    #[arg(long, value_name = "FILE")]
+    save_latents: Option<PathBuf>,
+    /// Text tokens per prompt (default: 120 for PixArt-α, 300 for PixArt-Σ).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+impl RunArgs {
+    fn config(&self) -> harness::Result<RunConfig> {
+        let mut c = match &self.config {
+            Some(path) => RunConfig::from_file(path)?,
+            None => RunConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => {$(
+                if let Some(v) = &self.$f {
+                    c.$f = v.clone();
+                }
+            )*};
+        }
+        set!(model, prompt, negative_prompt, steps, guidance_scale, seed, output);
+        macro_rules! set_opt {
+            ($($f:ident),*) => {$(
+                if let Some(v) = &self.$f {
+                    c.$f = Some(v.clone());
+                }
+            )*};
+        }
+        set_opt!(height, width, scheduler, latents, save_latents, max_sequence_length);
+        self.parallel.apply(&mut c.parallel)?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Args)]
+struct ForwardArgs {
+    /// A transformer folder, or a pipeline folder (its `transformer/` is used).
+    #[arg(long)]
+    model: PathBuf,
+    /// Safetensors file of diffusers forward inputs (`hidden_states`, `timestep`, …).
+    #[arg(long, value_name = "FILE.safetensors")]
+    inputs: PathBuf,
+    /// Where `sample` is written.
+    #[arg(long, value_name = "FILE.safetensors")]
+    output: PathBuf,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+fn init_logger(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format(|buf, record| {
+            writeln!(buf, "{}: {}", record.level().as_str().to_lowercase(), record.args())
+        })
+        .try_init();
+}
+
+fn run(cli: Cli) -> harness::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = args.config()?;
+            let options = harness::RunOptions { decode: true, progress: !args.no_progress };
+            let report = harness::run_with_options(&cfg, &options)?;
+            for r in &report.ranks {
+                log::info!(
+                    "rank {}: sent {} ({} per step expected after warmup: {}); params {} B, \
+                     buffers {} B",
+                    r.rank,
+                    r.comm,
+                    r.expected_steady.total(),
+                    r.expected_steady.formula,
+                    r.param_bytes,
+                    r.buffer_bytes
+                );
+            }
+            println!("{}", report.summary());
+        }
+        Command::Forward(args) => {
+            let mut parallel = ParallelConfig::default();
+            args.parallel.apply(&mut parallel)?;
+            let report = harness::forward(&args.model, &args.inputs, &args.output, &parallel)?;
+            println!("{}", report.summary());
+        }
+        Command::List => print!("{}", harness::list::list_text()),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logger(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(e: &HarnessError) {
+    eprintln!("error: {e}");
+}

@@ -1,0 +1,547 @@
+//! `harness run`: a prompt in, an image out, on one rank or N ranks with any strategy.
+//!
+//! [`RunPlan::new`] does every check that needs no weights, on the calling thread, so that a
+//! bad setting fails at once: the config, the pipeline folder, the strategy name and its
+//! options, the image size, the scheduler, the initial latents. [`RunPlan::execute`] then
+//! launches the ranks; each rank:
+//!
+//! 1. builds its strategy from the [registry](crate::registry) and `validate`s it against the
+//!    transformer's [`ModelDesc`] and the request — before any weight is read;
+//! 2. loads the transformer under the strategy's `load_plan` (a tensor-parallel rank reads
+//!    only its slices, a pipeline stage only its blocks);
+//! 3. rank 0 loads the VAE (so a broken VAE fails before the denoising, not after it),
+//!    tokenizes and T5-encodes the prompts, drops the encoder, and **broadcasts** the
+//!    embeddings and mask. One rank encodes because a real T5-XXL is ~19 GB in float32: one
+//!    copy per rank would multiply that by the world size, for a tensor of a few hundred KB
+//!    that a broadcast moves in microseconds; and the broadcast is what works unchanged when
+//!    ranks are processes on other hosts;
+//! 4. builds identical initial latents from the host values of the plan (seeded noise or
+//!    `--latents`), times `init_noise_sigma`;
+//! 5. `begin_request`, resets the communication counters (the text broadcast is not the
+//!    strategy's traffic), and runs `strategy.denoise` with a [`Sampler`], which drives the
+//!    progress bar on rank 0;
+//! 6. rank 0 decodes with the VAE and writes the PNG (and the final latents if asked).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use parallel_core::{
+    Comm, CommStats, ExpectedComm, LatentGrid, ModelDesc, RequestInfo, StepKind, StrategyOptions,
+};
+use schedulers::Schedule;
+
+use crate::config::{BackendKind, RunConfig};
+use crate::error::{HarnessError, Result};
+use crate::launch::{launch_options, launch_ranks};
+use crate::pipeline::{PipelineFolder, PromptEmbeds};
+use crate::sampler::{Sampler, SamplerSettings};
+
+/// How a run reports and what it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Decode the final latents with the VAE and write the PNG (`false`: latents only, as a
+    /// benchmark of the denoising wants).
+    pub decode: bool,
+    /// Show a progress bar on rank 0 (drawn on stderr, only when it is a terminal).
+    pub progress: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { decode: true, progress: true }
+    }
+}
+
+/// A host copy of a tensor: its shape and row-major values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The values, row-major.
+    pub values: Vec<f32>,
+}
+
+impl HostTensor {
+    /// The host copy of `t`.
+    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Self> {
+        let shape = t.dims().to_vec();
+        let values = t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| {
+            HarnessError::Parallel(parallel_core::ParallelError::Model(format!(
+                "cannot read a tensor back to the host: {e:?}"
+            )))
+        })?;
+        Ok(HostTensor { shape, values })
+    }
+
+    /// This tensor on `device`.
+    pub fn to_tensor<B: Backend, const D: usize>(&self, device: &B::Device) -> Tensor<B, D> {
+        Tensor::from_data(TensorData::new(self.values.clone(), self.shape.clone()), device)
+    }
+
+    /// `max|self − reference| / max|reference|`.
+    pub fn max_rel_error(&self, reference: &[f32]) -> f64 {
+        let num = self
+            .values
+            .iter()
+            .zip(reference)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max);
+        let den = reference.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
+        num / den.max(f64::MIN_POSITIVE)
+    }
+
+    /// `‖self − reference‖₂ / ‖reference‖₂`.
+    pub fn rel_l2_error(&self, reference: &[f32]) -> f64 {
+        let num: f64 =
+            self.values.iter().zip(reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
+}
+
+/// What one rank reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankReport {
+    /// The rank.
+    pub rank: usize,
+    /// What it sent during the denoising (see [`CommStats`] for the rule).
+    pub comm: CommStats,
+    /// Bytes of the transformer parameters it holds.
+    pub param_bytes: u64,
+    /// Bytes of its strategy's buffers after the request.
+    pub buffer_bytes: u64,
+    /// Expected elements sent per synchronous (warmup) step, from the strategy's formula.
+    pub expected_warmup: ExpectedComm,
+    /// Expected elements sent per step after warmup.
+    pub expected_steady: ExpectedComm,
+}
+
+/// The result of [`run`].
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The strategy's registered name.
+    pub strategy: String,
+    /// Ranks.
+    pub world_size: usize,
+    /// The backend.
+    pub backend: BackendKind,
+    /// Threads of each rank's pool.
+    pub threads_per_rank: usize,
+    /// The scheduler's diffusers class.
+    pub scheduler: String,
+    /// Image height and width in pixels.
+    pub image_size: (usize, usize),
+    /// The request as the strategy saw it.
+    pub request: RequestInfo,
+    /// What the strategies validated against.
+    pub model: ModelDesc,
+    /// The final latents, `[1, channels, height / 8, width / 8]`.
+    pub latents: HostTensor,
+    /// The PNG written, if any.
+    pub image: Option<PathBuf>,
+    /// The latents file written, if any.
+    pub saved_latents: Option<PathBuf>,
+    /// Wall time of each denoising step on rank 0 (from the first `model_input` call of one
+    /// step to that of the next; pipelined strategies overlap steps, so these are
+    /// approximate there — their sum is exact).
+    pub step_times: Vec<Duration>,
+    /// Wall time of the whole denoising loop on rank 0.
+    pub denoise_time: Duration,
+    /// Wall time of rank 0 from launch to the start of the denoising (weights, text).
+    pub setup_time: Duration,
+    /// Wall time of the VAE decode and PNG on rank 0.
+    pub decode_time: Duration,
+    /// Wall time of the whole run, planning included.
+    pub total_time: Duration,
+    /// Every rank's counters, by rank.
+    pub ranks: Vec<RankReport>,
+}
+
+impl RunReport {
+    /// Denoising steps per second.
+    pub fn steps_per_second(&self) -> f64 {
+        self.request.steps as f64 / self.denoise_time.as_secs_f64().max(1e-9)
+    }
+
+    /// The one-line summary `harness run` prints.
+    pub fn summary(&self) -> String {
+        let (h, w) = self.image_size;
+        let target = match (&self.image, &self.saved_latents) {
+            (Some(p), _) => format!(" → {}", p.display()),
+            (None, Some(p)) => format!(" → {}", p.display()),
+            (None, None) => String::new(),
+        };
+        format!(
+            "{h}×{w}, {} steps in {:.2} s ({:.2} steps/s; {:.2} s total), strategy {} on {} \
+             rank{} ({}, {} thread{} each){target}",
+            self.request.steps,
+            self.denoise_time.as_secs_f64(),
+            self.steps_per_second(),
+            self.total_time.as_secs_f64(),
+            self.strategy,
+            self.world_size,
+            if self.world_size == 1 { "" } else { "s" },
+            self.backend,
+            self.threads_per_rank,
+            if self.threads_per_rank == 1 { "" } else { "s" },
+        )
+    }
+}
+
+/// A run checked and resolved on the calling thread, ready to [`execute`](RunPlan::execute).
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    /// The settings (paths as given, flags applied).
+    pub config: RunConfig,
+    /// The pipeline folder.
+    pub folder: PipelineFolder,
+    /// The strategy options, checked against the strategy's declared keys.
+    pub strategy_options: StrategyOptions,
+    /// The schedule of the request.
+    pub schedule: Schedule,
+    /// What the sampler needs.
+    pub settings: SamplerSettings,
+    /// The request as strategies see it.
+    pub request: RequestInfo,
+    /// Image height and width in pixels.
+    pub image_size: (usize, usize),
+    /// Text tokens per prompt.
+    pub max_sequence_length: usize,
+    /// Initial latents before `init_noise_sigma`: seeded noise or the `--latents` tensor.
+    pub initial: HostTensor,
+}
+
+impl RunPlan {
+    /// Checks everything that needs no weights; see the [module docs](self).
+    ///
+    /// # Errors
+    /// Each names the setting, file or tensor at fault.
+    pub fn new(config: &RunConfig) -> Result<Self> {
+        config.check()?;
+        let registry = crate::registry::<crate::CpuBackend>();
+        let strategy_options = config.parallel.strategy_options()?;
+        registry.check_options(&config.parallel.strategy, &strategy_options)?;
+        let folder = PipelineFolder::open(&config.model)?;
+        let desc = folder.transformer_config.desc();
+        let default = folder.default_image_size();
+        let height = config.height.unwrap_or(default);
+        let width = config.width.unwrap_or(default);
+        let unit = folder.vae_scale_factor() * desc.patch_size;
+        for (key, v) in [("height", height), ("width", width)] {
+            if v == 0 || !v.is_multiple_of(unit) {
+                return Err(HarnessError::config(
+                    key,
+                    format!(
+                        "{v} px is not a positive multiple of {unit} (the VAE's {}× up-sampling \
+                         × the transformer's patch size {}); try {}",
+                        folder.vae_scale_factor(),
+                        desc.patch_size,
+                        (v / unit).max(1) * unit
+                    ),
+                ));
+            }
+        }
+        let scale = folder.vae_scale_factor();
+        let grid = LatentGrid { height: height / scale, width: width / scale };
+        let schedule =
+            folder.scheduler(config.scheduler.as_deref())?.set_timesteps(config.steps)?;
+        let max_sequence_length =
+            config.max_sequence_length.unwrap_or(folder.default_max_sequence_length());
+        if max_sequence_length == 0 {
+            return Err(HarnessError::config("max_sequence_length", "must be at least 1"));
+        }
+        let settings = SamplerSettings {
+            guidance_scale: config.guidance_scale,
+            images: 1,
+            latent_channels: desc.in_channels,
+            out_channels: desc.out_channels,
+            additional_conditions: folder.uses_additional_conditions().then_some((height, width)),
+        };
+        let request = RequestInfo {
+            steps: schedule.len(),
+            grid,
+            batch: settings.batch(),
+            images: settings.images,
+            text_tokens: max_sequence_length,
+        };
+        let shape = vec![1, desc.in_channels, grid.height, grid.width];
+        let initial = match &config.latents {
+            Some(path) => read_latents(path, &shape)?,
+            None => HostTensor {
+                values: crate::noise::gaussian(config.seed, shape.iter().product()),
+                shape,
+            },
+        };
+        for path in [Some(&config.output), config.save_latents.as_ref()].into_iter().flatten() {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    HarnessError::io(dir, format!("cannot create the output folder: {e}"))
+                })?;
+            }
+        }
+        Ok(RunPlan {
+            config: config.clone(),
+            folder,
+            strategy_options,
+            schedule,
+            settings,
+            request,
+            image_size: (height, width),
+            max_sequence_length,
+            initial,
+        })
+    }
+
+    /// Runs the plan on backend `B`, rank `r` on `devices[r % len]` (empty: the default
+    /// device).
+    pub fn execute<B: Backend>(
+        &self,
+        options: &RunOptions,
+        devices: Vec<B::Device>,
+    ) -> Result<RunReport> {
+        let start = Instant::now();
+        let parallel = &self.config.parallel;
+        let launch = launch_options::<B>(parallel, devices);
+        let threads = launch.threads_per_rank.unwrap_or(1);
+        let outputs = launch_ranks(parallel.world_size, &launch, |comm| {
+            rank_main::<B>(comm, self, options, start)
+        })?;
+        let mut ranks = Vec::with_capacity(outputs.len());
+        let mut first = None;
+        for out in outputs {
+            ranks.push(out.report);
+            if first.is_none() {
+                first = out.rank0;
+            }
+        }
+        let r0 = first.ok_or_else(|| {
+            HarnessError::Parallel(parallel_core::ParallelError::Model(
+                "rank 0 returned no result".into(),
+            ))
+        })?;
+        let desc = self.folder.transformer_config.desc();
+        Ok(RunReport {
+            strategy: parallel.strategy.clone(),
+            world_size: parallel.world_size,
+            backend: parallel.backend,
+            threads_per_rank: threads,
+            scheduler: self.schedule.class_name().to_string(),
+            image_size: self.image_size,
+            request: self.request.clone(),
+            model: desc,
+            latents: r0.latents,
+            image: r0.image,
+            saved_latents: r0.saved_latents,
+            step_times: r0.step_times,
+            denoise_time: r0.denoise_time,
+            setup_time: r0.setup_time,
+            decode_time: r0.decode_time,
+            total_time: start.elapsed(),
+            ranks,
+        })
+    }
+}
+
+/// Reads tensor `latents` of a safetensors file and checks its shape.
+fn read_latents(path: &std::path::Path, shape: &[usize]) -> Result<HostTensor> {
+    let mut tensors = weights::read_tensors(path)?;
+    let Some(t) = tensors.remove("latents") else {
+        let names: Vec<String> = tensors.keys().cloned().collect();
+        return Err(HarnessError::config(
+            format!("--latents {}", path.display()),
+            format!(
+                "no tensor named `latents` (the file has: {})",
+                if names.is_empty() { "nothing".into() } else { names.join(", ") }
+            ),
+        ));
+    };
+    if t.shape != shape {
+        return Err(HarnessError::config(
+            format!("--latents {}", path.display()),
+            format!(
+                "tensor `latents` has shape {:?}, this request needs {shape:?} \
+                 ([1, latent channels, height / 8, width / 8])",
+                t.shape
+            ),
+        ));
+    }
+    if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+        return Err(HarnessError::config(
+            format!("--latents {}", path.display()),
+            format!("tensor `latents` has a non-finite value at index {i}"),
+        ));
+    }
+    Ok(HostTensor { shape: t.shape, values: t.values.iter().map(|&v| v as f32).collect() })
+}
+
+struct Rank0 {
+    latents: HostTensor,
+    image: Option<PathBuf>,
+    saved_latents: Option<PathBuf>,
+    step_times: Vec<Duration>,
+    denoise_time: Duration,
+    setup_time: Duration,
+    decode_time: Duration,
+}
+
+struct RankOutput {
+    report: RankReport,
+    rank0: Option<Rank0>,
+}
+
+/// The flow of one rank; see the [module docs](self).
+fn rank_main<B: Backend>(
+    comm: Comm<B>,
+    plan: &RunPlan,
+    options: &RunOptions,
+    start: Instant,
+) -> Result<RankOutput> {
+    let rank = comm.rank();
+    let device = comm.device();
+    let cfg = &plan.config;
+    let desc = plan.folder.transformer_config.desc();
+    let registry = crate::registry::<B>();
+    let mut strategy =
+        registry.create(&cfg.parallel.strategy, comm.clone(), &plan.strategy_options)?;
+    strategy.validate(&desc, &plan.request)?;
+    let load_plan = strategy.load_plan(&desc)?;
+    let model = plan.folder.load_transformer::<B>(&load_plan, &device)?;
+
+    let (text, vae) = if rank == 0 {
+        let vae = if options.decode { Some(plan.folder.load_vae::<B>(&device)?) } else { None };
+        let encoder = plan.folder.load_text::<B>(plan.max_sequence_length, &device)?;
+        let text = encoder.encode(&cfg.prompt, &cfg.negative_prompt, plan.settings.guidance())?;
+        drop(encoder);
+        (Some(text), vae)
+    } else {
+        (None, None)
+    };
+    let text = share_text(&comm, text)?;
+
+    let mut sampler =
+        Sampler::new(plan.schedule.clone(), plan.settings.clone(), Some(text), &device)?;
+    if rank == 0 && options.progress {
+        sampler = sampler.with_progress(progress_bar(plan.schedule.len()));
+    }
+    let latents = sampler.initial_latents(plan.initial.to_tensor::<B, 4>(&device));
+
+    strategy.begin_request(&desc, &plan.request)?;
+    comm.reset_stats();
+    let setup_time = start.elapsed();
+    let t0 = Instant::now();
+    let latents = strategy.denoise(&model, &mut sampler, latents)?;
+    let denoise_time = t0.elapsed();
+    let report = RankReport {
+        rank,
+        comm: comm.stats(),
+        param_bytes: parallel_core::Denoiser::param_bytes(&model),
+        buffer_bytes: strategy.buffer_bytes(),
+        expected_warmup: strategy.expected_comm(&desc, &plan.request, StepKind::Warmup)?,
+        expected_steady: strategy.expected_comm(&desc, &plan.request, StepKind::Steady)?,
+    };
+    if rank != 0 {
+        return Ok(RankOutput { report, rank0: None });
+    }
+
+    let end = t0 + denoise_time;
+    let starts: Vec<Instant> = sampler.step_starts().iter().map(|s| s.unwrap_or(end)).collect();
+    let step_times = (0..starts.len())
+        .map(|i| starts.get(i + 1).copied().unwrap_or(end).saturating_duration_since(starts[i]))
+        .collect();
+    if let Some(bar) = sampler.progress() {
+        bar.finish_and_clear();
+    }
+    let t1 = Instant::now();
+    let mut saved_latents = None;
+    if let Some(path) = &cfg.save_latents {
+        weights::write_tensors(path, &[("latents", latents.clone())])?;
+        saved_latents = Some(path.clone());
+    }
+    let mut image = None;
+    if let Some(vae) = vae {
+        let sample = vae.decode_latents(latents.clone())?;
+        models_vae::save_png(&models_vae::to_image(sample)?, &cfg.output)?;
+        image = Some(cfg.output.clone());
+    }
+    let decode_time = t1.elapsed();
+    Ok(RankOutput {
+        report,
+        rank0: Some(Rank0 {
+            latents: HostTensor::from_tensor(latents)?,
+            image,
+            saved_latents,
+            step_times,
+            denoise_time,
+            setup_time,
+            decode_time,
+        }),
+    })
+}
+
+/// The progress bar of rank 0, on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(steps: usize) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} denoising [{bar:32}] {pos}/{len} steps, {elapsed} elapsed, eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Rank 0's prompt embeddings on every rank: the shape first (others do not know the text
+/// encoder's width), then the embeddings and the mask.
+fn share_text<B: Backend>(
+    comm: &Comm<B>,
+    text: Option<PromptEmbeds<B>>,
+) -> Result<PromptEmbeds<B>> {
+    if comm.size() == 1 {
+        return text.ok_or_else(|| HarnessError::config("prompt", "rank 0 encoded no text"));
+    }
+    let device = comm.device();
+    let dims: Tensor<B, 1> = match &text {
+        Some(t) => {
+            let d = t.embeds.dims();
+            Tensor::from_data(
+                TensorData::new(vec![d[0] as f32, d[1] as f32, d[2] as f32], [3]),
+                &device,
+            )
+        }
+        None => Tensor::zeros([3], &device),
+    };
+    let dims = HostTensor::from_tensor(comm.broadcast(dims, 0)?)?.values;
+    let [b, l, d] = [dims[0] as usize, dims[1] as usize, dims[2] as usize];
+    let (embeds, mask) = match text {
+        Some(t) => (t.embeds, t.mask),
+        None => (Tensor::zeros([b, l, d], &device), Tensor::zeros([b, l], &device)),
+    };
+    Ok(PromptEmbeds { embeds: comm.broadcast(embeds, 0)?, mask: comm.broadcast(mask, 0)? })
+}
+
+/// Runs `config` on the backend it names; see the [module docs](self).
+pub fn run(config: &RunConfig) -> Result<RunReport> {
+    run_with_options(config, &RunOptions::default())
+}
+
+/// [`run`] with explicit [`RunOptions`].
+pub fn run_with_options(config: &RunConfig, options: &RunOptions) -> Result<RunReport> {
+    let plan = RunPlan::new(config)?;
+    match config.parallel.backend {
+        BackendKind::Cpu => plan.execute::<crate::CpuBackend>(options, Vec::new()),
+        BackendKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                let devices =
+                    (0..config.parallel.world_size).map(burn_cuda::CudaDevice::new).collect();
+                plan.execute::<crate::CudaBackend>(options, devices)
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                Err(crate::error::no_cuda())
+            }
+        }
+    }
+}

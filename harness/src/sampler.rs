@@ -1,0 +1,303 @@
+//! The sampler side of the denoising loop: what `PixArtAlphaPipeline.__call__` does around
+//! each transformer call, as a [`DenoiseLoop`] that any strategy drives.
+//!
+//! Per step `i` with timestep `t`:
+//! 1. [`model_input`](DenoiseLoop::model_input): the latents twice (`[negative, positive]`)
+//!    with classifier-free guidance (guidance scale > 1), once without;
+//!    `scale_model_input(·, i)`; `t` for every batch entry; the prompt embeddings and mask;
+//!    PixArt-α 1024's `resolution` (`[height, width]` in pixels) and `aspect_ratio`
+//!    (`height / width`) when the transformer uses additional conditions.
+//! 2. [`step`](DenoiseLoop::step) on a band of latent rows (a *region*): guidance
+//!    `u + g·(c − u)` over all output channels, then, with learned sigma (twice the latent
+//!    channels out), only the first half (epsilon) is kept; then the scheduler step with the
+//!    region's own state.
+//!
+//! # Regions
+//! A strategy steps either the whole latent (rows `0..height`) or bands of rows (PipeFusion's
+//! last stage steps each patch as it completes). Each region, keyed by its row range, has its
+//! own [`SchedulerState`]; a region seen for the first time starts from the whole latent's
+//! state narrowed to its rows if the whole latent has been stepped before (PipeFusion after
+//! its synchronous warmup), else from a fresh state. Schedulers are elementwise, so this
+//! equals stepping the whole latent.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use indicatif::ProgressBar;
+use parallel_core::{DenoiseLoop, DenoiserInput, ParallelError};
+use schedulers::{Schedule, SchedulerState};
+
+use crate::pipeline::PromptEmbeds;
+
+/// The settings of a [`Sampler`] that come from the request and the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerSettings {
+    /// Classifier-free guidance scale; ≤ 1 turns guidance off (no unconditional batch).
+    pub guidance_scale: f64,
+    /// Images per request (the latents' batch).
+    pub images: usize,
+    /// Latent channels (the transformer's `in_channels`).
+    pub latent_channels: usize,
+    /// The transformer's output channels (twice the latent channels with learned sigma).
+    pub out_channels: usize,
+    /// `Some((height, width))` in pixels: pass PixArt-α 1024's `resolution` and
+    /// `aspect_ratio` conditions.
+    pub additional_conditions: Option<(usize, usize)>,
+}
+
+impl SamplerSettings {
+    /// Whether classifier-free guidance is on (diffusers: `guidance_scale > 1`).
+    pub fn guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// The batch of one denoiser evaluation: 2 × images with guidance.
+    pub fn batch(&self) -> usize {
+        if self.guidance() { 2 * self.images } else { self.images }
+    }
+}
+
+/// Guidance, scheduler and per-region state of one request; see the [module docs](self).
+pub struct Sampler<B: Backend> {
+    schedule: Schedule,
+    settings: SamplerSettings,
+    text: Option<PromptEmbeds<B>>,
+    added_cond: BTreeMap<String, Tensor<B, 2>>,
+    states: BTreeMap<(usize, usize), SchedulerState<B, 4>>,
+    /// Latent rows of the whole latent, from the first `model_input` call.
+    height: Option<usize>,
+    progress: Option<ProgressBar>,
+    step_starts: Vec<Option<Instant>>,
+    device: B::Device,
+}
+
+impl<B: Backend> std::fmt::Debug for Sampler<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("scheduler", &self.schedule.class_name())
+            .field("steps", &self.schedule.len())
+            .field("settings", &self.settings)
+            .field("regions", &self.states.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Sampler<B> {
+    /// A sampler over `schedule`; `text` is the prompt embeddings in batch order (`None` for
+    /// a model without text).
+    ///
+    /// # Errors
+    /// Text embeddings whose batch is not [`SamplerSettings::batch`].
+    pub fn new(
+        schedule: Schedule,
+        settings: SamplerSettings,
+        text: Option<PromptEmbeds<B>>,
+        device: &B::Device,
+    ) -> Result<Self, ParallelError> {
+        let batch = settings.batch();
+        if let Some(t) = &text
+            && (t.embeds.dims()[0] != batch || t.mask.dims()[0] != batch)
+        {
+            return Err(ParallelError::Model(format!(
+                "prompt embeddings have batch {} (mask {}), the denoiser batch is {batch}",
+                t.embeds.dims()[0],
+                t.mask.dims()[0]
+            )));
+        }
+        let mut added_cond = BTreeMap::new();
+        if let Some((h, w)) = settings.additional_conditions {
+            let res: Vec<f32> = (0..batch).flat_map(|_| [h as f32, w as f32]).collect();
+            let ar: Vec<f32> = vec![(h as f64 / w as f64) as f32; batch];
+            added_cond.insert(
+                "resolution".to_string(),
+                Tensor::from_data(TensorData::new(res, [batch, 2]), device),
+            );
+            added_cond.insert(
+                "aspect_ratio".to_string(),
+                Tensor::from_data(TensorData::new(ar, [batch, 1]), device),
+            );
+        }
+        let steps = schedule.len();
+        Ok(Sampler {
+            schedule,
+            settings,
+            text,
+            added_cond,
+            states: BTreeMap::new(),
+            height: None,
+            progress: None,
+            step_starts: vec![None; steps],
+            device: device.clone(),
+        })
+    }
+
+    /// Advances `bar` as steps begin (the first `model_input` call of each step).
+    pub fn with_progress(mut self, bar: ProgressBar) -> Self {
+        self.progress = Some(bar);
+        self
+    }
+
+    /// The progress bar, if any.
+    pub fn progress(&self) -> Option<&ProgressBar> {
+        self.progress.as_ref()
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &SamplerSettings {
+        &self.settings
+    }
+
+    /// When each step began (its first `model_input` call), `None` for steps not begun.
+    pub fn step_starts(&self) -> &[Option<Instant>] {
+        &self.step_starts
+    }
+
+    /// The row ranges of the regions stepped so far.
+    pub fn regions(&self) -> Vec<Range<usize>> {
+        self.states.keys().map(|&(a, b)| a..b).collect()
+    }
+
+    /// The initial latents: `noise · init_noise_sigma` (diffusers scales given latents too).
+    pub fn initial_latents(&self, noise: Tensor<B, 4>) -> Tensor<B, 4> {
+        noise.mul_scalar(self.schedule.init_noise_sigma())
+    }
+}
+
+/// The state of `region`: its own, else the whole latent's narrowed to it, else fresh.
+fn state_for<'s, B: Backend>(
+    states: &'s mut BTreeMap<(usize, usize), SchedulerState<B, 4>>,
+    schedule: &Schedule,
+    height: Option<usize>,
+    region: &Range<usize>,
+) -> &'s mut SchedulerState<B, 4> {
+    let key = (region.start, region.end);
+    if !states.contains_key(&key) {
+        let whole = height.and_then(|h| states.get(&(0, h)));
+        let state = match whole {
+            Some(s) => s.narrow(2, region.clone()),
+            None => schedule.new_state(),
+        };
+        states.insert(key, state);
+    }
+    states.get_mut(&key).expect("inserted above")
+}
+
+fn bad(reason: String) -> ParallelError {
+    ParallelError::State { strategy: "sampler".into(), reason }
+}
+
+impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
+    fn num_steps(&self) -> usize {
+        self.schedule.len()
+    }
+
+    fn model_input(
+        &mut self,
+        step: usize,
+        latents: &Tensor<B, 4>,
+    ) -> Result<DenoiserInput<B>, ParallelError> {
+        if step >= self.schedule.len() {
+            return Err(bad(format!(
+                "step {step} is past the schedule of {} steps",
+                self.schedule.len()
+            )));
+        }
+        if self.step_starts[step].is_none() {
+            self.step_starts[step] = Some(Instant::now());
+            if let Some(bar) = &self.progress {
+                bar.set_position(step as u64);
+            }
+        }
+        let images = latents.dims()[0];
+        self.height = Some(latents.dims()[2]);
+        if images != self.settings.images {
+            return Err(bad(format!(
+                "latents have batch {images}, the request has {} images",
+                self.settings.images
+            )));
+        }
+        let doubled = if self.settings.guidance() {
+            Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+        } else {
+            latents.clone()
+        };
+        let batch = doubled.dims()[0];
+        let hidden_states = self.schedule.scale_model_input(doubled, step);
+        let t = self.schedule.timestep(step) as f32;
+        let timestep = Tensor::from_data(TensorData::new(vec![t; batch], [batch]), &self.device);
+        let mut input = DenoiserInput::new(hidden_states, timestep);
+        if let Some(text) = &self.text {
+            input.encoder_hidden_states = Some(text.embeds.clone());
+            input.encoder_attention_mask = Some(text.mask.clone());
+        }
+        input.added_cond = self.added_cond.clone();
+        Ok(input)
+    }
+
+    fn step(
+        &mut self,
+        step: usize,
+        region: Range<usize>,
+        noise_pred: Tensor<B, 4>,
+        latents: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>, ParallelError> {
+        let s = &self.settings;
+        let [nb, nc, nh, nw] = noise_pred.dims();
+        let [lb, lc, lh, lw] = latents.dims();
+        if nb != s.batch() || nc != s.out_channels || (nh, nw) != (lh, lw) || nh != region.len() {
+            return Err(bad(format!(
+                "step {step}, rows {region:?}: noise prediction {:?} does not fit latents {:?} \
+                 (batch {}, {} output channels)",
+                noise_pred.dims(),
+                latents.dims(),
+                s.batch(),
+                s.out_channels
+            )));
+        }
+        if lb != s.images || lc != s.latent_channels {
+            return Err(bad(format!(
+                "step {step}: latents {:?} are not [{}, {}, rows, width]",
+                latents.dims(),
+                s.images,
+                s.latent_channels
+            )));
+        }
+        let guided = if s.guidance() {
+            let uncond = noise_pred.clone().narrow(0, 0, s.images);
+            let cond = noise_pred.narrow(0, s.images, s.images);
+            let diff = cond.sub(uncond.clone()).mul_scalar(s.guidance_scale);
+            uncond.add(diff)
+        } else {
+            noise_pred
+        };
+        let eps = if s.out_channels == 2 * s.latent_channels {
+            guided.narrow(1, 0, s.latent_channels)
+        } else {
+            guided
+        };
+        if step >= self.schedule.len() {
+            return Err(bad(format!(
+                "step {step} is past the schedule of {} steps",
+                self.schedule.len()
+            )));
+        }
+        let state = state_for(&mut self.states, &self.schedule, self.height, &region);
+        if let Some(next) = state.next_step_index()
+            && next != step
+        {
+            return Err(bad(format!(
+                "rows {region:?} were last stepped at step {}, now asked for step {step}",
+                next - 1
+            )));
+        }
+        Ok(self.schedule.step(state, step, eps, latents))
+    }
+}
