@@ -63,6 +63,24 @@ impl Default for ParallelConfig {
 }
 
 impl ParallelConfig {
+    /// Checks the settings that need no files.
+    pub fn check(&self) -> Result<()> {
+        let bad = |key: &str| HarnessError::config(key, "must be at least 1");
+        if self.strategy.is_empty() {
+            return Err(HarnessError::config("parallel.strategy", "no strategy named"));
+        }
+        if self.world_size == 0 {
+            return Err(bad("parallel.world_size"));
+        }
+        if self.timeout_secs == 0 {
+            return Err(bad("parallel.timeout_secs"));
+        }
+        if self.threads_per_rank == Some(0) {
+            return Err(bad("parallel.threads_per_rank"));
+        }
+        Ok(())
+    }
+
     /// The options as the registry takes them; a value of an unsupported TOML type names
     /// its key.
     pub fn strategy_options(&self) -> Result<StrategyOptions> {
@@ -180,11 +198,30 @@ pub fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str, location: &str) -> R
         reason: e.message().to_string()
             + &e.span()
                 .map(|s| {
-                    let line = text[..s.start].lines().count().max(1);
+                    let line = text[..s.start].matches('\n').count() + 1;
                     format!(" (line {line})")
                 })
                 .unwrap_or_default(),
     })
+}
+
+/// `base.join(rel)` with `.` dropped and `dir/..` folded where `dir` is a plain name, so that
+/// `configs/../out/demo.png` reads `out/demo.png` (paths through symlinks are not resolved).
+pub fn lexical_join(base: &Path, rel: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in base.join(rel).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
 impl RunConfig {
@@ -194,7 +231,7 @@ impl RunConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
             if p.is_relative() && !p.as_os_str().is_empty() {
-                *p = base.join(&*p);
+                *p = lexical_join(base, p);
             }
         };
         rebase(&mut cfg.model);
@@ -217,9 +254,7 @@ impl RunConfig {
         if self.steps == 0 {
             return Err(bad("steps", "must be at least 1".into()));
         }
-        if self.parallel.world_size == 0 {
-            return Err(bad("parallel.world_size", "must be at least 1".into()));
-        }
+        self.parallel.check()?;
         if !self.guidance_scale.is_finite() {
             return Err(bad("guidance_scale", "must be a finite number".into()));
         }
@@ -240,6 +275,15 @@ mod tests {
             msg.contains("demo.toml") && msg.contains("stpes") && msg.contains("line 2"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn relative_paths_fold_parent_dirs() {
+        let p = lexical_join(Path::new("configs"), Path::new("../out/demo.png"));
+        assert_eq!(p, PathBuf::from("out/demo.png"));
+        let p = lexical_join(Path::new("./configs"), Path::new("../../x"));
+        assert_eq!(p, PathBuf::from("../x"));
+        assert_eq!(lexical_join(Path::new(""), Path::new("a")), PathBuf::from("a"));
     }
 
     #[test]

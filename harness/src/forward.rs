@@ -79,9 +79,7 @@ pub fn forward(
     output: &Path,
     parallel: &ParallelConfig,
 ) -> Result<ForwardReport> {
-    if parallel.world_size == 0 {
-        return Err(HarnessError::config("--world-size", "must be at least 1"));
-    }
+    parallel.check()?;
     let folder = transformer_folder(model)?;
     let config = ModelConfig::from_folder(&folder)?;
     let options = parallel.strategy_options()?;
@@ -95,7 +93,8 @@ pub fn forward(
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                let devices = (0..parallel.world_size).map(burn_cuda::CudaDevice::new).collect();
+                let devices =
+                    (0..parallel.world_size).map(|index| burn_cuda::CudaDevice { index }).collect();
                 job.execute::<crate::CudaBackend>(devices)?
             }
             #[cfg(not(feature = "cuda"))]

@@ -347,6 +347,12 @@ impl RunPlan {
 
 /// Reads tensor `latents` of a safetensors file and checks its shape.
 fn read_latents(path: &std::path::Path, shape: &[usize]) -> Result<HostTensor> {
+    if !path.is_file() {
+        return Err(HarnessError::config(
+            format!("--latents {}", path.display()),
+            "no such file (a safetensors file with tensor `latents`)",
+        ));
+    }
     let mut tensors = weights::read_tensors(path)?;
     let Some(t) = tensors.remove("latents") else {
         let names: Vec<String> = tensors.keys().cloned().collect();
@@ -534,8 +540,9 @@ pub fn run_with_options(config: &RunConfig, options: &RunOptions) -> Result<RunR
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                let devices =
-                    (0..config.parallel.world_size).map(burn_cuda::CudaDevice::new).collect();
+                let devices = (0..config.parallel.world_size)
+                    .map(|index| burn_cuda::CudaDevice { index })
+                    .collect();
                 plan.execute::<crate::CudaBackend>(options, devices)
             }
             #[cfg(not(feature = "cuda"))]

@@ -301,3 +301,94 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
         Ok(self.schedule.step(state, step, eps, latents))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuBackend as B;
+    use burn::tensor::Distribution;
+    use schedulers::{DpmSolverMultistepConfig, Scheduler, SchedulerConfig};
+
+    fn sampler(guidance_scale: f64, cond: Option<(usize, usize)>) -> Sampler<B> {
+        let schedule =
+            Scheduler::new(SchedulerConfig::DpmSolverMultistep(DpmSolverMultistepConfig::pixart()))
+                .unwrap()
+                .set_timesteps(4)
+                .unwrap();
+        let settings = SamplerSettings {
+            guidance_scale,
+            images: 1,
+            latent_channels: 2,
+            out_channels: 4,
+            additional_conditions: cond,
+        };
+        Sampler::new(schedule, settings, None, &Default::default()).unwrap()
+    }
+
+    fn random(shape: [usize; 4]) -> Tensor<B, 4> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    #[test]
+    fn regions_after_a_whole_step_equal_whole_steps() {
+        let latents = random([1, 2, 8, 4]);
+        let preds: Vec<Tensor<B, 4>> = (0..4).map(|_| random([2, 4, 8, 4])).collect();
+        let mut whole = sampler(4.5, None);
+        let mut a = latents.clone();
+        for (i, p) in preds.iter().enumerate() {
+            let input = whole.model_input(i, &a).unwrap();
+            assert_eq!(input.hidden_states.dims(), [2, 2, 8, 4]);
+            a = whole.step(i, 0..8, p.clone(), a).unwrap();
+        }
+        // PipeFusion's shape: one synchronous step, then two patches stepped separately.
+        let mut split = sampler(4.5, None);
+        let mut b = latents;
+        split.model_input(0, &b).unwrap();
+        b = split.step(0, 0..8, preds[0].clone(), b).unwrap();
+        for (i, p) in preds.iter().enumerate().skip(1) {
+            split.model_input(i, &b).unwrap();
+            let mut parts = Vec::new();
+            for r in [0..3, 3..8] {
+                let rows = b.clone().narrow(2, r.start, r.len());
+                let pred = p.clone().narrow(2, r.start, r.len());
+                parts.push(split.step(i, r, pred, rows).unwrap());
+            }
+            b = Tensor::cat(parts, 2);
+        }
+        assert_eq!(split.regions(), vec![0..3, 0..8, 3..8]);
+        let (a, b) =
+            (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+        let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let scale = a.iter().map(|x| x.abs()).fold(0.0, f32::max);
+        assert!(max <= 1e-6 * scale, "max diff {max} of {scale}");
+    }
+
+    #[test]
+    fn no_guidance_batch_at_scale_one_and_pixart_1024_conditions() {
+        let mut s = sampler(1.0, Some((1024, 768)));
+        let input = s.model_input(0, &random([1, 2, 8, 4])).unwrap();
+        assert_eq!(input.batch(), 1);
+        let res = input.added_cond["resolution"].clone().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(res, vec![1024.0, 768.0]);
+        let ar = input.added_cond["aspect_ratio"].clone().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(ar, vec![(1024.0f64 / 768.0) as f32]);
+        assert_eq!(input.timestep.into_data().to_vec::<f32>().unwrap(), vec![999.0]);
+        // Without guidance the noise prediction is used as is (minus the sigma half).
+        let next = s.step(0, 0..8, random([1, 4, 8, 4]), random([1, 2, 8, 4])).unwrap();
+        assert_eq!(next.dims(), [1, 2, 8, 4]);
+    }
+
+    #[test]
+    fn misuse_is_an_error_not_a_panic() {
+        let mut s = sampler(4.5, None);
+        let lat = random([1, 2, 8, 4]);
+        s.model_input(0, &lat).unwrap();
+        let e = s.step(0, 0..8, random([1, 4, 8, 4]), lat.clone()).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        s.step(0, 0..8, random([2, 4, 8, 4]), lat.clone()).unwrap();
+        let e = s.step(0, 0..8, random([2, 4, 8, 4]), lat.clone()).unwrap_err();
+        assert!(e.to_string().contains("last stepped at step 0"), "{e}");
+        let e = s.model_input(4, &lat).unwrap_err();
+        assert!(e.to_string().contains("past the schedule"), "{e}");
+    }
+}

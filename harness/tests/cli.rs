@@ -1,0 +1,210 @@
+//! The `harness` binary end to end: every user error is one clear line on stderr naming the
+//! culprit, a non-zero exit, and never a panic; `forward`, `run` and `list` do their job.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn harness(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(args)
+        .current_dir(repo(""))
+        .output()
+        .expect("the harness binary runs")
+}
+
+/// Runs a command that must fail; returns its stderr after the common checks.
+fn fails(args: &[&str]) -> String {
+    let out = harness(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} succeeded; stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    stderr
+}
+
+fn succeeds(args: &[&str]) -> String {
+    let out = harness(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn a_typo_in_the_config_names_the_key_file_and_line() {
+    let dir = tmp("typo");
+    let cfg = dir.join("typo.toml");
+    std::fs::write(&cfg, "prompt = \"a cat\"\nstpes = 4\n").unwrap();
+    let err = fails(&["run", s(&cfg)]);
+    assert!(
+        err.contains("typo.toml") && err.contains("`stpes`") && err.contains("line 2"),
+        "{err}"
+    );
+    let cfg = dir.join("nested.toml");
+    std::fs::write(&cfg, "[parallel]\nworld_sise = 2\n").unwrap();
+    let err = fails(&["run", s(&cfg)]);
+    assert!(err.contains("`world_sise`"), "{err}");
+}
+
+#[test]
+fn a_missing_component_folder_is_named() {
+    let dir = tmp("missing-vae");
+    let src = repo("fixtures/pipeline/pixart-alpha-tiny");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "vae" {
+            continue;
+        }
+        let to = dir.join(&name);
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(entry.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+    let err = fails(&["run", "configs/demo.toml", "--model", s(&dir), "--steps", "2"]);
+    assert!(err.contains("missing component folder `vae/`"), "{err}");
+}
+
+#[test]
+fn a_height_not_divisible_by_vae_factor_times_patch_is_refused() {
+    let err = fails(&["run", "configs/demo.toml", "--height", "120"]);
+    assert!(err.contains("height") && err.contains("multiple of 16"), "{err}");
+    let err = fails(&["run", "configs/demo.toml", "--width", "100"]);
+    assert!(err.contains("width") && err.contains("multiple of 16"), "{err}");
+}
+
+#[test]
+fn an_unknown_strategy_lists_the_known_ones() {
+    let err = fails(&["run", "configs/demo.toml", "--strategy", "ulyses"]);
+    assert!(err.contains("unknown strategy `ulyses`"), "{err}");
+    for known in ["serial", "ulysses", "usp", "ring", "tensor", "distrifusion", "pipefusion"] {
+        assert!(err.contains(known), "{known} not listed: {err}");
+    }
+}
+
+#[test]
+fn a_world_size_the_strategy_cannot_use_is_refused() {
+    let err = fails(&["run", "configs/demo.toml", "--strategy", "ulysses", "--world-size", "3"]);
+    assert!(err.contains("4 attention heads") && err.contains("Ulysses degree 3"), "{err}");
+    let err = fails(&["run", "configs/demo.toml", "--strategy", "serial", "--world-size", "2"]);
+    assert!(err.contains("--world-size 1"), "{err}");
+    let err = fails(&["run", "configs/demo.toml", "--strategy", "pipefusion", "--world-size", "8"]);
+    assert!(err.contains("fewer than the 8 pipeline stages"), "{err}");
+}
+
+#[test]
+fn bad_options_are_named() {
+    let err = fails(&["run", "configs/demo.toml", "--strategy", "ulysses", "--warmup-steps", "2"]);
+    assert!(err.contains("`warmup_steps`"), "{err}");
+    let err = fails(&["run", "configs/demo.toml", "--scheduler", "heun"]);
+    assert!(err.contains("`heun`") && err.contains("dpm_solver_multistep"), "{err}");
+    let err = fails(&["run", "configs/demo.toml", "--latents", "no/such.safetensors"]);
+    assert!(err.contains("--latents") && err.contains("no/such.safetensors"), "{err}");
+    let err = fails(&["forward", "--model", "no/such", "--inputs", "x", "--output", "y"]);
+    assert!(err.contains("no/such"), "{err}");
+}
+
+#[test]
+fn forward_under_ulysses_equals_the_case() {
+    let dir = tmp("forward");
+    let out = dir.join("sample.safetensors");
+    let case = "fixtures/dit/pixart-alpha/cases/square.safetensors";
+    let stdout = succeeds(&[
+        "forward",
+        "--model",
+        "fixtures/dit/pixart-alpha",
+        "--inputs",
+        case,
+        "--output",
+        s(&out),
+        "--strategy",
+        "ulysses",
+        "--world-size",
+        "2",
+    ]);
+    assert!(stdout.contains("relative L2 error"), "{stdout}");
+    let got = weights::read_tensors(&out).unwrap();
+    let want = weights::read_tensors(&repo(case)).unwrap();
+    let (a, b) = (&got["sample"], &want["sample"]);
+    assert_eq!(a.shape, b.shape);
+    let num: f64 = a.values.iter().zip(&b.values).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.values.iter().map(|y| y * y).sum();
+    let rel = (num / den).sqrt();
+    // Fresh-K/V strategies equal serial, and serial equals diffusers, to float32 rounding.
+    assert!(rel <= 1e-5, "relative L2 {rel:e}");
+}
+
+#[test]
+fn run_writes_a_png_and_latents_that_run_again() {
+    let dir = tmp("run");
+    let png = dir.join("demo.png");
+    let latents = dir.join("final.safetensors");
+    let stdout = succeeds(&[
+        "run",
+        "configs/demo.toml",
+        "--steps",
+        "2",
+        "--output",
+        s(&png),
+        "--save-latents",
+        s(&latents),
+    ]);
+    assert!(stdout.contains("2 steps") && stdout.contains("steps/s"), "{stdout}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // The saved latents are a valid `--latents` input (same name, same shape).
+    let png2 = dir.join("again.png");
+    succeeds(&[
+        "run",
+        "configs/demo.toml",
+        "--steps",
+        "1",
+        "--strategy",
+        "pipefusion",
+        "--world-size",
+        "2",
+        "--latents",
+        s(&latents),
+        "--output",
+        s(&png2),
+    ]);
+    assert!(png2.is_file());
+}
+
+#[test]
+fn list_shows_models_strategies_with_options_and_schedulers() {
+    let stdout = succeeds(&["list"]);
+    for want in [
+        "PixArt-XL-2-512x512",
+        "pixart-alpha-tiny",
+        "pipefusion",
+        "num_pipeline_patch",
+        "ulysses_degree",
+        "warmup_steps",
+        "flow_match_euler",
+        "DPMSolverMultistepScheduler",
+    ] {
+        assert!(stdout.contains(want), "{want} missing:\n{stdout}");
+    }
+}
