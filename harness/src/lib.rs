@@ -50,7 +50,7 @@
 //! ## Backends and strategies
 //!
 //! The backend is chosen here, once: [`CpuBackend`] (Flex, with its rayon and SIMD kernels)
-//! and, behind the `cuda` feature, [`CudaBackend`]. Strategies are registered explicitly by
+//! and, behind the `cuda` feature, `CudaBackend`. Strategies are registered explicitly by
 //! [`registry`], one line per strategy crate, each behind a cargo feature of this crate
 //! (`tensor`, `ulysses` (also `usp`), `ring`, `distrifusion` (also `naive_patch`),
 //! `pipefusion`; all on by default).

@@ -61,14 +61,13 @@ fn a_typo_in_the_config_names_the_key_file_and_line() {
     assert!(err.contains("`world_sise`"), "{err}");
 }
 
-#[test]
-fn a_missing_component_folder_is_named() {
-    let dir = tmp("missing-vae");
+/// A copy of the tiny pipeline in `dir`, without the component `skip`.
+fn copy_pipeline(dir: &Path, skip: &str) {
     let src = repo("fixtures/pipeline/pixart-alpha-tiny");
     for entry in std::fs::read_dir(&src).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name();
-        if name == "vae" {
+        if name == skip {
             continue;
         }
         let to = dir.join(&name);
@@ -82,8 +81,38 @@ fn a_missing_component_folder_is_named() {
             std::fs::copy(entry.path(), to).unwrap();
         }
     }
+}
+
+#[test]
+fn a_missing_component_folder_is_named() {
+    let dir = tmp("missing-vae");
+    copy_pipeline(&dir, "vae");
     let err = fails(&["run", "configs/demo.toml", "--model", s(&dir), "--steps", "2"]);
     assert!(err.contains("missing component folder `vae/`"), "{err}");
+}
+
+#[test]
+fn a_failure_on_rank_0_is_reported_by_its_cause_not_as_peers_aborting() {
+    // Rank 0 alone loads the VAE; the other rank waits for the text broadcast meanwhile.
+    let dir = tmp("corrupt-vae");
+    copy_pipeline(&dir, "");
+    let weights = dir.join("vae/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&[
+        "run",
+        "configs/demo.toml",
+        "--model",
+        s(&dir),
+        "--strategy",
+        "ulysses",
+        "--world-size",
+        "2",
+        "--timeout-secs",
+        "60",
+    ]);
+    assert!(err.contains("vae") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(!err.contains("aborted"), "{err}");
 }
 
 #[test]
