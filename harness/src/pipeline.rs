@@ -134,6 +134,21 @@ impl PipelineFolder {
                 ),
             ));
         }
+        let t5 = models_text::T5Config::from_file(root.join("text_encoder/config.json"))?;
+        if let ModelConfig::PixArt(c) = &transformer_config
+            && let Some(caption) = c.caption_channels
+            && caption != t5.d_model
+        {
+            return Err(HarnessError::config(
+                root.join("transformer/config.json").display().to_string(),
+                format!(
+                    "`caption_channels` is {caption} but the text encoder's `d_model` is {} \
+                     ({}): the transformer and the text encoder do not belong together",
+                    t5.d_model,
+                    root.join("text_encoder/config.json").display()
+                ),
+            ));
+        }
         let vae_config = AutoencoderKLConfig::from_file(root.join("vae/config.json"))?;
         Ok(PipelineFolder { root, class_name, transformer_config, vae_config })
     }

@@ -110,9 +110,26 @@ fn a_failure_on_rank_0_is_reported_by_its_cause_not_as_peers_aborting() {
         "2",
         "--timeout-secs",
         "60",
+        "--output",
+        s(&dir.join("never.png")),
     ]);
     assert!(err.contains("vae") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
     assert!(!err.contains("aborted"), "{err}");
+}
+
+#[test]
+fn a_transformer_that_does_not_fit_the_text_encoder_is_refused_before_loading() {
+    // PixArt-α 1024-MS style (additional conditions) with 24 caption channels; T5 gives 32.
+    let dir = tmp("mismatch");
+    copy_pipeline(&dir, "transformer");
+    std::fs::create_dir_all(dir.join("transformer")).unwrap();
+    std::fs::copy(
+        repo("fixtures/dit/pixart-alpha-ms/config.json"),
+        dir.join("transformer/config.json"),
+    )
+    .unwrap();
+    let err = fails(&["run", "configs/demo.toml", "--model", s(&dir)]);
+    assert!(err.contains("`caption_channels` is 24") && err.contains("`d_model` is 32"), "{err}");
 }
 
 #[test]
