@@ -27,6 +27,8 @@ enum Command {
     Forward(Box<ForwardArgs>),
     /// Known models, strategies (with their options) and schedulers.
     List,
+    /// Every strategy side by side: latency, speed-up, memory, communication, quality.
+    Bench(Box<harness::bench::BenchArgs>),
 }
 
 /// The parallel split, shared by `run` and `forward`.
@@ -235,6 +237,9 @@ fn run(cli: Cli) -> harness::Result<()> {
             println!("{}", report.summary());
         }
         Command::List => print!("{}", harness::list::list_text()),
+        Command::Bench(args) => {
+            harness::bench::run_cli(&args)?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,102 @@
+//! `harness bench`'s plumbing on the tiny fixture model: every strategy runs on 2 ranks,
+//! its measured communication equals its formula exactly, the JSON has its fields and the
+//! chart is written. No timing is asserted: speed is measured, never asserted.
+
+use std::path::PathBuf;
+
+use harness::bench::{BenchConfig, report, run_bench};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/dit/pixart-alpha")
+}
+
+#[test]
+fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
+    let out = std::env::temp_dir().join(format!("harness-bench-test-{}", std::process::id()));
+    let config = BenchConfig::from_toml(&format!(
+        r#"
+        model = "{}"
+        resolutions = [64]
+        steps = 3
+        world_sizes = [1, 2]
+        repetitions = 1
+        warmup_runs = 0
+        cores = 2
+        text_tokens = 12
+        strategies = ["tensor", "ulysses", "ring", "usp", "naive_patch",
+                      {{ name = "distrifusion", warmup_steps = 1 }},
+                      {{ name = "pipefusion", warmup_steps = 1 }}]
+        json = "{}"
+        svg = "{}"
+        "#,
+        fixture().display(),
+        out.join("bench.json").display(),
+        out.join("bench.svg").display(),
+    ))
+    .unwrap();
+    let registry = harness::registry::<harness::CpuBackend>();
+    let specs = config.strategy_specs(&registry, &[]).unwrap();
+    let report = run_bench(&config, &specs, &registry, |l| eprintln!("{l}")).unwrap();
+    eprintln!("{}", report::table(&report));
+
+    // Serial on 1 thread, serial on 2 threads (world size 1), then 7 strategies on 2 ranks.
+    assert_eq!(report.results.len(), 9);
+    for r in &report.results {
+        if r.strategy == "usp" {
+            let e = r.error.as_deref().expect("USP needs a 2-D mesh");
+            assert!(e.contains("usp"), "{e}");
+            continue;
+        }
+        assert!(r.error.is_none(), "{}: {:?}", r.label, r.error);
+        assert_eq!(r.comm_ratio.len(), r.world_size, "{}", r.label);
+        for (rank, ratio) in r.comm_ratio.iter().enumerate() {
+            assert_eq!(*ratio, Some(1.0), "{} rank {rank}: measured/formula", r.label);
+        }
+        assert_eq!(r.request_seconds.len(), 1);
+        assert_eq!(r.step_ms.len(), 3);
+        assert!(r.param_bytes.iter().all(|&b| b > 0), "{}", r.label);
+        if r.world_size == 2 {
+            assert!(r.comm_bytes_per_step.iter().any(|&b| b > 0.0), "{}: nothing sent", r.label);
+            assert!(r.speedup.is_some(), "{}", r.label);
+        }
+        // Fresh-K/V strategies equal serial; stale ones are only reported.
+        if ["tensor", "ulysses", "ring", "serial"].contains(&r.strategy.as_str()) {
+            assert!(r.rel_l2.unwrap() < 1e-4, "{}: {:?}", r.label, r.rel_l2);
+        }
+        assert!(r.max_abs_error.is_some(), "{}", r.label);
+    }
+    let pipe = report.results.iter().find(|r| r.strategy == "pipefusion").unwrap();
+    assert!(pipe.comm_per_request_bytes[1] > 0, "the last stage broadcasts the latents once");
+    let df = report.results.iter().find(|r| r.strategy == "distrifusion").unwrap();
+    assert!(df.buffer_bytes.iter().all(|&b| b > 0), "stale K/V buffers are reported");
+
+    report::write_json(&report, &config.json).unwrap();
+    report::write_svg(&report, &config.svg).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config.json).unwrap()).unwrap();
+    for key in ["machine", "model", "cores", "repetitions", "results"] {
+        assert!(json.get(key).is_some(), "JSON lacks `{key}`");
+    }
+    let first = &json["results"][2];
+    for key in [
+        "label",
+        "world_size",
+        "threads_per_rank",
+        "latency_per_step_ms",
+        "latency_per_image_s",
+        "speedup",
+        "param_bytes",
+        "buffer_bytes",
+        "peak_rss_bytes",
+        "comm_bytes_per_step",
+        "comm_formula_bytes_per_step",
+        "comm_ratio",
+        "psnr_db",
+        "max_abs_error",
+    ] {
+        assert!(first.get(key).is_some(), "JSON result lacks `{key}`");
+    }
+    let svg = std::fs::read_to_string(&config.svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("ulysses"), "the chart names the strategies");
+    std::fs::remove_dir_all(&out).ok();
+}
