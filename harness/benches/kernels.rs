@@ -12,6 +12,12 @@
 //! - `cpu/dit_block/1024tok`: one `BasicTransformerBlock` (self-attention, cross-attention
 //!   to 120 text tokens, feed-forward 1152→4608→1152, adaLN-single modulation).
 //!
+//! - `cpu/matmul/2048x1152x4608`: the feed-forward up-projection's matrix product alone
+//!   (2 × 1024 token rows × 1152 → 4608), the bulk of a block's FLOPs.
+//!
+//! - `cpu/layer_norm/1024tok`, `cpu/gelu_tanh/1024x4608`: the element-wise passes of a
+//!   block (models-dit's `layer_norm` and feed-forward GELU) at their sizes.
+//!
 //! Each timed closure ends with `into_data()` on the result, the explicit sync.
 
 use burn::tensor::{Distribution, Tensor};
@@ -63,6 +69,21 @@ fn attention(c: &mut Criterion) {
     g.bench_function("attention_lse/512q_512kv", |b| {
         // One round of Ring attention on 2 ranks (each rank runs two per layer).
         pool.install(|| b.iter(|| sdpa_with_lse(qr.clone(), kr.clone(), vr.clone()).0.into_data()))
+    });
+    let a = randn([BATCH * TOKENS, HEADS * HEAD_DIM]);
+    let w = randn([HEADS * HEAD_DIM, 4 * HEADS * HEAD_DIM]);
+    g.bench_function("matmul/2048x1152x4608", |b| {
+        pool.install(|| b.iter(|| a.clone().matmul(w.clone()).into_data()))
+    });
+    let x = randn([BATCH, TOKENS, HEADS * HEAD_DIM]);
+    g.bench_function("layer_norm/1024tok", |b| {
+        pool.install(|| b.iter(|| models_dit::layer_norm(x.clone(), 1e-6).into_data()))
+    });
+    let h = randn([BATCH, TOKENS, 4 * HEADS * HEAD_DIM]);
+    g.bench_function("gelu_tanh/1024x4608", |b| {
+        pool.install(|| {
+            b.iter(|| burn::tensor::activation::gelu_approximate(h.clone()).into_data())
+        })
     });
     g.finish();
 }

@@ -535,8 +535,13 @@ pub struct ConfigResult {
     pub latency_per_step_ms: f64,
     /// Median time of each step over the timed requests (rank 0), milliseconds.
     pub step_ms: Vec<f64>,
+    /// Median time of the steady steps (after the strategy's warmup steps, before the last
+    /// step, which also drains a pipeline), milliseconds; all steps where there are none.
+    pub steady_step_ms: f64,
     /// Serial baseline latency over this one.
     pub speedup: Option<f64>,
+    /// The serial baseline's steady step time over this one's.
+    pub steady_speedup: Option<f64>,
     /// Speed-up per core used (`world_size × threads_per_rank`).
     pub speedup_per_core: Option<f64>,
     /// Parameter bytes of each rank.
@@ -666,6 +671,7 @@ pub fn run_bench(
             continue;
         };
         let serial_latency = serial.latency_per_image_s;
+        let serial_steady = serial.steady_step_ms;
         results.push(serial);
         let mut runs: Vec<(StrategySpec, RunSpec)> = Vec::new();
         for &n in &config.world_sizes {
@@ -695,6 +701,7 @@ pub fn run_bench(
             if r.error.is_none() && r.latency_per_image_s > 0.0 {
                 let speedup = serial_latency / r.latency_per_image_s;
                 r.speedup = Some(speedup);
+                r.steady_speedup = Some(serial_steady / r.steady_step_ms.max(1e-9));
                 r.speedup_per_core = Some(
                     speedup * config.serial_threads as f64
                         / (r.world_size * r.threads_per_rank) as f64,
@@ -707,22 +714,24 @@ pub fn run_bench(
     for r in results.iter_mut().filter(|r| r.strategy == "serial" && r.world_size == 1) {
         if r.error.is_none() && r.threads_per_rank == config.serial_threads {
             r.speedup = Some(1.0);
+            r.steady_speedup = Some(1.0);
             r.speedup_per_core = Some(1.0);
         }
     }
     // Serial on more threads: its speed-up over the one-thread baseline.
-    let baselines: BTreeMap<usize, f64> = results
+    let baselines: BTreeMap<usize, (f64, f64)> = results
         .iter()
         .filter(|r| r.strategy == "serial" && r.threads_per_rank == config.serial_threads)
-        .map(|r| (r.resolution, r.latency_per_image_s))
+        .map(|r| (r.resolution, (r.latency_per_image_s, r.steady_step_ms)))
         .collect();
     for r in results
         .iter_mut()
         .filter(|r| r.strategy == "serial" && r.threads_per_rank != config.serial_threads)
     {
-        if let (Some(b), None) = (baselines.get(&r.resolution), &r.error) {
+        if let (Some((b, steady)), None) = (baselines.get(&r.resolution), &r.error) {
             let s = b / r.latency_per_image_s;
             r.speedup = Some(s);
+            r.steady_speedup = Some(steady / r.steady_step_ms.max(1e-9));
             r.speedup_per_core = Some(s * config.serial_threads as f64 / r.threads_per_rank as f64);
         }
     }
@@ -828,6 +837,7 @@ fn measure(
             median(&v) * 1e3
         })
         .collect();
+    r.steady_step_ms = steady(&r.step_ms, spec.strategy_warmup_steps);
     r.param_bytes = ok.iter().map(|o| o.param_bytes).collect();
     r.buffer_bytes = ok.iter().map(|o| o.buffer_bytes).collect();
     r.formula = ok[0].formula.clone();
@@ -892,6 +902,13 @@ pub fn quality(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> Quality {
     let mse = sq / b.len().max(1) as f64;
     let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * ((hi - lo).powi(2) / mse).log10() };
     Quality { psnr, max_abs, rel_l2: (sq / norm.max(f64::MIN_POSITIVE)).sqrt() }
+}
+
+/// The median of the steps after `warmup` and before the last (all steps where none).
+fn steady(step_ms: &[f64], warmup: usize) -> f64 {
+    let n = step_ms.len();
+    let inner = &step_ms[warmup.min(n)..n.saturating_sub(1).max(warmup.min(n))];
+    median(if inner.is_empty() { step_ms } else { inner })
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -1032,6 +1049,14 @@ mod tests {
         let mut s = StrategySpec::named("distrifusion");
         s.set("warmup_steps", OptionValue::Int(2));
         assert_eq!(strategy_warmup(&r, &s), 2);
+    }
+
+    #[test]
+    fn steady_steps_skip_warmup_and_the_last_step() {
+        assert_eq!(steady(&[9.0, 5.0, 5.0, 7.0], 1), 5.0);
+        assert_eq!(steady(&[9.0, 7.0], 1), 8.0);
+        assert_eq!(steady(&[4.0, 6.0], 0), 4.0);
+        assert_eq!(steady(&[3.0], 4), 3.0);
     }
 
     #[test]

@@ -85,6 +85,8 @@ fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
         "latency_per_step_ms",
         "latency_per_image_s",
         "speedup",
+        "steady_step_ms",
+        "steady_speedup",
         "param_bytes",
         "buffer_bytes",
         "peak_rss_bytes",

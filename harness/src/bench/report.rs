@@ -34,7 +34,11 @@ fn quality_text(r: &ConfigResult) -> (String, String) {
         (None, Some(0.0)) => "exact".into(),
         _ => "-".into(),
     };
-    let err = r.max_abs_error.map_or("-".into(), |e| format!("{e:.1e}"));
+    let err = match r.max_abs_error {
+        None => "-".into(),
+        Some(0.0) => "0".into(),
+        Some(e) => format!("{e:.1e}"),
+    };
     (psnr, err)
 }
 
@@ -50,7 +54,10 @@ pub fn line(r: &ConfigResult) -> String {
             r.resolution,
             r.latency_per_step_ms,
             r.latency_per_image_s,
-            r.speedup.map_or(String::new(), |s| format!(", speed-up {s:.2}×")),
+            match (r.speedup, r.steady_speedup) {
+                (Some(s), Some(t)) => format!(", speed-up {s:.2}× (steady steps {t:.2}×)"),
+                _ => String::new(),
+            },
             ratio_text(r),
             r.other_load_cores
         ),
@@ -79,7 +86,7 @@ pub fn table(report: &BenchReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<28} {:>3} {:>3} {:>5} {:>10} {:>9} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>7} {:>8} {:>6}",
+        "{:<28} {:>3} {:>3} {:>5} {:>10} {:>9} {:>8} {:>10} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>7} {:>8} {:>6}",
         "strategy",
         "N",
         "thr",
@@ -87,6 +94,8 @@ pub fn table(report: &BenchReport) -> String {
         "ms/step",
         "s/image",
         "speedup",
+        "steady ms",
+        "steady×",
         "per-core",
         "param MiB",
         "buffer MiB",
@@ -110,7 +119,7 @@ pub fn table(report: &BenchReport) -> String {
         let (psnr, err) = quality_text(r);
         let _ = writeln!(
             out,
-            "{:<28} {:>3} {:>3} {:>5} {:>10.1} {:>9.2} {:>8} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>10.2} {:>10.2} {:>9} {:>7} {:>8} {:>6.2}",
+            "{:<28} {:>3} {:>3} {:>5} {:>10.1} {:>9.2} {:>8} {:>10.1} {:>8} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>10.2} {:>10.2} {:>9} {:>7} {:>8} {:>6.2}",
             r.label,
             r.world_size,
             r.threads_per_rank,
@@ -118,6 +127,8 @@ pub fn table(report: &BenchReport) -> String {
             r.latency_per_step_ms,
             r.latency_per_image_s,
             r.speedup.map_or("-".into(), |s| format!("{s:.2}×")),
+            r.steady_step_ms,
+            r.steady_speedup.map_or("-".into(), |s| format!("{s:.2}×")),
             r.speedup_per_core.map_or("-".into(), |s| format!("{s:.2}")),
             max_of(&r.param_bytes) as f64 / MIB,
             max_of(&r.buffer_bytes) as f64 / MIB,
@@ -133,7 +144,8 @@ pub fn table(report: &BenchReport) -> String {
     let _ = write!(
         out,
         "ms/step, s/image: median request of the slowest rank / steps; speedup: serial (1 rank, \
-         1 thread) over this; per-core: speedup / cores used; param/buffer MiB: the largest \
+         1 thread) over this; steady: the median step after the strategy's warmup steps and \
+         before the last, and serial's over it; per-core: speedup / cores used; param/buffer MiB: the largest \
          rank; peak MiB: process VmHWM during the configuration (all ranks); comm MiB: sent per \
          step by the busiest rank, measured and by formula; others: cores used by other \
          processes meanwhile"
