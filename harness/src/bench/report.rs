@@ -84,9 +84,10 @@ pub fn table(report: &BenchReport) -> String {
         report.warmup_runs,
         report.text_tokens,
     );
+    let w = report.results.iter().map(|r| r.label.chars().count()).max().unwrap_or(8).max(8);
     let _ = writeln!(
         out,
-        "{:<28} {:>3} {:>3} {:>5} {:>10} {:>9} {:>8} {:>10} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>7} {:>8} {:>6}",
+        "{:<w$} {:>3} {:>3} {:>5} {:>10} {:>9} {:>8} {:>10} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>7} {:>8} {:>6}",
         "strategy",
         "N",
         "thr",
@@ -111,7 +112,7 @@ pub fn table(report: &BenchReport) -> String {
         if let Some(e) = &r.error {
             let _ = writeln!(
                 out,
-                "{:<28} {:>3} {:>3} {:>5} not run: {e}",
+                "{:<w$} {:>3} {:>3} {:>5} not run: {e}",
                 r.label, r.world_size, r.threads_per_rank, r.resolution
             );
             continue;
@@ -119,7 +120,7 @@ pub fn table(report: &BenchReport) -> String {
         let (psnr, err) = quality_text(r);
         let _ = writeln!(
             out,
-            "{:<28} {:>3} {:>3} {:>5} {:>10.1} {:>9.2} {:>8} {:>10.1} {:>8} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>10.2} {:>10.2} {:>9} {:>7} {:>8} {:>6.2}",
+            "{:<w$} {:>3} {:>3} {:>5} {:>10.1} {:>9.2} {:>8} {:>10.1} {:>8} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>10.2} {:>10.2} {:>9} {:>7} {:>8} {:>6.2}",
             r.label,
             r.world_size,
             r.threads_per_rank,
