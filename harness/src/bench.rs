@@ -45,6 +45,11 @@
 //! # Configuration
 //! A TOML file (`configs/bench.toml`) whose keys are [`BenchConfig`]'s, unknown keys
 //! rejected, and flags ([`BenchArgs`]) that override them.
+//!
+//! # Backend
+//! The CPU backend ([`CpuBackend`](crate::CpuBackend)) only, for now: the ranks' thread
+//! pools are what makes "N ranks on N cores" comparable with "1 rank on 1 core". A CUDA run
+//! would time one GPU per rank instead, with the same report.
 
 pub mod model;
 pub mod report;
@@ -240,7 +245,8 @@ pub struct BenchConfig {
     pub guidance_scale: f64,
     /// Tokens of the random caption. Default 120 (PixArt-α's).
     pub text_tokens: usize,
-    /// Where random-weight presets are written. Default `target/bench/models`.
+    /// Where random-weight presets are written (relative paths here and below are relative
+    /// to the working directory). Default `target/bench/models`.
     pub model_cache: PathBuf,
     /// The JSON report. Default `target/bench/bench.json`.
     pub json: PathBuf,
