@@ -3,7 +3,7 @@
 //! configuration (and PyTorch, in `tools/bench/pytorch_timing.py`) loads the *same* weights,
 //! sliced by each strategy's load plan.
 //!
-//! Why a folder and not [`DitModel::preset`]: random weights drawn on each rank differ
+//! Why a folder and not [`DitModel::preset`](models_dit::DitModel::preset): random weights drawn on each rank differ
 //! between ranks (and a tensor-parallel shard drawn on its own is not a slice of the serial
 //! model's weights), so outputs could not be compared with serial. A folder written from a
 //! seeded generator is loaded by every rank exactly as a real checkpoint would be.

@@ -3,7 +3,7 @@
 //!
 //! Every rank builds its strategy from the registry, validates it, loads its part of the
 //! model under the strategy's load plan, and then runs `warmup + repetitions` identical
-//! requests (same seed, same latents and text) through [`ParallelStrategy::denoise`] with a
+//! requests (same seed, same latents and text) through [`ParallelStrategy::denoise`](parallel_core::ParallelStrategy::denoise) with a
 //! [`BenchSampler`] (classifier-free guidance, DPM-Solver++ — PixArt's scheduler — one
 //! state per region of rows). Per request:
 //!
@@ -12,7 +12,7 @@
 //!   The sampler stamps the start of each step (on rank 0) for per-step times.
 //! - **counted**: the rank's [`CommStats`] snapshot at the start of every step (the first
 //!   `model_input` call of the step), so each step's traffic is set beside
-//!   [`ParallelStrategy::expected_comm`] for that step's kind (warmup or steady, by the
+//!   [`ParallelStrategy::expected_comm`](parallel_core::ParallelStrategy::expected_comm) for that step's kind (warmup or steady, by the
 //!   strategy's `warmup_steps` option or its documented default). Traffic after the last
 //!   step's start beyond that step's formula is reported apart, as per-request traffic
 //!   (PipeFusion's final broadcast of the latents).
