@@ -68,40 +68,23 @@ pub fn registry() -> Registry<B> {
     r
 }
 
-/// Relative L2 error `‖a − b‖ / ‖b‖`.
+/// Relative L2 error `‖a − b‖ / ‖b‖` ([`metrics::compare`]).
 pub fn rel_l2(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> f64 {
-    let (a, b) = (values(a), values(b));
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y.powi(2)).sum();
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    metrics::compare(&values(a), &values(b)).rel_l2
 }
 
 /// `max |a − b| / max |b|`.
 pub fn max_rel(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> f64 {
-    let (a, b) = (values(a), values(b));
-    let num = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    let den = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
-    num / den.max(f64::MIN_POSITIVE)
+    metrics::compare(&values(a), &values(b)).max_rel
 }
 
 /// PSNR of `a` against the reference `b`, with the reference's value range as the peak.
 pub fn psnr(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> f64 {
-    let (a, b) = (values(a), values(b));
-    let mse: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / b.len() as f64;
-    let lo = b.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = b.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    10.0 * ((hi - lo).powi(2) / mse.max(1e-300)).log10()
+    metrics::compare(&values(a), &values(b)).psnr
 }
 
-fn values(t: &Tensor<B, 4>) -> Vec<f64> {
-    t.clone()
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32")
-        .into_iter()
-        .map(f64::from)
-        .collect()
+fn values(t: &Tensor<B, 4>) -> Vec<f32> {
+    t.clone().into_data().convert::<f32>().to_vec::<f32>().expect("f32")
 }
 
 /// What one rank reports after a run.

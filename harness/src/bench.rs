@@ -887,27 +887,13 @@ pub struct Quality {
     pub rel_l2: f64,
 }
 
-/// The errors of `a` against the reference `b`.
+/// The errors of `a` against the reference `b` ([`metrics::compare`]).
 pub fn quality(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> Quality {
-    let values = |t: &Tensor<B, 4>| -> Vec<f64> {
-        t.clone()
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .unwrap_or_default()
-            .into_iter()
-            .map(f64::from)
-            .collect()
+    let values = |t: &Tensor<B, 4>| -> Vec<f32> {
+        t.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()
     };
-    let (a, b) = (values(a), values(b));
-    let sq: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-    let max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-    let norm: f64 = b.iter().map(|y| y * y).sum();
-    let lo = b.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = b.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mse = sq / b.len().max(1) as f64;
-    let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * ((hi - lo).powi(2) / mse).log10() };
-    Quality { psnr, max_abs, rel_l2: (sq / norm.max(f64::MIN_POSITIVE)).sqrt() }
+    let c = metrics::compare(&values(a), &values(b));
+    Quality { psnr: c.psnr, max_abs: c.max_abs, rel_l2: c.rel_l2 }
 }
 
 /// The median of the steps after `warmup` and before the last (all steps where none).

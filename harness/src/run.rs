@@ -81,24 +81,14 @@ impl HostTensor {
         Tensor::from_data(TensorData::new(self.values.clone(), self.shape.clone()), device)
     }
 
-    /// `max|self − reference| / max|reference|`.
+    /// `max|self − reference| / max|reference|` ([`metrics::compare`]).
     pub fn max_rel_error(&self, reference: &[f32]) -> f64 {
-        let num = self
-            .values
-            .iter()
-            .zip(reference)
-            .map(|(a, b)| (a - b).abs() as f64)
-            .fold(0.0, f64::max);
-        let den = reference.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
-        num / den.max(f64::MIN_POSITIVE)
+        metrics::compare(&self.values, reference).max_rel
     }
 
-    /// `‖self − reference‖₂ / ‖reference‖₂`.
+    /// `‖self − reference‖₂ / ‖reference‖₂` ([`metrics::compare`]).
     pub fn rel_l2_error(&self, reference: &[f32]) -> f64 {
-        let num: f64 =
-            self.values.iter().zip(reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
-        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+        metrics::compare(&self.values, reference).rel_l2
     }
 }
 

@@ -118,18 +118,10 @@ fn values(t: Tensor<B, 4>) -> Vec<f32> {
     t.into_data().to_vec::<f32>().unwrap()
 }
 
-/// `(max|a − b| / max|b|, ‖a − b‖₂ / ‖b‖₂)`, accumulated in f64.
+/// `(max|a − b| / max|b|, ‖a − b‖₂ / ‖b‖₂)` ([`metrics::compare`]).
 fn rel_errors(ours: &[f32], theirs: &[f32]) -> (f64, f64) {
-    assert_eq!(ours.len(), theirs.len());
-    let (mut max_diff, mut max_ref, mut sq_diff, mut sq_ref) = (0f64, 0f64, 0f64, 0f64);
-    for (&a, &b) in ours.iter().zip(theirs) {
-        let (a, b) = (a as f64, b as f64);
-        max_diff = max_diff.max((a - b).abs());
-        max_ref = max_ref.max(b.abs());
-        sq_diff += (a - b) * (a - b);
-        sq_ref += b * b;
-    }
-    (max_diff / max_ref, (sq_diff / sq_ref).sqrt())
+    let c = metrics::compare(ours, theirs);
+    (c.max_rel, c.rel_l2)
 }
 
 fn assert_tables(

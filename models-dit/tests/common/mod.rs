@@ -85,20 +85,13 @@ pub fn read_case(path: &Path) -> Case {
     Case { name, input, sample: tensor(get("sample").unwrap()) }
 }
 
-/// `(‖a − b‖ / ‖b‖, max|a − b| / max|b|)`.
+/// `(‖a − b‖ / ‖b‖, max|a − b| / max|b|)` ([`metrics::compare`]).
 pub fn errors<const D: usize>(a: &Tensor<B, D>, b: &Tensor<B, D>) -> (f64, f64) {
     assert_eq!(a.dims(), b.dims());
     let a: Vec<f32> = a.to_data().to_vec().unwrap();
     let b: Vec<f32> = b.to_data().to_vec().unwrap();
-    let (mut num, mut den, mut max_diff, mut max_b) = (0f64, 0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(&b) {
-        let d = (*x as f64 - *y as f64).abs();
-        num += d * d;
-        den += (*y as f64) * (*y as f64);
-        max_diff = max_diff.max(d);
-        max_b = max_b.max((*y as f64).abs());
-    }
-    ((num / den).sqrt(), max_diff / max_b)
+    let c = metrics::compare(&a, &b);
+    (c.rel_l2, c.max_rel)
 }
 
 /// A fresh, empty folder under the system temp dir, removed when dropped.

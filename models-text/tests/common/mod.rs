@@ -61,23 +61,14 @@ impl Reference {
     }
 }
 
-/// `‖a − b‖₂ / ‖b‖₂`, accumulated in f64.
+/// `‖a − b‖₂ / ‖b‖₂` ([`metrics::compare`]).
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    (num / den).sqrt()
+    metrics::compare(a, b).rel_l2
 }
 
-/// `max|a − b| / max|b|`.
+/// `max|a − b| / max|b|` ([`metrics::compare`]).
 pub fn rel_max(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let diff = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max);
-    let scale = b.iter().map(|&y| (y as f64).abs()).fold(0.0, f64::max);
-    diff / scale
+    metrics::compare(a, b).max_rel
 }
 
 /// A fresh empty folder under cargo's per-target temporary directory.

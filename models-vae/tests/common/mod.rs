@@ -55,19 +55,12 @@ pub fn values(t: Tensor<B, 4>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec::<f32>().expect("float32 data")
 }
 
-/// Relative L2 error ‖a − b‖ / ‖b‖ (in f64), and max|a − b| / max|b|.
+/// Relative L2 error ‖a − b‖ / ‖b‖ and max|a − b| / max|b| ([`metrics::compare`]); a
+/// non-finite output fails the test.
 pub fn errors(a: &[f32], b: &[f32]) -> (f64, f64) {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    let (mut diff2, mut ref2, mut max_diff, mut max_ref) = (0f64, 0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (f64::from(x), f64::from(y));
-        assert!(x.is_finite(), "non-finite output");
-        diff2 += (x - y) * (x - y);
-        ref2 += y * y;
-        max_diff = max_diff.max((x - y).abs());
-        max_ref = max_ref.max(y.abs());
-    }
-    ((diff2 / ref2).sqrt(), max_diff / max_ref)
+    let c = metrics::compare(a, b);
+    assert_eq!(c.non_finite, 0, "non-finite output");
+    (c.rel_l2, c.max_rel)
 }
 
 /// A fresh empty directory under the system temp dir, unique to this process and `name`.
