@@ -54,7 +54,7 @@ pub fn cases(model: &str) -> Vec<PathBuf> {
 
 /// A case's inputs.
 pub fn read_input(path: &Path) -> DenoiserInput<B> {
-    weights::read_denoiser_input::<B>(path, &Default::default()).expect("fixture case").0
+    harness::read_denoiser_input::<B>(path, &Default::default()).expect("fixture case").0
 }
 
 /// Every strategy with the registry it is created from.

@@ -3,7 +3,7 @@
 //!
 //! The inputs file holds tensors named like diffusers' forward arguments (`hidden_states`,
 //! `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `class_labels`,
-//! `resolution`, `aspect_ratio`; see [`weights::read_denoiser_input`]); the output file gets
+//! `resolution`, `aspect_ratio`; see [`read_denoiser_input`](crate::inputs::read_denoiser_input)); the output file gets
 //! `sample`. If the inputs file also holds a `sample` (a reference case), the relative L2
 //! error against it is reported.
 
@@ -148,7 +148,7 @@ impl Job<'_> {
     fn rank<B: Backend>(&self, comm: Comm<B>) -> Result<RankResult> {
         let device = comm.device();
         let desc = self.config.desc();
-        let (input, reference) = weights::read_denoiser_input::<B>(self.inputs, &device)?;
+        let (input, reference) = crate::inputs::read_denoiser_input::<B>(self.inputs, &device)?;
         let dims = input.hidden_states.dims();
         if dims[1] != desc.in_channels {
             return Err(HarnessError::config(

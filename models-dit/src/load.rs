@@ -204,6 +204,11 @@ pub(crate) trait Source<B: Backend> {
     fn skip(&mut self, key: &str);
 }
 
+/// A tensor-parallel shard as the part of a dim the weight store reads.
+fn part(shard: Shard) -> weights::Part {
+    weights::Part { index: shard.rank, of: shard.world }
+}
+
 /// Parameters from a [`WeightStore`].
 pub(crate) struct StoreSource<'a, B: Backend> {
     pub store: &'a mut WeightStore,
@@ -217,12 +222,14 @@ impl<B: Backend> Source<B> for StoreSource<'_, B> {
         let s = &mut *self.store;
         Ok(match (info.shape.as_slice(), split) {
             (&[a], None) => AnyTensor::D1(s.take(key, [a], dev)?),
-            (&[a], Some((d, sh))) => AnyTensor::D1(s.take_sharded(key, [a], d, sh, dev)?),
+            (&[a], Some((d, sh))) => AnyTensor::D1(s.take_sharded(key, [a], d, part(sh), dev)?),
             (&[a, b], None) => AnyTensor::D2(s.take(key, [a, b], dev)?),
-            (&[a, b], Some((d, sh))) => AnyTensor::D2(s.take_sharded(key, [a, b], d, sh, dev)?),
+            (&[a, b], Some((d, sh))) => {
+                AnyTensor::D2(s.take_sharded(key, [a, b], d, part(sh), dev)?)
+            }
             (&[a, b, c, e], None) => AnyTensor::D4(s.take(key, [a, b, c, e], dev)?),
             (&[a, b, c, e], Some((d, sh))) => {
-                AnyTensor::D4(s.take_sharded(key, [a, b, c, e], d, sh, dev)?)
+                AnyTensor::D4(s.take_sharded(key, [a, b, c, e], d, part(sh), dev)?)
             }
             (shape, _) => unreachable!("tables hold 1-, 2- and 4-d tensors, not {shape:?}"),
         })

@@ -10,7 +10,7 @@
 //! - [`WeightStore::take`] hands out a tensor in the compute dtype, converting `F32`, `F16`
 //!   and `BF16` on disk, after checking its shape ([`WeightError::Shape`] names the key and
 //!   both shapes). [`WeightStore::take_sharded`] hands out one rank's part of a tensor split
-//!   along a dim ([`parallel_core::Shard`]), reading only that part.
+//!   along a dim ([`Part`]), reading only that part.
 //! - Every key is accounted for: [`WeightStore::finish`] fails naming every stored key that
 //!   was neither taken nor deliberately [skipped](WeightStore::skip) (a block held by another
 //!   pipeline stage), and taking an absent key fails naming it and the folder.
@@ -20,11 +20,11 @@
 //! ```no_run
 //! # use burn::tensor::{backend::Backend, Tensor};
 //! # fn load<B: Backend>(device: &B::Device) -> Result<(), weights::WeightError> {
-//! use parallel_core::Shard;
+//! use weights::Part;
 //! let mut store = weights::WeightStore::open("transformer", "diffusion_pytorch_model.safetensors")?;
 //! // PyTorch Linear weights are [out, in]; a column-parallel rank takes its rows.
 //! let q: Tensor<B, 2> = store.take_sharded(
-//!     "transformer_blocks.0.attn1.to_q.weight", [1152, 1152], 0, Shard { rank: 1, world: 2 }, device)?;
+//!     "transformer_blocks.0.attn1.to_q.weight", [1152, 1152], 0, Part { index: 1, of: 2 }, device)?;
 //! store.skip_prefix("transformer_blocks.1.");
 //! store.finish()?; // names every key nobody took
 //! # Ok(()) }
@@ -55,5 +55,5 @@ mod store;
 pub mod tensors;
 
 pub use error::{Result, WeightError};
-pub use store::{TensorMeta, WeightStore};
-pub use tensors::{HostTensor, read_denoiser_input, read_tensors, write_tensors};
+pub use store::{Part, TensorMeta, WeightStore};
+pub use tensors::{HostTensor, read_tensors, write_tensors};

@@ -6,10 +6,27 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use parallel_core::Shard;
 
 use crate::error::{Result, WeightError};
 use crate::file::{Entry, MappedFile};
+
+/// One of `of` equal parts of a tensor dim: what a tensor-parallel rank loads of a split
+/// weight (part `index` = its rank, `of` = the world size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// Which part, `0..of`.
+    pub index: usize,
+    /// How many equal parts the dim is cut into.
+    pub of: usize,
+}
+
+impl Part {
+    /// The index range of this part of a dim of `len` (which must divide evenly).
+    pub fn range(&self, len: usize) -> std::ops::Range<usize> {
+        let size = len / self.of;
+        self.index * size..(self.index + 1) * size
+    }
+}
 
 /// The shape, dtype and file of one stored tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,7 +251,7 @@ impl WeightStore {
         Ok(values)
     }
 
-    /// Part `shard.rank` of `shard.world` equal parts of dim `dim` of tensor `key` (whose full
+    /// Part `part.index` of `part.of` equal parts of dim `dim` of tensor `key` (whose full
     /// stored shape must be `shape`) as `f32` values, reading only that part. Marks the key as
     /// taken.
     pub fn take_sharded_f32(
@@ -242,26 +259,28 @@ impl WeightStore {
         key: &str,
         shape: &[usize],
         dim: usize,
-        shard: Shard,
+        part: Part,
     ) -> Result<Vec<f32>> {
         let (file, entry) = self.checked(key, shape)?;
         let err = |reason: String| WeightError::Shard {
             key: key.to_string(),
             shape: shape.to_vec(),
             dim,
-            rank: shard.rank,
-            world: shard.world,
+            rank: part.index,
+            world: part.of,
             reason,
         };
         let len =
             *shape.get(dim).ok_or_else(|| err(format!("the tensor has {} dims", shape.len())))?;
-        if shard.world == 0 || shard.rank >= shard.world {
-            return Err(err("rank must be below world (and world positive)".into()));
+        if part.of == 0 || part.index >= part.of {
+            return Err(err(
+                "the part must be below the number of parts (and that positive)".into()
+            ));
         }
-        if len % shard.world != 0 {
-            return Err(err(format!("{len} is not divisible by {}", shard.world)));
+        if len % part.of != 0 {
+            return Err(err(format!("{len} is not divisible by {}", part.of)));
         }
-        let values = file.read_f32(key, entry, Some((dim, shard.range(len))))?;
+        let values = file.read_f32(key, entry, Some((dim, part.range(len))))?;
         self.taken.insert(key.to_string());
         Ok(values)
     }
@@ -294,7 +313,7 @@ impl WeightStore {
         Ok(self.tensor(values, shape, device))
     }
 
-    /// Part `shard.rank` of tensor `key` split in `shard.world` equal parts along `dim`
+    /// Part `part.index` of tensor `key` split in `part.of` equal parts along `dim`
     /// (`shape` is the full stored shape), in the compute dtype on `device`. Only the part's
     /// bytes are read and converted.
     ///
@@ -305,12 +324,12 @@ impl WeightStore {
         key: &str,
         shape: [usize; D],
         dim: usize,
-        shard: Shard,
+        part: Part,
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
-        let values = self.take_sharded_f32(key, &shape, dim, shard)?;
+        let values = self.take_sharded_f32(key, &shape, dim, part)?;
         let mut local = shape;
-        local[dim] /= shard.world;
+        local[dim] /= part.of;
         Ok(self.tensor(values, local, device))
     }
 

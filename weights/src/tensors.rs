@@ -1,30 +1,17 @@
 //! Named-tensor files: diffusers forward inputs in, outputs out.
 //!
-//! `harness forward` and the test suites read a safetensors file of inputs named like
-//! diffusers' forward arguments (`hidden_states`, `timestep`, `encoder_hidden_states`,
-//! `encoder_attention_mask`, `class_labels`, `resolution`, `aspect_ratio`) into a
-//! [`DenoiserInput`], and write outputs (`sample`, `latents`) back as float32 safetensors.
+//! [`read_tensors`] reads every tensor of a safetensors file to the host (any float or
+//! integer dtype, as f64), [`write_tensors`] writes float tensors as float32. `harness
+//! forward` and the test suites use them for diffusers' forward inputs and outputs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use parallel_core::DenoiserInput;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Result, WeightError};
-
-/// The diffusers forward-argument names [`read_denoiser_input`] understands.
-pub const INPUT_NAMES: [&str; 7] = [
-    "hidden_states",
-    "timestep",
-    "encoder_hidden_states",
-    "encoder_attention_mask",
-    "class_labels",
-    "resolution",
-    "aspect_ratio",
-];
 
 /// One tensor read from a file: its shape and its values as f64 (exact for f32, f16, bf16
 /// and integers below 2^53).
@@ -128,53 +115,6 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         );
     }
     Ok(out)
-}
-
-/// Reads a file of diffusers forward arguments into a [`DenoiserInput`].
-///
-/// `hidden_states` and `timestep` are required; the others are optional. A tensor of another
-/// name is an error (a typo would otherwise be silently ignored), except `sample`, the
-/// expected output of a reference case, which is returned alongside.
-pub fn read_denoiser_input<B: Backend>(
-    path: &Path,
-    device: &B::Device,
-) -> Result<(DenoiserInput<B>, Option<Tensor<B, 4>>)> {
-    let tensors = read_tensors(path)?;
-    if let Some(unknown) =
-        tensors.keys().find(|k| !INPUT_NAMES.contains(&k.as_str()) && k.as_str() != "sample")
-    {
-        return Err(WeightError::UnknownInput {
-            name: unknown.clone(),
-            file: path.to_path_buf(),
-            known: INPUT_NAMES.join(", "),
-        });
-    }
-    let need = |name: &str| {
-        tensors.get(name).ok_or_else(|| WeightError::MissingKey {
-            key: name.to_string(),
-            location: path.to_path_buf(),
-        })
-    };
-    let mut input = DenoiserInput::new(
-        need("hidden_states")?.to_float("hidden_states", path, device)?,
-        need("timestep")?.to_float("timestep", path, device)?,
-    );
-    if let Some(t) = tensors.get("encoder_hidden_states") {
-        input.encoder_hidden_states = Some(t.to_float("encoder_hidden_states", path, device)?);
-    }
-    if let Some(t) = tensors.get("encoder_attention_mask") {
-        input.encoder_attention_mask = Some(t.to_float("encoder_attention_mask", path, device)?);
-    }
-    if let Some(t) = tensors.get("class_labels") {
-        input.class_labels = Some(t.to_int("class_labels", path, device)?);
-    }
-    for name in ["resolution", "aspect_ratio"] {
-        if let Some(t) = tensors.get(name) {
-            input.added_cond.insert(name.to_string(), t.to_float(name, path, device)?);
-        }
-    }
-    let sample = tensors.get("sample").map(|t| t.to_float("sample", path, device)).transpose()?;
-    Ok((input, sample))
 }
 
 /// Writes float tensors as a float32 safetensors file.

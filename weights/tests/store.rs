@@ -7,10 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::{DType, Tensor};
 use burn_flex::Flex;
-use parallel_core::Shard;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
-use weights::{WeightError, WeightStore};
+use weights::{Part, WeightError, WeightStore};
 
 type B = Flex;
 
@@ -159,7 +158,7 @@ fn a_shard_equals_the_slice_of_the_full_tensor() {
     let half2: Tensor<B, 2> = s.take("h2", [o, i], &dev).unwrap();
     for world in [1, 2, 4] {
         for rank in 0..world {
-            let shard = Shard { rank, world };
+            let shard = Part { index: rank, of: world };
             for dim in 0..2 {
                 let len = [o, i][dim] / world;
                 let got: Tensor<B, 2> = s.take_sharded("w2", [o, i], dim, shard, &dev).unwrap();
@@ -181,7 +180,7 @@ fn a_shard_equals_the_slice_of_the_full_tensor() {
         }
     }
     // 3 is not divisible by 2: an error naming the key, the dim and the sizes.
-    let err = s.take_sharded_f32("w3", &[o, i, k], 2, Shard { rank: 0, world: 2 }).unwrap_err();
+    let err = s.take_sharded_f32("w3", &[o, i, k], 2, Part { index: 0, of: 2 }).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, WeightError::Shard { .. }), "{msg}");
     assert!(msg.contains("`w3`") && msg.contains("3 is not divisible by 2"), "{msg}");
