@@ -177,36 +177,21 @@ impl StrategySpec {
                         ("label", _) => {
                             return Err(BenchError::config(format!("{key}.label"), "a string"));
                         }
-                        _ => spec.set(k, option_value(v, &format!("{key}.{k}"))?),
+                        _ => spec.set(
+                            k,
+                            crate::config::option_value(v).ok_or_else(|| {
+                                BenchError::config(
+                                    format!("{key}.{k}"),
+                                    "an integer, float, boolean or string",
+                                )
+                            })?,
+                        ),
                     }
                 }
                 spec.label = label.unwrap_or_else(|| spec.default_label());
                 Ok(spec)
             }
         }
-    }
-}
-
-fn option_value(v: &toml::Value, key: &str) -> Result<OptionValue> {
-    Ok(match v {
-        toml::Value::Integer(i) => OptionValue::Int(*i),
-        toml::Value::Float(f) => OptionValue::Float(*f),
-        toml::Value::Boolean(b) => OptionValue::Bool(*b),
-        toml::Value::String(s) => OptionValue::Str(s.clone()),
-        _ => return Err(BenchError::config(key, "an integer, float, boolean or string")),
-    })
-}
-
-/// A flag's option value: an integer, float or boolean if it reads as one, else a string.
-fn parse_option_value(s: &str) -> OptionValue {
-    if let Ok(i) = s.parse() {
-        OptionValue::Int(i)
-    } else if let Ok(f) = s.parse() {
-        OptionValue::Float(f)
-    } else if let Ok(b) = s.parse() {
-        OptionValue::Bool(b)
-    } else {
-        OptionValue::Str(s.trim_matches('"').to_string())
     }
 }
 
@@ -374,7 +359,7 @@ impl BenchConfig {
             let mut hit = false;
             for s in specs.iter_mut().filter(|s| s.name == name) {
                 let relabel = s.label == s.default_label();
-                s.set(key, parse_option_value(value));
+                s.set(key, OptionValue::parse(value));
                 if relabel {
                     s.label = s.default_label();
                 }

@@ -86,27 +86,19 @@ impl ParallelConfig {
     pub fn strategy_options(&self) -> Result<StrategyOptions> {
         let mut opts = StrategyOptions::new(self.strategy.clone());
         for (key, value) in &self.options {
-            let v = match value {
-                toml::Value::Integer(i) => OptionValue::Int(*i),
-                toml::Value::Float(f) => OptionValue::Float(*f),
-                toml::Value::Boolean(b) => OptionValue::Bool(*b),
-                toml::Value::String(s) => OptionValue::Str(s.clone()),
-                other => {
-                    return Err(HarnessError::Config {
-                        location: "[parallel.options]".into(),
-                        reason: format!(
-                            "option `{key}` must be a number, boolean or string, not {}",
-                            other.type_str()
-                        ),
-                    });
-                }
-            };
+            let v = option_value(value).ok_or_else(|| HarnessError::Config {
+                location: "[parallel.options]".into(),
+                reason: format!(
+                    "option `{key}` must be a number, boolean or string, not {}",
+                    value.type_str()
+                ),
+            })?;
             opts.set(key.clone(), v);
         }
         Ok(opts)
     }
 
-    /// Sets a strategy option from a `key=value` string (a number, `true`/`false`, or text).
+    /// Sets a strategy option from a `key=value` string ([`OptionValue::parse`]).
     pub fn set_option(&mut self, assignment: &str) -> Result<()> {
         let Some((key, value)) = assignment.split_once('=') else {
             return Err(HarnessError::Config {
@@ -114,18 +106,27 @@ impl ParallelConfig {
                 reason: format!("`{assignment}` is not of the form key=value"),
             });
         };
-        let v = if let Ok(i) = value.parse::<i64>() {
-            toml::Value::Integer(i)
-        } else if let Ok(f) = value.parse::<f64>() {
-            toml::Value::Float(f)
-        } else if let Ok(b) = value.parse::<bool>() {
-            toml::Value::Boolean(b)
-        } else {
-            toml::Value::String(value.to_string())
+        let v = match OptionValue::parse(value) {
+            OptionValue::Int(i) => toml::Value::Integer(i),
+            OptionValue::Float(f) => toml::Value::Float(f),
+            OptionValue::Bool(b) => toml::Value::Boolean(b),
+            OptionValue::Str(s) => toml::Value::String(s),
         };
         self.options.insert(key.trim().to_string(), v);
         Ok(())
     }
+}
+
+/// A strategy option's value from TOML: integers, floats, booleans and strings; `None` for
+/// the other TOML types (arrays, tables, dates), which no strategy option takes.
+pub fn option_value(v: &toml::Value) -> Option<OptionValue> {
+    Some(match v {
+        toml::Value::Integer(i) => OptionValue::Int(*i),
+        toml::Value::Float(f) => OptionValue::Float(*f),
+        toml::Value::Boolean(b) => OptionValue::Bool(*b),
+        toml::Value::String(s) => OptionValue::Str(s.clone()),
+        _ => return None,
+    })
 }
 
 /// Settings of one text-to-image run.

@@ -26,6 +26,31 @@ pub enum OptionValue {
     Str(String),
 }
 
+impl OptionValue {
+    /// The value of a command-line `key=value` assignment: an integer, a float or a
+    /// boolean if the text reads as one, else the text (without surrounding quotes).
+    ///
+    /// ```
+    /// use parallel_core::OptionValue;
+    /// assert_eq!(OptionValue::parse("4"), OptionValue::Int(4));
+    /// assert_eq!(OptionValue::parse("0.5"), OptionValue::Float(0.5));
+    /// assert_eq!(OptionValue::parse("true"), OptionValue::Bool(true));
+    /// assert_eq!(OptionValue::parse("\"10,9,9\""), OptionValue::Str("10,9,9".into()));
+    /// ```
+    pub fn parse(text: &str) -> Self {
+        let text = text.trim();
+        if let Ok(i) = text.parse() {
+            OptionValue::Int(i)
+        } else if let Ok(f) = text.parse() {
+            OptionValue::Float(f)
+        } else if let Ok(b) = text.parse() {
+            OptionValue::Bool(b)
+        } else {
+            OptionValue::Str(text.trim_matches('"').to_string())
+        }
+    }
+}
+
 impl fmt::Display for OptionValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
