@@ -1,131 +1,69 @@
-//! One denoiser evaluation: every strategy × world sizes × every DiT fixture case equals the
-//! serial model, and sends exactly what its formula says.
+//! One lone forward: every registered strategy × its declared cases × every DiT fixture ×
+//! every case equals its reference, and sends exactly what its formula says.
 
-use std::collections::BTreeMap;
-
-use conformance::{
-    MODELS, cases, desc, forward_on_ranks, model_dir, read_input, rel_l2, serial_forward,
-};
-use parallel_core::{OpKind, OptionValue, StrategyOptions};
-
-/// Fresh-K/V strategies and stale ones in their warmup step differ from serial only by
-/// float32 rounding of reordered sums (attention merged by log-sum-exp, all-reduce of
-/// partial products): ~1e-6 relative. DESIGN.md's bar.
-const REL_L2: f64 = 1e-5;
-
-struct Config {
-    name: &'static str,
-    options: Vec<(&'static str, OptionValue)>,
-    world_sizes: &'static [usize],
-}
-
-fn configs() -> Vec<Config> {
-    vec![
-        Config { name: "ulysses", options: vec![], world_sizes: &[1, 2, 4] },
-        Config { name: "ring", options: vec![], world_sizes: &[1, 2, 4] },
-        Config {
-            name: "usp",
-            options: vec![
-                ("ulysses_degree", OptionValue::Int(2)),
-                ("ring_degree", OptionValue::Int(2)),
-            ],
-            world_sizes: &[4],
-        },
-        Config {
-            name: "usp",
-            options: vec![("ring_degree", OptionValue::Int(2))],
-            world_sizes: &[2],
-        },
-        Config { name: "tensor", options: vec![], world_sizes: &[1, 2, 4] },
-        // A single forward is step 0, a warmup step: equal to serial.
-        Config { name: "distrifusion", options: vec![], world_sizes: &[1, 2, 4] },
-        Config { name: "pipefusion", options: vec![], world_sizes: &[1, 2, 4] },
-    ]
-}
-
-fn strategy_options(c: &Config) -> StrategyOptions {
-    let mut o = StrategyOptions::new(c.name);
-    for (k, v) in &c.options {
-        o.set(*k, v.clone());
-    }
-    o
-}
+use conformance::{check_forward, fixture, fixtures, read_input, registry, runs};
+use parallel_core::StrategyOptions;
 
 #[test]
-fn every_strategy_equals_serial_on_every_fixture() {
-    let mut worst: BTreeMap<String, f64> = BTreeMap::new();
-    let mut runs = 0;
-    for model in MODELS {
-        let dir = model_dir(model);
-        let d = desc(&dir);
-        for case in cases(model) {
-            let input = read_input(&case);
-            let serial = serial_forward(&dir, &input);
-            let case_name = case.file_stem().unwrap().to_string_lossy().to_string();
-            for c in configs() {
-                for &n in c.world_sizes {
-                    let label = format!("{} {:?} n={n} {model}/{case_name}", c.name, c.options);
-                    let reports = forward_on_ranks(c.name, &strategy_options(&c), n, &dir, &input);
-                    runs += 1;
-                    for (r, rep) in reports.into_iter().enumerate() {
-                        let rep = rep.unwrap_or_else(|e| panic!("{label} rank {r}: {e}"));
-                        let err = rel_l2(&rep.output, &serial);
-                        assert!(err <= REL_L2, "{label} rank {r}: relative L2 {err:.2e}");
-                        let w = worst.entry(format!("{} n={n}", c.name)).or_default();
-                        *w = w.max(err);
-                        // Communication: exactly the strategy's formula.
-                        check_comm(c.name, &label, r, n, &d, &input, &rep);
-                    }
-                }
+fn every_strategy_equals_its_reference_on_every_fixture() {
+    let registry = registry();
+    let runs = runs(&registry);
+    let fixtures = fixtures();
+    assert!(fixtures.len() >= 7, "fixtures/dit has {} models", fixtures.len());
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for run in &runs {
+        for f in &fixtures {
+            count += 1;
+            match check_forward(&registry, run, f) {
+                Ok(w) => eprintln!("{run:<44} {f:<22} worst rel L2 {:.2e}", w.rel_l2),
+                Err(e) => failures.push(e),
             }
         }
     }
-    eprintln!("{runs} runs; worst relative L2 per strategy and world size:");
-    for (k, v) in worst {
-        eprintln!("  {k:<16} {v:.2e}");
+    eprintln!("{count} (strategy case, fixture) pairs, {} failed", failures.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_registered_strategy_declares_suite_cases() {
+    let registry = registry();
+    for info in registry.infos() {
+        assert!(!info.suite.is_empty(), "{} declares no conformance cases", info.name);
+        assert!(
+            info.suite.iter().any(|c| c.world_sizes.iter().any(|&n| n > 1))
+                || info.name == "serial",
+            "{} is never run on more than one rank",
+            info.name
+        );
+    }
+    let names: Vec<&str> = registry.names();
+    for name in
+        ["serial", "tensor", "ulysses", "usp", "ring", "distrifusion", "naive_patch", "pipefusion"]
+    {
+        assert!(names.contains(&name), "{name} is not registered: {names:?}");
     }
 }
 
-fn check_comm(
-    name: &str,
-    label: &str,
-    rank: usize,
-    n: usize,
-    d: &parallel_core::ModelDesc,
-    input: &parallel_core::DenoiserInput<conformance::B>,
-    rep: &conformance::RankReport,
-) {
-    let measured = |k: OpKind| rep.stats.get(k).elements;
-    if name == "pipefusion" {
-        // A single forward runs synchronously: every stage but the last sends the whole
-        // token stream once (B·p·hs, no factor L) and the last broadcasts the prediction.
-        let p = d.tokens(input.grid()).len() as u64;
-        let act = if rank + 1 < n { input.batch() as u64 * p * d.hidden_size as u64 } else { 0 };
-        let g = input.grid();
-        let pred = (input.batch() * d.out_channels * g.height * g.width) as u64;
-        let bcast = if rank + 1 == n { pred * (n as u64 - 1) } else { 0 };
-        assert_eq!(measured(OpKind::Send), act, "{label} rank {rank}: activations");
-        assert_eq!(measured(OpKind::Broadcast), bcast, "{label} rank {rank}: broadcast");
-        return;
-    }
-    for kind in OpKind::ALL {
-        let want = rep.expected.elements.get(&kind).copied().unwrap_or(0);
-        assert_eq!(
-            measured(kind),
-            want,
-            "{label} rank {rank}: {kind} measured vs formula ({})",
-            rep.expected.formula
-        );
-    }
-    assert!(rep.stats.total_elements() > 0 || n == 1, "{label}: nothing sent on {n} ranks");
+fn refusal(name: &str, n: usize, model: &str) -> Vec<String> {
+    let registry = registry();
+    let f = fixture(model);
+    let input = read_input(&f.case("square"));
+    let run = conformance::SuiteRun {
+        strategy: registry.info(name).unwrap().name,
+        options: StrategyOptions::new(name),
+        world_size: n,
+        reference: parallel_core::Reference::Serial,
+    };
+    conformance::forward_on_ranks(&registry, &run, &f, &input)
+        .into_iter()
+        .map(|r| r.err().expect("refused").to_string())
+        .collect()
 }
 
 #[test]
 fn ulysses_refuses_heads_not_divisible_before_any_work() {
-    let dir = model_dir("pixart-alpha");
-    let input = read_input(&cases("pixart-alpha")[0]);
-    for r in forward_on_ranks("ulysses", &StrategyOptions::new("ulysses"), 3, &dir, &input) {
-        let e = r.err().expect("3 does not divide 4 heads").to_string();
+    for e in refusal("ulysses", 3, "pixart-alpha") {
         assert!(e.contains("4 attention heads") && e.contains("Ulysses degree 3"), "{e}");
         assert!(e.contains("among 1, 2, 4"), "{e}");
     }
@@ -133,20 +71,14 @@ fn ulysses_refuses_heads_not_divisible_before_any_work() {
 
 #[test]
 fn tensor_refuses_heads_not_divisible() {
-    let dir = model_dir("dit");
-    let input = read_input(&cases("dit")[0]);
-    for r in forward_on_ranks("tensor", &StrategyOptions::new("tensor"), 3, &dir, &input) {
-        let e = r.err().expect("3 does not divide 4 heads").to_string();
+    for e in refusal("tensor", 3, "dit") {
         assert!(e.contains("not divisible by 3 ranks"), "{e}");
     }
 }
 
 #[test]
 fn pipefusion_refuses_more_stages_than_layers() {
-    let dir = model_dir("pixart-alpha");
-    let input = read_input(&cases("pixart-alpha")[0]);
-    for r in forward_on_ranks("pipefusion", &StrategyOptions::new("pipefusion"), 5, &dir, &input) {
-        let e = r.err().expect("4 blocks, 5 stages").to_string();
+    for e in refusal("pipefusion", 5, "pixart-alpha") {
         assert!(e.contains("4 transformer blocks") && e.contains("5 pipeline stages"), "{e}");
     }
 }
@@ -154,18 +86,17 @@ fn pipefusion_refuses_more_stages_than_layers() {
 #[test]
 fn row_splits_refuse_more_ranks_than_rows() {
     // 16×16 latent, patch 2: 8 token rows; 16 ranks cannot each hold one.
-    let dir = model_dir("pixart-alpha");
-    let input = read_input(&model_dir("pixart-alpha").join("cases/square.safetensors"));
-    let d = desc(&dir);
-    let err = parallel_core::split::row_partition("ring", &d, input.grid(), 16).unwrap_err();
+    let f = fixture("pixart-alpha");
+    let input = read_input(&f.case("square"));
+    let err = parallel_core::split::row_partition("ring", &f.desc(), input.grid(), 16).unwrap_err();
     assert!(err.to_string().contains("8 rows of 2 latent rows, fewer than the 16 ranks"), "{err}");
 }
 
 #[test]
 fn tensor_parallel_parameter_bytes_are_sharded_over_n_plus_replicated() {
-    let dir = model_dir("pixart-alpha");
-    let input = read_input(&cases("pixart-alpha")[0]);
-    let config = models_dit::ModelConfig::from_folder(&dir).unwrap();
+    let f = fixture("pixart-alpha");
+    let input = read_input(&f.case("square"));
+    let config = models_dit::ModelConfig::from_folder(&f.dir).unwrap();
     let params = match &config {
         models_dit::ModelConfig::PixArt(c) => c.params(4),
         models_dit::ModelConfig::DiT(c) => c.params(4),
@@ -175,10 +106,16 @@ fn tensor_parallel_parameter_bytes_are_sharded_over_n_plus_replicated() {
             parallel_core::Sharding::Replicated => (s, r + p.bytes()),
             _ => (s + p.bytes(), r),
         });
+    let registry = registry();
     for n in [1, 2, 4] {
-        for rep in forward_on_ranks("tensor", &StrategyOptions::new("tensor"), n, &dir, &input) {
-            let rep = rep.unwrap();
-            assert_eq!(rep.param_bytes, sharded / n as u64 + replicated, "n={n}");
+        let run = conformance::SuiteRun {
+            strategy: "tensor",
+            options: StrategyOptions::new("tensor"),
+            world_size: n,
+            reference: parallel_core::Reference::Serial,
+        };
+        for rep in conformance::forward_on_ranks(&registry, &run, &f, &input) {
+            assert_eq!(rep.unwrap().param_bytes, sharded / n as u64 + replicated, "n={n}");
         }
     }
 }

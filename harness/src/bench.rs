@@ -28,11 +28,11 @@
 //!   models, buffers and activations together), plus what the process already held (the
 //!   `rss_before` column; memory an allocator kept from an earlier configuration can show
 //!   there);
-//! - communication per step per rank, measured (steps `0..T−1` of the last request, whose
-//!   boundaries the sampler marks) and from the strategy's formula
-//!   ([`expected_comm`](parallel_core::ParallelStrategy::expected_comm) for each step's kind),
-//!   with their ratio (1.00 when the strategy counts what it sends); traffic once per
-//!   request (PipeFusion's final broadcast) apart;
+//! - communication per step per rank, measured (every step of the last request, whose
+//!   boundaries the sampler marks; what a request sends once at its end, PipeFusion's final
+//!   broadcast, falls in its last step) and from the strategy's formula
+//!   ([`expected_comm`](parallel_core::ParallelStrategy::expected_comm) for each step), with
+//!   their ratio (1.00 when the strategy counts what it sends);
 //! - the final latents' PSNR (peak: the serial latents' range), max absolute error and
 //!   relative L2 against serial's;
 //! - the other processes' CPU use during the configuration, in cores (from `/proc/stat`
@@ -543,14 +543,12 @@ pub struct ConfigResult {
     pub rss_before_bytes: u64,
     /// Peak resident memory of the process during the configuration (all ranks), bytes.
     pub peak_rss_bytes: u64,
-    /// Measured bytes sent per step by each rank (steps `0..T−1`, or the only step).
+    /// Measured bytes sent per step by each rank (averaged over the request's steps).
     pub comm_bytes_per_step: Vec<f64>,
     /// The formula's bytes per step for each rank, over the same steps.
     pub comm_formula_bytes_per_step: Vec<f64>,
     /// Measured over formula, per rank (`None` where the formula says 0 and bytes moved).
     pub comm_ratio: Vec<Option<f64>>,
-    /// Bytes sent once per request beyond the last step's formula, per rank.
-    pub comm_per_request_bytes: Vec<i64>,
     /// Bytes sent by kind over the whole request, per rank.
     pub comm_bytes_by_kind: Vec<BTreeMap<String, u64>>,
     /// The formula, in words (rank 0's).
@@ -833,8 +831,8 @@ fn measure(
     r.buffer_bytes = ok.iter().map(|o| o.buffer_bytes).collect();
     r.formula = ok[0].formula.clone();
     for o in &ok {
-        let (measured, expected) = run::bracketed(o);
-        let steps = (o.step_comm.len().max(2) - 1) as f64;
+        let (measured, expected) = run::totals(o);
+        let steps = o.step_comm.len().max(1) as f64;
         r.comm_bytes_per_step.push((measured * o.elem_bytes) as f64 / steps);
         r.comm_formula_bytes_per_step.push((expected * o.elem_bytes) as f64 / steps);
         r.comm_ratio.push(match (measured, expected) {
@@ -842,7 +840,6 @@ fn measure(
             (_, 0) => None,
             (m, e) => Some(m as f64 / e as f64),
         });
-        r.comm_per_request_bytes.push(run::per_request_elements(o) * o.elem_bytes as i64);
         r.comm_bytes_by_kind.push(
             run::bytes_by_kind(o).into_iter().map(|(k, b)| (k.name().to_string(), b)).collect(),
         );

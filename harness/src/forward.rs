@@ -159,13 +159,7 @@ impl Job<'_> {
                 ),
             ));
         }
-        let request = RequestInfo {
-            steps: 1,
-            grid: input.grid(),
-            batch: input.batch(),
-            images: input.batch(),
-            text_tokens: input.encoder_hidden_states.as_ref().map_or(0, |t| t.dims()[1]),
-        };
+        let request = RequestInfo::for_forward(&input);
         let registry = crate::registry::<B>();
         let mut strategy = registry.create(&self.parallel.strategy, comm.clone(), &self.options)?;
         strategy.validate(&desc, &request)?;
@@ -179,8 +173,7 @@ impl Job<'_> {
             comm: comm.stats(),
             param_bytes: parallel_core::Denoiser::param_bytes(&model),
             buffer_bytes: strategy.buffer_bytes(),
-            expected_warmup: strategy.expected_comm(&desc, &request, StepKind::Warmup)?,
-            expected_steady: strategy.expected_comm(&desc, &request, StepKind::Steady)?,
+            expected: strategy.expected_comm(&desc, &request, StepKind::Forward)?,
         };
         if comm.rank() != 0 {
             return Ok((report, None));

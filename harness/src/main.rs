@@ -218,12 +218,12 @@ fn run(cli: Cli) -> harness::Result<()> {
             let report = harness::run_with_options(&cfg, &options)?;
             for r in &report.ranks {
                 log::info!(
-                    "rank {}: sent {} ({} per step expected after warmup: {}); params {} B, \
+                    "rank {}: sent {} ({} elements expected over the request: {}); params {} B, \
                      buffers {} B",
                     r.rank,
                     r.comm,
-                    r.expected_steady.total(),
-                    r.expected_steady.formula,
+                    r.expected.total(),
+                    r.expected.formula,
                     r.param_bytes,
                     r.buffer_bytes
                 );

@@ -29,7 +29,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parallel_core::{
-    Comm, CommStats, ExpectedComm, LatentGrid, ModelDesc, RequestInfo, StepKind, StrategyOptions,
+    Comm, CommStats, ExpectedComm, LatentGrid, ModelDesc, RequestInfo, StrategyOptions,
 };
 use schedulers::Schedule;
 
@@ -103,10 +103,9 @@ pub struct RankReport {
     pub param_bytes: u64,
     /// Bytes of its strategy's buffers after the request.
     pub buffer_bytes: u64,
-    /// Expected elements sent per synchronous (warmup) step, from the strategy's formula.
-    pub expected_warmup: ExpectedComm,
-    /// Expected elements sent per step after warmup.
-    pub expected_steady: ExpectedComm,
+    /// The elements the strategy's formula expects this rank to send over the request
+    /// (every step's, summed).
+    pub expected: ExpectedComm,
 }
 
 /// The result of [`run`].
@@ -435,8 +434,7 @@ fn rank_main<B: Backend>(
         comm: comm.stats(),
         param_bytes: parallel_core::Denoiser::param_bytes(&model),
         buffer_bytes: strategy.buffer_bytes(),
-        expected_warmup: strategy.expected_comm(&desc, &plan.request, StepKind::Warmup)?,
-        expected_steady: strategy.expected_comm(&desc, &plan.request, StepKind::Steady)?,
+        expected: strategy.expected_request_comm(&desc, &plan.request)?,
     };
     if rank != 0 {
         return Ok(RankOutput { report, rank0: None });

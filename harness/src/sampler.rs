@@ -1,12 +1,14 @@
 //! The sampler side of the denoising loop: what `PixArtAlphaPipeline.__call__` does around
-//! each transformer call, as a [`DenoiseLoop`] that any strategy drives.
+//! each transformer call, as a [`DenoiseLoop`] that any strategy drives. The one sampler of
+//! the toolkit: `harness run`, `harness bench` and the conformance suite all step through it.
 //!
 //! Per step `i` with timestep `t`:
 //! 1. [`model_input`](DenoiseLoop::model_input): the latents twice (`[negative, positive]`)
 //!    with classifier-free guidance (guidance scale > 1), once without;
-//!    `scale_model_input(·, i)`; `t` for every batch entry; the prompt embeddings and mask;
-//!    PixArt-α 1024's `resolution` (`[height, width]` in pixels) and `aspect_ratio`
-//!    (`height / width`) when the transformer uses additional conditions.
+//!    `scale_model_input(·, i)`; `t` for every batch entry; the conditioning of every
+//!    evaluation (prompt embeddings and mask, or class labels; PixArt-α 1024's `resolution`
+//!    (`[height, width]` in pixels) and `aspect_ratio` (`height / width`) when the
+//!    transformer uses additional conditions).
 //! 2. [`step`](DenoiseLoop::step) on a band of latent rows (a *region*): guidance
 //!    `u + g·(c − u)` over all output channels, then, with learned sigma (twice the latent
 //!    channels out), only the first half (epsilon) is kept; then the scheduler step with the
@@ -19,15 +21,25 @@
 //! state narrowed to its rows if the whole latent has been stepped before (PipeFusion after
 //! its synchronous warmup), else from a fresh state. Schedulers are elementwise, so this
 //! equals stepping the whole latent.
+//!
+//! # Non-finite values
+//! A NaN or infinity in a noise prediction, or in the latents a step produces, is an error
+//! naming the step, the rows and the rank (a broken checkpoint or an overflowing f16 model
+//! fails there, instead of ending as a black PNG and exit code 0).
+//!
+//! # Observing
+//! [`Sampler::watch`] snapshots a communicator's counters at the start of every step (its
+//! first `model_input` call), so that each step's traffic can be set beside the strategy's
+//! formula for that step; [`Sampler::step_starts`] has the start times.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 use indicatif::ProgressBar;
-use parallel_core::{DenoiseLoop, DenoiserInput, ParallelError};
+use parallel_core::{Comm, CommStats, DenoiseLoop, DenoiserInput, ParallelError};
 use schedulers::{Schedule, SchedulerState};
 
 use crate::pipeline::PromptEmbeds;
@@ -64,13 +76,16 @@ impl SamplerSettings {
 pub struct Sampler<B: Backend> {
     schedule: Schedule,
     settings: SamplerSettings,
-    text: Option<PromptEmbeds<B>>,
-    added_cond: BTreeMap<String, Tensor<B, 2>>,
+    /// What every evaluation carries besides latents and timesteps (its `hidden_states` and
+    /// `timestep` are replaced at every step).
+    conditioning: DenoiserInput<B>,
     states: BTreeMap<(usize, usize), SchedulerState<B, 4>>,
     /// Latent rows of the whole latent, from the first `model_input` call.
     height: Option<usize>,
     progress: Option<ProgressBar>,
     step_starts: Vec<Option<Instant>>,
+    watched: Option<Comm<B>>,
+    snapshots: Vec<CommStats>,
     device: B::Device,
 }
 
@@ -86,8 +101,8 @@ impl<B: Backend> std::fmt::Debug for Sampler<B> {
 }
 
 impl<B: Backend> Sampler<B> {
-    /// A sampler over `schedule`; `text` is the prompt embeddings in batch order (`None` for
-    /// a model without text).
+    /// A sampler over `schedule` for a text-conditioned transformer; `text` is the prompt
+    /// embeddings in batch order (`None` for a model without text).
     ///
     /// # Errors
     /// Text embeddings whose batch is not [`SamplerSettings::batch`].
@@ -98,45 +113,92 @@ impl<B: Backend> Sampler<B> {
         device: &B::Device,
     ) -> Result<Self, ParallelError> {
         let batch = settings.batch();
-        if let Some(t) = &text
-            && (t.embeds.dims()[0] != batch || t.mask.dims()[0] != batch)
-        {
-            return Err(ParallelError::Model(format!(
-                "prompt embeddings have batch {} (mask {}), the denoiser batch is {batch}",
-                t.embeds.dims()[0],
-                t.mask.dims()[0]
-            )));
+        let mut conditioning = DenoiserInput::new(
+            Tensor::zeros([batch, 1, 1, 1], device),
+            Tensor::zeros([batch], device),
+        );
+        if let Some(t) = text {
+            conditioning.encoder_hidden_states = Some(t.embeds);
+            conditioning.encoder_attention_mask = Some(t.mask);
         }
-        let mut added_cond = BTreeMap::new();
-        if let Some((h, w)) = settings.additional_conditions {
+        Self::with_conditioning(schedule, settings, conditioning)
+    }
+
+    /// A sampler whose every evaluation carries the conditioning of `template` (text and
+    /// mask, class labels, added conditions; its `hidden_states` and `timestep` are
+    /// replaced at every step): a fixture case, or a benchmark's random caption. The
+    /// settings' additional conditions (`resolution`, `aspect_ratio`) are added where the
+    /// template has none.
+    ///
+    /// # Errors
+    /// A conditioning tensor whose batch is not [`SamplerSettings::batch`].
+    pub fn with_conditioning(
+        schedule: Schedule,
+        settings: SamplerSettings,
+        template: DenoiserInput<B>,
+    ) -> Result<Self, ParallelError> {
+        let batch = settings.batch();
+        let mut template = template;
+        let device = template.hidden_states.device();
+        if let Some((h, w)) = settings.additional_conditions
+            && !template.added_cond.contains_key("resolution")
+        {
             let res: Vec<f32> = (0..batch).flat_map(|_| [h as f32, w as f32]).collect();
             let ar: Vec<f32> = vec![(h as f64 / w as f64) as f32; batch];
-            added_cond.insert(
+            template.added_cond.insert(
                 "resolution".to_string(),
-                Tensor::from_data(TensorData::new(res, [batch, 2]), device),
+                Tensor::from_data(TensorData::new(res, [batch, 2]), &device),
             );
-            added_cond.insert(
+            template.added_cond.insert(
                 "aspect_ratio".to_string(),
-                Tensor::from_data(TensorData::new(ar, [batch, 1]), device),
+                Tensor::from_data(TensorData::new(ar, [batch, 1]), &device),
             );
+        }
+        let mut batches: Vec<(String, usize)> = Vec::new();
+        if let Some(t) = &template.encoder_hidden_states {
+            batches.push(("encoder_hidden_states".into(), t.dims()[0]));
+        }
+        if let Some(t) = &template.encoder_attention_mask {
+            batches.push(("encoder_attention_mask".into(), t.dims()[0]));
+        }
+        if let Some(t) = &template.class_labels {
+            batches.push(("class_labels".into(), t.dims()[0]));
+        }
+        for (k, v) in &template.added_cond {
+            batches.push((k.clone(), v.dims()[0]));
+        }
+        if let Some((name, b)) = batches.iter().find(|(_, b)| *b != batch) {
+            return Err(ParallelError::Model(format!(
+                "the conditioning `{name}` has batch {b}, the denoiser batch is {batch} \
+                 ({} image(s){})",
+                settings.images,
+                if settings.guidance() { " × 2 for guidance" } else { "" }
+            )));
         }
         let steps = schedule.len();
         Ok(Sampler {
             schedule,
             settings,
-            text,
-            added_cond,
+            conditioning: template,
             states: BTreeMap::new(),
             height: None,
             progress: None,
             step_starts: vec![None; steps],
-            device: device.clone(),
+            watched: None,
+            snapshots: Vec::new(),
+            device,
         })
     }
 
     /// Advances `bar` as steps begin (the first `model_input` call of each step).
     pub fn with_progress(mut self, bar: ProgressBar) -> Self {
         self.progress = Some(bar);
+        self
+    }
+
+    /// Snapshots `comm`'s counters at the start of every step; errors name its rank.
+    pub fn watch(mut self, comm: Comm<B>) -> Self {
+        self.watched = Some(comm);
         self
     }
 
@@ -160,6 +222,11 @@ impl<B: Backend> Sampler<B> {
         &self.step_starts
     }
 
+    /// The watched communicator's counters at the start of each step begun so far.
+    pub fn snapshots(&self) -> &[CommStats] {
+        &self.snapshots
+    }
+
     /// The row ranges of the regions stepped so far.
     pub fn regions(&self) -> Vec<Range<usize>> {
         self.states.keys().map(|&(a, b)| a..b).collect()
@@ -168,6 +235,39 @@ impl<B: Backend> Sampler<B> {
     /// The initial latents: `noise · init_noise_sigma` (diffusers scales given latents too).
     pub fn initial_latents(&self, noise: Tensor<B, 4>) -> Tensor<B, 4> {
         noise.mul_scalar(self.schedule.init_noise_sigma())
+    }
+
+    fn bad(&self, reason: String) -> ParallelError {
+        let strategy = match &self.watched {
+            Some(c) => format!("sampler on rank {}", c.world_rank()),
+            None => "sampler".into(),
+        };
+        ParallelError::State { strategy, reason }
+    }
+
+    /// An error if `t` holds a NaN or an infinity (`0 · x` is NaN exactly for those, so one
+    /// reduction of `0 · t` tells; the index is looked up only on failure).
+    fn check_finite(
+        &self,
+        t: &Tensor<B, 4>,
+        what: impl Fn() -> String,
+    ) -> Result<(), ParallelError> {
+        let probe: f32 = t.clone().mul_scalar(0.0).sum().into_scalar().elem();
+        if probe == 0.0 {
+            return Ok(());
+        }
+        let values = t.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        let at = values.iter().position(|v| !v.is_finite());
+        let (index, value) = match at {
+            Some(i) => (i.to_string(), values[i].to_string()),
+            None => ("?".into(), "?".into()),
+        };
+        Err(self.bad(format!(
+            "{} holds a non-finite value ({value} at flat index {index} of {:?}): the model \
+             diverged or its weights are broken",
+            what(),
+            t.dims()
+        )))
     }
 }
 
@@ -190,8 +290,8 @@ fn state_for<'s, B: Backend>(
     states.get_mut(&key).expect("inserted above")
 }
 
-fn bad(reason: String) -> ParallelError {
-    ParallelError::State { strategy: "sampler".into(), reason }
+fn scheduler_error(e: schedulers::SchedulerError) -> ParallelError {
+    ParallelError::State { strategy: "scheduler".into(), reason: e.to_string() }
 }
 
 impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
@@ -205,13 +305,16 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
         latents: &Tensor<B, 4>,
     ) -> Result<DenoiserInput<B>, ParallelError> {
         if step >= self.schedule.len() {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "step {step} is past the schedule of {} steps",
                 self.schedule.len()
             )));
         }
         if self.step_starts[step].is_none() {
             self.step_starts[step] = Some(Instant::now());
+            if let Some(c) = &self.watched {
+                self.snapshots.push(c.stats());
+            }
             if let Some(bar) = &self.progress {
                 bar.set_position(step as u64);
             }
@@ -219,7 +322,7 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
         let images = latents.dims()[0];
         self.height = Some(latents.dims()[2]);
         if images != self.settings.images {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "latents have batch {images}, the request has {} images",
                 self.settings.images
             )));
@@ -230,15 +333,11 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
             latents.clone()
         };
         let batch = doubled.dims()[0];
-        let hidden_states = self.schedule.scale_model_input(doubled, step);
-        let t = self.schedule.timestep(step) as f32;
-        let timestep = Tensor::from_data(TensorData::new(vec![t; batch], [batch]), &self.device);
-        let mut input = DenoiserInput::new(hidden_states, timestep);
-        if let Some(text) = &self.text {
-            input.encoder_hidden_states = Some(text.embeds.clone());
-            input.encoder_attention_mask = Some(text.mask.clone());
-        }
-        input.added_cond = self.added_cond.clone();
+        let mut input = self.conditioning.clone();
+        input.hidden_states =
+            self.schedule.scale_model_input(doubled, step).map_err(scheduler_error)?;
+        let t = self.schedule.timestep(step).map_err(scheduler_error)? as f32;
+        input.timestep = Tensor::from_data(TensorData::new(vec![t; batch], [batch]), &self.device);
         Ok(input)
     }
 
@@ -253,7 +352,7 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
         let [nb, nc, nh, nw] = noise_pred.dims();
         let [lb, lc, lh, lw] = latents.dims();
         if nb != s.batch() || nc != s.out_channels || (nh, nw) != (lh, lw) || nh != region.len() {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "step {step}, rows {region:?}: noise prediction {:?} does not fit latents {:?} \
                  (batch {}, {} output channels)",
                 noise_pred.dims(),
@@ -263,13 +362,23 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
             )));
         }
         if lb != s.images || lc != s.latent_channels {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "step {step}: latents {:?} are not [{}, {}, rows, width]",
                 latents.dims(),
                 s.images,
                 s.latent_channels
             )));
         }
+        if step >= self.schedule.len() {
+            return Err(self.bad(format!(
+                "step {step} is past the schedule of {} steps",
+                self.schedule.len()
+            )));
+        }
+        self.check_finite(&noise_pred, || {
+            format!("the noise prediction of step {step} (latent rows {region:?})")
+        })?;
+        let s = &self.settings;
         let guided = if s.guidance() {
             let uncond = noise_pred.clone().narrow(0, 0, s.images);
             let cond = noise_pred.narrow(0, s.images, s.images);
@@ -283,22 +392,22 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
         } else {
             guided
         };
-        if step >= self.schedule.len() {
-            return Err(bad(format!(
-                "step {step} is past the schedule of {} steps",
-                self.schedule.len()
-            )));
-        }
+        // A half-precision model's prediction steps float32 latents (the scheduler's
+        // history stays in the latents' dtype).
+        let eps = if eps.dtype() == latents.dtype() { eps } else { eps.cast(latents.dtype()) };
         let state = state_for(&mut self.states, &self.schedule, self.height, &region);
         if let Some(next) = state.next_step_index()
             && next != step
         {
-            return Err(bad(format!(
+            let reason = format!(
                 "rows {region:?} were last stepped at step {}, now asked for step {step}",
                 next - 1
-            )));
+            );
+            return Err(self.bad(reason));
         }
-        Ok(self.schedule.step(state, step, eps, latents))
+        let next = self.schedule.step(state, step, eps, latents).map_err(scheduler_error)?;
+        self.check_finite(&next, || format!("the latents after step {step} (rows {region:?})"))?;
+        Ok(next)
     }
 }
 

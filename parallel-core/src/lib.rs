@@ -75,12 +75,13 @@ pub use model::{
     Shard, Sharding, StagedDenoiser, TokenGrid,
 };
 pub use registry::{
-    OptionInfo, OptionValue, Registry, StrategyCtor, StrategyInfo, StrategyOptions,
+    OptionInfo, OptionValue, Reference, Registry, StrategyCtor, StrategyInfo, StrategyOptions,
+    SuiteCase,
 };
 pub use seams::{
     AttentionSite, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams, Serial,
 };
 pub use strategy::{
-    DenoiseLoop, ExpectedComm, MemoryReport, ParallelStrategy, RequestInfo, SerialStrategy,
-    StepKind,
+    CurrentRequest, DenoiseLoop, ExpectedComm, MemoryReport, ParallelStrategy, RequestInfo,
+    SerialStrategy, StepKind,
 };

@@ -73,7 +73,8 @@ pub struct OptionInfo {
     pub doc: &'static str,
 }
 
-/// A registered strategy's name, summary and options.
+/// A registered strategy's name, summary, options and the configurations the shared
+/// conformance suite must run it in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StrategyInfo {
     /// The registered name.
@@ -82,6 +83,86 @@ pub struct StrategyInfo {
     pub summary: &'static str,
     /// Its options.
     pub options: Vec<OptionInfo>,
+    /// What the conformance suite runs it in, and what it must equal there. The suite
+    /// iterates the registry: a strategy is tested by registering, in every case it lists.
+    pub suite: Vec<SuiteCase>,
+}
+
+/// One configuration of a strategy the conformance suite runs: options, world sizes, and
+/// the definition its output must equal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SuiteCase {
+    /// Options set (the others at their defaults).
+    pub options: Vec<(&'static str, OptionValue)>,
+    /// World sizes to run at.
+    pub world_sizes: Vec<usize>,
+    /// What the output must equal, at every step of a denoising loop and in a lone forward.
+    pub reference: Reference,
+}
+
+impl SuiteCase {
+    /// A case with the default options at `world_sizes`, equal to `reference`.
+    pub fn new(world_sizes: &[usize], reference: Reference) -> Self {
+        SuiteCase { options: Vec::new(), world_sizes: world_sizes.to_vec(), reference }
+    }
+
+    /// This case with option `key = value`.
+    pub fn with(mut self, key: &'static str, value: OptionValue) -> Self {
+        self.options.push((key, value));
+        self
+    }
+
+    /// The options as a registry takes them, for strategy `name`.
+    pub fn strategy_options(&self, name: &str) -> StrategyOptions {
+        let mut o = StrategyOptions::new(name);
+        for (k, v) in &self.options {
+            o.set(*k, v.clone());
+        }
+        o
+    }
+}
+
+/// What a strategy's output is, by definition: the conformance suite builds each of these
+/// independently, on one rank, from the serial model and its seams, and requires the
+/// strategy to equal it. "Bands" are the latent's token rows cut into `N` (world size)
+/// contiguous parts, balanced, longer first (10 rows over 4 ranks: 3, 3, 2, 2).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reference {
+    /// The serial model at every step: every self-attention sees fresh K/V of every token.
+    Serial,
+    /// Displaced patch parallelism (DistriFusion): steps `< warmup_steps` equal serial;
+    /// after them band `r`, run on its own, attends in every self-attention to its own
+    /// fresh K/V and to the other bands' K/V of the previous step at that layer.
+    DisplacedPatches {
+        /// Synchronous (exact) steps first.
+        warmup_steps: usize,
+    },
+    /// Naive patch parallelism: every band runs on its own and attends to its own tokens.
+    LocalPatches,
+    /// Displaced patch pipelining (PipeFusion): steps `< warmup_steps` equal serial; after
+    /// them the latent's token rows are cut into `patches` parts run in order, and at every
+    /// layer patch `p` of step `t` attends to the K/V of patches `q ≤ p` of step `t` and of
+    /// patches `q > p` of step `t − 1`; each patch is stepped by the scheduler with its own
+    /// region state.
+    PipelinedPatches {
+        /// Patches `M` (independent of the world size: stages split layers, not tokens).
+        patches: usize,
+        /// Synchronous (exact) steps first.
+        warmup_steps: usize,
+    },
+}
+
+impl Reference {
+    /// Whether the output equals serial at step `step` and before: fresh strategies at every
+    /// step, stale ones during warmup.
+    pub fn is_serial_through(&self, step: usize) -> bool {
+        match self {
+            Reference::Serial => true,
+            Reference::DisplacedPatches { warmup_steps }
+            | Reference::PipelinedPatches { warmup_steps, .. } => step < *warmup_steps,
+            Reference::LocalPatches => false,
+        }
+    }
 }
 
 /// Options given to a strategy, checked against its [`StrategyInfo`] by the registry.
@@ -111,6 +192,11 @@ impl StrategyOptions {
     /// The keys given.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.values.keys().map(String::as_str)
+    }
+
+    /// The options given, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &OptionValue)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     fn bad(&self, key: &str, reason: String) -> ParallelError {
@@ -179,6 +265,7 @@ impl<B: Backend> Registry<B> {
                 name: SerialStrategy::<B>::NAME,
                 summary: "one rank, no split: the reference every strategy is compared with",
                 options: vec![],
+                suite: vec![SuiteCase::new(&[1], Reference::Serial)],
             },
             |comm, _| Ok(Box::new(SerialStrategy::new(comm)?)),
         );
@@ -258,9 +345,10 @@ mod tests {
     #[test]
     fn unknown_name_lists_the_known_ones() {
         let mut r = Registry::<Flex>::new();
-        r.register(StrategyInfo { name: "zeta", summary: "test", options: vec![] }, |c, _| {
-            Ok(Box::new(SerialStrategy::new(c)?))
-        });
+        r.register(
+            StrategyInfo { name: "zeta", summary: "test", options: vec![], suite: vec![] },
+            |c, _| Ok(Box::new(SerialStrategy::new(c)?)),
+        );
         let e = r.create("ulyses", comm(1), &StrategyOptions::new("ulyses")).err().unwrap();
         assert_eq!(e.to_string(), "unknown strategy `ulyses`; known strategies: serial, zeta");
     }

@@ -27,6 +27,65 @@ pub struct RequestInfo {
     pub text_tokens: usize,
 }
 
+impl RequestInfo {
+    /// The request of a lone forward on `input` (one step; images = batch).
+    pub fn for_forward<B: Backend>(input: &DenoiserInput<B>) -> Self {
+        RequestInfo {
+            steps: 1,
+            grid: input.grid(),
+            batch: input.batch(),
+            images: input.batch(),
+            text_tokens: input.encoder_hidden_states.as_ref().map_or(0, |t| t.dims()[1]),
+        }
+    }
+}
+
+/// The request a strategy instance serves, kept from `begin_request` so that `forward` and
+/// `denoise` use the request the strategy validated (never one rebuilt from a tensor).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CurrentRequest(Option<RequestInfo>);
+
+impl CurrentRequest {
+    /// Starts serving `request`.
+    pub fn begin(&mut self, request: &RequestInfo) {
+        self.0 = Some(request.clone());
+    }
+
+    /// The request, or an error naming `strategy` when `begin_request` was not called.
+    pub fn get(&self, strategy: &str) -> Result<&RequestInfo> {
+        self.0.as_ref().ok_or_else(|| ParallelError::State {
+            strategy: strategy.into(),
+            reason: "forward or denoise before begin_request: tell the strategy the request \
+                     first"
+                .into(),
+        })
+    }
+
+    /// The request, after checking that `input` is one of its evaluations (same latent
+    /// grid and batch).
+    pub fn check_input<B: Backend>(
+        &self,
+        strategy: &str,
+        input: &DenoiserInput<B>,
+    ) -> Result<&RequestInfo> {
+        let request = self.get(strategy)?;
+        if input.grid() != request.grid || input.batch() != request.batch {
+            return Err(ParallelError::State {
+                strategy: strategy.into(),
+                reason: format!(
+                    "the input has latent {} and batch {}, but the request began with {} and \
+                     batch {}",
+                    input.grid(),
+                    input.batch(),
+                    request.grid,
+                    request.batch
+                ),
+            });
+        }
+        Ok(request)
+    }
+}
+
 /// The sampler side of a denoising loop, provided by the pipeline: it turns latents into a
 /// denoiser input and takes a scheduler step. Regions let a strategy step a band of latent
 /// rows on its own (PipeFusion's last stage steps each patch as it completes); the pipeline
@@ -87,15 +146,40 @@ impl ExpectedComm {
     pub fn total(&self) -> u64 {
         self.elements.values().sum()
     }
+
+    /// Elements of `kind` (0 when none are expected).
+    pub fn get(&self, kind: OpKind) -> u64 {
+        self.elements.get(&kind).copied().unwrap_or(0)
+    }
 }
 
-/// Which kind of step an expected-communication query is about.
+/// Which evaluation an expected-communication query is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepKind {
-    /// A synchronous warmup step (stale strategies); the same as any step for the others.
-    Warmup,
-    /// A step after warmup.
-    Steady,
+    /// A lone [`forward`](ParallelStrategy::forward) call, outside a denoising loop (a
+    /// PipeFusion forward runs the stages synchronously and broadcasts the prediction,
+    /// where its denoising steps pass patches along).
+    Forward,
+    /// Step `i` (0-based) of [`denoise`](ParallelStrategy::denoise), from the start of the
+    /// step (its first `model_input` call) to the start of the next; the last step also
+    /// carries what the request sends once at its end (PipeFusion's final broadcast).
+    Denoise(usize),
+}
+
+impl StepKind {
+    /// Whether step `i` of a strategy with `warmup_steps` synchronous steps is a warmup step
+    /// (`Forward` counts as one: a lone forward is synchronous in every strategy).
+    pub fn is_warmup(self, warmup_steps: usize) -> bool {
+        match self {
+            StepKind::Forward => true,
+            StepKind::Denoise(i) => i < warmup_steps,
+        }
+    }
+
+    /// Whether this is the last step of a request of `steps` steps.
+    pub fn is_last(self, steps: usize) -> bool {
+        matches!(self, StepKind::Denoise(i) if i + 1 == steps)
+    }
 }
 
 /// A way of splitting every denoising step over the ranks of a group.
@@ -162,13 +246,34 @@ pub trait ParallelStrategy<B: Backend>: Send {
         0
     }
 
-    /// Expected elements sent per denoising step by this rank.
+    /// The elements this rank is expected to send in `step` of `request` (a lone forward or
+    /// one denoising step), from the strategy's formula and the real shapes, computed
+    /// independently of the communicator's counters it is set beside.
     fn expected_comm(
         &self,
         model: &ModelDesc,
         request: &RequestInfo,
         step: StepKind,
     ) -> Result<ExpectedComm>;
+
+    /// The elements expected over the whole of [`denoise`](ParallelStrategy::denoise): the
+    /// sum of [`expected_comm`](ParallelStrategy::expected_comm) over its steps; the formula
+    /// is that of the last step.
+    fn expected_request_comm(
+        &self,
+        model: &ModelDesc,
+        request: &RequestInfo,
+    ) -> Result<ExpectedComm> {
+        let mut total = ExpectedComm::none("");
+        for i in 0..request.steps {
+            let step = self.expected_comm(model, request, StepKind::Denoise(i))?;
+            for (kind, n) in step.elements {
+                total.add(kind, n);
+            }
+            total.formula = step.formula;
+        }
+        Ok(total)
+    }
 }
 
 /// The serial reference: one rank, the model as written, no communication.

@@ -68,4 +68,34 @@ pub enum SchedulerError {
         /// The largest number accepted (`num_train_timesteps`).
         max: usize,
     },
+    /// A step index past the end of the schedule.
+    #[error("{class}: step index {step} is out of range for a schedule of {len} steps")]
+    StepOutOfRange {
+        /// The diffusers class of the schedule.
+        class: &'static str,
+        /// The index asked for.
+        step: usize,
+        /// The number of steps of the schedule.
+        len: usize,
+    },
+    /// A state used out of order or with another schedule.
+    #[error("{class}: {reason}")]
+    State {
+        /// The diffusers class of the schedule.
+        class: &'static str,
+        /// What is wrong, and what to do instead.
+        reason: String,
+    },
+    /// `model_output`, `sample` and the state's history differ in shape.
+    #[error("{class}: {what} has shape {got:?}, the sample has {sample:?}")]
+    Shape {
+        /// The diffusers class of the schedule.
+        class: &'static str,
+        /// Which tensor.
+        what: &'static str,
+        /// Its shape.
+        got: Vec<usize>,
+        /// The sample's shape.
+        sample: Vec<usize>,
+    },
 }

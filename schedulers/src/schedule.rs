@@ -134,9 +134,9 @@ pub enum TimestepDType {
 /// let mut state = schedule.new_state::<B, 4>();
 /// let mut latents = noise.mul_scalar(schedule.init_noise_sigma());
 /// for i in 0..schedule.len() {
-///     let input = schedule.scale_model_input(latents.clone(), i);
-///     let eps = model.forward(input, schedule.timestep(i) as f32);
-///     latents = schedule.step(&mut state, i, eps, latents);
+///     let input = schedule.scale_model_input(latents.clone(), i)?;
+///     let eps = model.forward(input, schedule.timestep(i)? as f32);
+///     latents = schedule.step(&mut state, i, eps, latents)?;
 /// }
 /// ```
 #[derive(Debug, Clone)]
@@ -184,10 +184,11 @@ impl Schedule {
 
     /// The timestep of step `step_index` (see [`Schedule::timesteps`]).
     ///
-    /// # Panics
-    /// If `step_index >= self.len()`.
-    pub fn timestep(&self, step_index: usize) -> f64 {
-        self.timesteps[step_index]
+    /// # Errors
+    /// [`SchedulerError::StepOutOfRange`] if `step_index >= self.len()`.
+    pub fn timestep(&self, step_index: usize) -> Result<f64, SchedulerError> {
+        self.check_index(step_index)?;
+        Ok(self.timesteps[step_index])
     }
 
     /// The element type diffusers gives the timesteps.
@@ -235,21 +236,21 @@ impl Schedule {
     ///
     /// It reads no state, so it may be called for any region at any time.
     ///
-    /// # Panics
-    /// If `step_index >= self.len()`.
+    /// # Errors
+    /// [`SchedulerError::StepOutOfRange`] if `step_index >= self.len()`.
     pub fn scale_model_input<B: Backend, const D: usize>(
         &self,
         sample: Tensor<B, D>,
         step_index: usize,
-    ) -> Tensor<B, D> {
-        self.check_index(step_index);
-        match &self.rule {
+    ) -> Result<Tensor<B, D>, SchedulerError> {
+        self.check_index(step_index)?;
+        Ok(match &self.rule {
             StepRule::Euler(_) => {
                 let sigma = self.sigma(step_index);
                 EulerStep::scale_model_input(sample, sigma)
             }
             StepRule::DpmSolver(_) | StepRule::Ddim(_) | StepRule::FlowMatch(_) => sample,
-        }
+        })
     }
 
     /// One denoising step: from `sample` at step `step_index` and the denoiser's
@@ -261,48 +262,59 @@ impl Schedule {
     /// with diffusers' `set_begin_index`). Every operation is elementwise, so stepping the rows
     /// of a region with its own state gives exactly those rows of the whole-image step.
     ///
-    /// # Panics
-    /// If `step_index >= self.len()`, if the state comes from a schedule of another length or
-    /// has already stepped and `step_index` is not the next index, or if `model_output`,
-    /// `sample` and the state's history differ in shape.
+    /// # Errors
+    /// [`SchedulerError::StepOutOfRange`] if `step_index >= self.len()`;
+    /// [`SchedulerError::State`] if the state comes from a schedule of another length or has
+    /// already stepped and `step_index` is not the next index; [`SchedulerError::Shape`] if
+    /// `model_output`, `sample` and the state's history differ in shape. Nothing is changed
+    /// on error.
     pub fn step<B: Backend, const D: usize>(
         &self,
         state: &mut SchedulerState<B, D>,
         step_index: usize,
         model_output: Tensor<B, D>,
         sample: Tensor<B, D>,
-    ) -> Tensor<B, D> {
-        self.check_index(step_index);
-        assert_eq!(
-            state.schedule_len,
-            self.len(),
-            "{}: the state was made by a schedule of {} steps, this one has {}",
-            self.class,
-            state.schedule_len,
-            self.len()
-        );
-        if let Some(next) = state.next_step {
-            assert_eq!(
-                step_index, next,
-                "{}: this state expects step {next} but was given step {step_index}; \
-                 states step in order, keep one state per image region",
-                self.class
-            );
+    ) -> Result<Tensor<B, D>, SchedulerError> {
+        self.check_index(step_index)?;
+        let class = self.class;
+        if state.schedule_len != self.len() {
+            return Err(SchedulerError::State {
+                class,
+                reason: format!(
+                    "the state was made by a schedule of {} steps, this one has {}",
+                    state.schedule_len,
+                    self.len()
+                ),
+            });
         }
-        assert_eq!(
-            model_output.dims(),
-            sample.dims(),
-            "{}: model_output and sample differ in shape",
-            self.class
-        );
+        if let Some(next) = state.next_step
+            && step_index != next
+        {
+            return Err(SchedulerError::State {
+                class,
+                reason: format!(
+                    "this state expects step {next} but was given step {step_index}; states \
+                     step in order, keep one state per image region"
+                ),
+            });
+        }
+        let shape = sample.dims().to_vec();
+        let history = state.model_outputs.iter().map(|t| ("the state's history", t.dims()));
+        for (what, got) in std::iter::once(("model_output", model_output.dims())).chain(history) {
+            if got[..] != shape[..] {
+                return Err(SchedulerError::Shape {
+                    class,
+                    what,
+                    got: got.to_vec(),
+                    sample: shape,
+                });
+            }
+        }
         let prev = match &self.rule {
-            StepRule::DpmSolver(rule) => rule.step(
-                self.sigmas.as_deref().expect("DPM-Solver has sigmas"),
-                state,
-                step_index,
-                model_output,
-                sample,
-            ),
+            StepRule::DpmSolver(rule) => {
+                let sigmas = self.sigmas.as_deref().expect("a DPM-Solver schedule has sigmas");
+                rule.step(sigmas, state, step_index, model_output, sample)
+            }
             StepRule::Ddim(rule) => rule.step(step_index, model_output, sample),
             StepRule::Euler(rule) => {
                 rule.step(self.sigma(step_index), self.sigma(step_index + 1), model_output, sample)
@@ -312,20 +324,23 @@ impl Schedule {
             }
         };
         state.next_step = Some(step_index + 1);
-        prev
+        Ok(prev)
     }
 
     fn sigma(&self, index: usize) -> f32 {
         self.sigmas.as_ref().expect("this scheduler has sigmas")[index]
     }
 
-    fn check_index(&self, step_index: usize) {
-        assert!(
-            step_index < self.len(),
-            "{}: step index {step_index} is out of range for a schedule of {} steps",
-            self.class,
-            self.len()
-        );
+    fn check_index(&self, step_index: usize) -> Result<(), SchedulerError> {
+        if step_index < self.len() {
+            Ok(())
+        } else {
+            Err(SchedulerError::StepOutOfRange {
+                class: self.class,
+                step: step_index,
+                len: self.len(),
+            })
+        }
     }
 }
 

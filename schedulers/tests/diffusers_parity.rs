@@ -179,7 +179,7 @@ fn run_case(name: &str, steps: usize) -> ((f64, f64), (f64, f64)) {
     let (mut worst, mut worst_scale) = ((0f64, 0f64), (0f64, 0f64));
     for i in 0..steps {
         if r.has("scaled_model_inputs") {
-            let scaled = values(schedule.scale_model_input(sample.clone(), i));
+            let scaled = values(schedule.scale_model_input(sample.clone(), i).unwrap());
             let (m, l2) = rel_errors(&scaled, &values(r.item("scaled_model_inputs", i)));
             assert!(
                 m <= SAMPLE_REL_TOL && l2 <= SAMPLE_REL_TOL,
@@ -189,11 +189,11 @@ fn run_case(name: &str, steps: usize) -> ((f64, f64), (f64, f64)) {
         } else {
             // No scale_model_input in diffusers: ours is the identity.
             assert_eq!(
-                values(schedule.scale_model_input(sample.clone(), i)),
+                values(schedule.scale_model_input(sample.clone(), i).unwrap()),
                 values(sample.clone())
             );
         }
-        sample = schedule.step(&mut state, i, r.item("model_outputs", i), sample);
+        sample = schedule.step(&mut state, i, r.item("model_outputs", i), sample).unwrap();
         let (m, l2) = rel_errors(&values(sample.clone()), &values(r.item("prev_samples", i)));
         assert!(
             m <= SAMPLE_REL_TOL && l2 <= SAMPLE_REL_TOL,
@@ -234,23 +234,24 @@ fn states_per_row_band_equal_the_whole_image_exactly() {
                 let mut parts = split_rows(whole.clone(), &bands);
                 for i in 0..steps {
                     let out = r.item("model_outputs", i);
-                    whole = schedule.step(&mut whole_state, i, out.clone(), whole);
+                    whole = schedule.step(&mut whole_state, i, out.clone(), whole).unwrap();
                     let outs = split_rows(out, &bands);
                     // Bands in reverse order, to show the states are independent.
                     for b in (0..bands.len()).rev() {
-                        let scaled = schedule.scale_model_input(parts[b].clone(), i);
+                        let scaled = schedule.scale_model_input(parts[b].clone(), i).unwrap();
                         assert_eq!(
                             values(scaled),
                             values(
                                 split_rows(
-                                    schedule.scale_model_input(cat_rows(parts.clone()), i),
+                                    schedule.scale_model_input(cat_rows(parts.clone()), i).unwrap(),
                                     &bands
                                 )[b]
                                     .clone()
                             )
                         );
-                        parts[b] =
-                            schedule.step(&mut states[b], i, outs[b].clone(), parts[b].clone());
+                        parts[b] = schedule
+                            .step(&mut states[b], i, outs[b].clone(), parts[b].clone())
+                            .unwrap();
                     }
                     assert_eq!(
                         values(cat_rows(parts.clone())),
@@ -293,7 +294,7 @@ fn dpm_solver_state_counts_lower_order_steps() {
         (None, 0, 0)
     );
     for i in 0..4 {
-        sample = schedule.step(&mut state, i, r.item("model_outputs", i), sample);
+        sample = schedule.step(&mut state, i, r.item("model_outputs", i), sample).unwrap();
         assert_eq!(state.next_step_index(), Some(i + 1));
         assert_eq!(state.lower_order_nums(), (i + 1).min(2));
         assert_eq!(state.history_len(), (i + 1).min(2));
@@ -310,36 +311,56 @@ fn dpm_solver_state_counts_lower_order_steps() {
 }
 
 #[test]
-#[should_panic(expected = "this state expects step 1 but was given step 2")]
-fn stepping_out_of_order_panics() {
+fn stepping_out_of_order_is_an_error() {
     let schedule = scheduler("dpmsolver_multistep").set_timesteps(4).unwrap();
     let mut state = schedule.new_state::<B, 4>();
     let x = Tensor::<B, 4>::zeros([1, 4, 2, 2], &Default::default());
-    let x = schedule.step(&mut state, 0, x.clone(), x);
-    schedule.step(&mut state, 2, x.clone(), x);
+    let x = schedule.step(&mut state, 0, x.clone(), x).unwrap();
+    let e = schedule.step(&mut state, 2, x.clone(), x).unwrap_err().to_string();
+    assert!(e.contains("this state expects step 1 but was given step 2"), "{e}");
+    // Nothing changed: the right step still works.
+    let x = Tensor::<B, 4>::zeros([1, 4, 2, 2], &Default::default());
+    schedule.step(&mut state, 1, x.clone(), x).unwrap();
 }
 
 #[test]
-#[should_panic(expected = "the state's history has another shape than this sample")]
-fn a_state_used_for_two_regions_panics() {
+fn a_state_used_for_two_regions_is_an_error() {
     let schedule = scheduler("dpmsolver_multistep").set_timesteps(4).unwrap();
     let mut state = schedule.new_state::<B, 4>();
     let dev = Default::default();
     let a = Tensor::<B, 4>::zeros([1, 4, 2, 2], &dev);
     let b = Tensor::<B, 4>::zeros([1, 4, 3, 2], &dev);
-    schedule.step(&mut state, 0, a.clone(), a);
-    schedule.step(&mut state, 1, b.clone(), b);
+    schedule.step(&mut state, 0, a.clone(), a).unwrap();
+    let e = schedule.step(&mut state, 1, b.clone(), b).unwrap_err().to_string();
+    assert!(
+        e.contains("the state's history has shape [1, 4, 2, 2], the sample has [1, 4, 3, 2]"),
+        "{e}"
+    );
 }
 
 #[test]
-#[should_panic(expected = "the state was made by a schedule of 4 steps, this one has 20")]
-fn a_state_of_another_schedule_panics() {
+fn a_state_of_another_schedule_is_an_error() {
     let scheduler = scheduler("euler");
     let four = scheduler.set_timesteps(4).unwrap();
     let twenty = scheduler.set_timesteps(20).unwrap();
     let mut state = four.new_state::<B, 4>();
     let x = Tensor::<B, 4>::zeros([1, 4, 2, 2], &Default::default());
-    twenty.step(&mut state, 0, x.clone(), x);
+    let e = twenty.step(&mut state, 0, x.clone(), x).unwrap_err().to_string();
+    assert!(e.contains("the state was made by a schedule of 4 steps, this one has 20"), "{e}");
+}
+
+#[test]
+fn steps_past_the_schedule_and_mismatched_outputs_are_errors() {
+    let schedule = scheduler("euler").set_timesteps(4).unwrap();
+    let dev = Default::default();
+    let x = Tensor::<B, 4>::zeros([1, 4, 2, 2], &dev);
+    let e = schedule.timestep(4).unwrap_err().to_string();
+    assert!(e.contains("step index 4 is out of range for a schedule of 4 steps"), "{e}");
+    assert!(schedule.scale_model_input(x.clone(), 7).is_err());
+    let mut state = schedule.new_state::<B, 4>();
+    let wide = Tensor::<B, 4>::zeros([1, 4, 2, 3], &dev);
+    let e = schedule.step(&mut state, 0, wide, x).unwrap_err().to_string();
+    assert!(e.contains("model_output has shape [1, 4, 2, 3], the sample has [1, 4, 2, 2]"), "{e}");
 }
 
 /// PipeFusion steps the whole latent during warmup, then each patch with its own state: a
@@ -352,7 +373,7 @@ fn a_narrowed_state_continues_the_whole_one() {
         let mut whole_state = schedule.new_state::<B, 4>();
         let mut whole = r.tensor4("initial_sample");
         for i in 0..2 {
-            whole = schedule.step(&mut whole_state, i, r.item("model_outputs", i), whole);
+            whole = schedule.step(&mut whole_state, i, r.item("model_outputs", i), whole).unwrap();
         }
         let bands = [3usize, 5];
         let mut states: Vec<_> =
@@ -361,9 +382,10 @@ fn a_narrowed_state_continues_the_whole_one() {
         for i in 2..20 {
             let outs = split_rows(r.item("model_outputs", i), &bands);
             for b in 0..2 {
-                parts[b] = schedule.step(&mut states[b], i, outs[b].clone(), parts[b].clone());
+                parts[b] =
+                    schedule.step(&mut states[b], i, outs[b].clone(), parts[b].clone()).unwrap();
             }
-            whole = schedule.step(&mut whole_state, i, r.item("model_outputs", i), whole);
+            whole = schedule.step(&mut whole_state, i, r.item("model_outputs", i), whole).unwrap();
             assert_eq!(values(cat_rows(parts.clone())), values(whole.clone()), "{name} step {i}");
         }
     }

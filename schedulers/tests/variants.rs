@@ -85,7 +85,7 @@ fn variants_equal_diffusers() {
         let mut worst = (0f64, 0f64);
         for i in 0..case.steps {
             let out = tensor(&case.model_outputs[i]);
-            sample = schedule.step(&mut state, i, out, sample);
+            sample = schedule.step(&mut state, i, out, sample).unwrap();
             let ours = sample.clone().into_data().to_vec::<f32>().unwrap();
             let (m, l2) = rel_errors(&ours, &case.prev_samples[i]);
             assert!(

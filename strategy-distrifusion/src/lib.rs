@@ -58,9 +58,9 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
-    AttentionSite, Comm, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind, OptionInfo,
-    ParallelStrategy, Pending, Registry, RequestInfo, Result, Seams, Serial, StepKind,
-    StrategyInfo, StrategyOptions,
+    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
+    OptionInfo, OptionValue, ParallelError, ParallelStrategy, Pending, Reference, Registry,
+    RequestInfo, Result, Seams, Serial, StepKind, StrategyInfo, StrategyOptions, SuiteCase,
 };
 
 /// The registered name of DistriFusion.
@@ -109,12 +109,29 @@ pub struct DistriFusion<B: Backend> {
     world: Comm<B>,
     warmup_steps: usize,
     state: State<B>,
+    request: CurrentRequest,
 }
 
 impl<B: Backend> DistriFusion<B> {
-    /// DistriFusion with `warmup_steps` synchronous steps.
-    pub fn new(world: Comm<B>, warmup_steps: usize) -> Self {
-        DistriFusion { world, warmup_steps, state: State::new() }
+    /// DistriFusion with `warmup_steps` (≥ 1) synchronous steps.
+    ///
+    /// # Errors
+    /// `warmup_steps = 0`: step 0 has no previous step whose K/V could be stale, so it is
+    /// synchronous whatever is asked; say 1.
+    pub fn new(world: Comm<B>, warmup_steps: usize) -> Result<Self> {
+        if warmup_steps == 0 {
+            return Err(ParallelError::BadOption {
+                strategy: NAME.into(),
+                key: "warmup_steps".into(),
+                reason: "must be ≥ 1: step 0 has no previous step's K/V to reuse".into(),
+            });
+        }
+        Ok(DistriFusion {
+            world,
+            warmup_steps,
+            state: State::new(),
+            request: CurrentRequest::default(),
+        })
     }
 
     /// The configured warmup steps.
@@ -185,8 +202,15 @@ pub fn info() -> StrategyInfo {
         options: vec![OptionInfo {
             key: "warmup_steps",
             default: "4",
-            doc: "synchronous steps (fresh K/V everywhere) before the stale, overlapped ones",
+            doc: "synchronous steps (fresh K/V everywhere) before the stale, overlapped ones (≥ 1)",
         }],
+        suite: vec![
+            SuiteCase::new(&[1, 2, 4], Reference::DisplacedPatches { warmup_steps: 4 }),
+            SuiteCase::new(&[2, 4], Reference::DisplacedPatches { warmup_steps: 1 })
+                .with("warmup_steps", OptionValue::Int(1)),
+            SuiteCase::new(&[2, 4], Reference::DisplacedPatches { warmup_steps: 2 })
+                .with("warmup_steps", OptionValue::Int(2)),
+        ],
     }
 }
 
@@ -196,6 +220,7 @@ pub fn naive_info() -> StrategyInfo {
         name: NAIVE_NAME,
         summary: "image rows split, each rank attends only to its own rows (the baseline; seams show)",
         options: vec![],
+        suite: vec![SuiteCase::new(&[1, 2, 4], Reference::LocalPatches)],
     }
 }
 
@@ -203,7 +228,7 @@ pub fn naive_info() -> StrategyInfo {
 pub fn register<B: Backend>(registry: &mut Registry<B>) {
     registry.register(info(), |comm, opts: &StrategyOptions| {
         let warmup = opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)?;
-        Ok(Box::new(DistriFusion::new(comm, warmup)))
+        Ok(Box::new(DistriFusion::new(comm, warmup)?))
     });
     registry.register(naive_info(), |comm, _| Ok(Box::new(NaivePatch::new(comm))));
 }
@@ -234,6 +259,7 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
         self.validate(model, request)?;
         // Pending gathers are dropped (and released) with the old state.
         self.state = State::new();
+        self.request.begin(request);
         Ok(())
     }
 
@@ -243,6 +269,7 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
         input: &DenoiserInput<B>,
         step: usize,
     ) -> Result<Tensor<B, 4>> {
+        self.request.check_input(NAME, input)?;
         let sync = step < self.warmup_steps;
         let mut seams = DfSeams { comm: &self.world, state: &mut self.state, step, sync };
         row_split_forward(NAME, model, input, &self.world, &mut seams)
@@ -258,6 +285,8 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
         request: &RequestInfo,
         _step: StepKind,
     ) -> Result<ExpectedComm> {
+        // Warmup steps gather the fresh K/V synchronously, the others asynchronously: the
+        // same volume in every step.
         let n = self.world.size();
         let r = self.world.rank();
         let parts = row_partition(NAME, model, request.grid, n)?;
@@ -282,12 +311,13 @@ pub fn buffer_elements(model: &ModelDesc, request: &RequestInfo) -> u64 {
 /// Naive patch parallelism: every rank attends only to its own rows.
 pub struct NaivePatch<B: Backend> {
     world: Comm<B>,
+    request: CurrentRequest,
 }
 
 impl<B: Backend> NaivePatch<B> {
     /// Naive patch over the whole world.
     pub fn new(world: Comm<B>) -> Self {
-        NaivePatch { world }
+        NaivePatch { world, request: CurrentRequest::default() }
     }
 }
 
@@ -305,7 +335,9 @@ impl<B: Backend> ParallelStrategy<B> for NaivePatch<B> {
     }
 
     fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
-        self.validate(model, request)
+        self.validate(model, request)?;
+        self.request.begin(request);
+        Ok(())
     }
 
     fn forward(
@@ -314,6 +346,7 @@ impl<B: Backend> ParallelStrategy<B> for NaivePatch<B> {
         input: &DenoiserInput<B>,
         _step: usize,
     ) -> Result<Tensor<B, 4>> {
+        self.request.check_input(NAIVE_NAME, input)?;
         // The serial seams attend to the local tokens only: exactly the naive split.
         row_split_forward(NAIVE_NAME, model, input, &self.world, &mut Serial)
     }

@@ -61,9 +61,10 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::split::balanced;
 use parallel_core::{
-    AttentionSite, Comm, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc,
-    OpKind, OptionInfo, ParallelError, ParallelStrategy, Registry, RequestInfo, Result, Seams,
-    StagedDenoiser, StepKind, StrategyInfo, StrategyOptions, Tag,
+    AttentionSite, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
+    LoadPlan, ModelDesc, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy,
+    Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser, StepKind, StrategyInfo,
+    StrategyOptions, SuiteCase, Tag,
 };
 
 /// The registered name.
@@ -84,6 +85,7 @@ pub struct PipeFusion<B: Backend> {
     blocks_per_stage: Option<Vec<usize>>,
     /// Per own layer (indexed from the stage's first block): `[2, B, H, p, d]`.
     buffers: Vec<Option<Tensor<B, 5>>>,
+    request: CurrentRequest,
 }
 
 impl<B: Backend> PipeFusion<B> {
@@ -113,7 +115,14 @@ impl<B: Backend> PipeFusion<B> {
                 format!("needs {n} positive counts (one per stage), got {b:?}"),
             ));
         }
-        Ok(PipeFusion { world, patches, warmup_steps, blocks_per_stage, buffers: Vec::new() })
+        Ok(PipeFusion {
+            world,
+            patches,
+            warmup_steps,
+            blocks_per_stage,
+            buffers: Vec::new(),
+            request: CurrentRequest::default(),
+        })
     }
 
     /// The number of patches for this world.
@@ -305,7 +314,25 @@ pub fn info() -> StrategyInfo {
                 doc: "comma-separated block counts per stage, e.g. \"10,9,9\"",
             },
         ],
+        suite: suite(),
     }
+}
+
+/// The conformance cases: one patch (= serial), the default `M = N`, `M = 2N`, and two
+/// warmup steps.
+fn suite() -> Vec<SuiteCase> {
+    let case = |sizes: &[usize], patches: usize, warmup: usize| {
+        SuiteCase::new(sizes, Reference::PipelinedPatches { patches, warmup_steps: warmup })
+    };
+    let m = |c: SuiteCase, patches: i64| c.with("num_pipeline_patch", OptionValue::Int(patches));
+    vec![
+        m(case(&[1, 2, 4], 1, 1), 1),
+        case(&[2], 2, 1),
+        case(&[4], 4, 1),
+        m(case(&[2], 4, 1), 4),
+        m(case(&[4], 8, 1), 8),
+        m(case(&[2, 4], 4, 2), 4).with("warmup_steps", OptionValue::Int(2)),
+    ]
 }
 
 /// Registers `pipefusion`.
@@ -357,6 +384,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
     fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
         self.validate(model, request)?;
         self.buffers.clear();
+        self.request.begin(request);
         Ok(())
     }
 
@@ -366,6 +394,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         input: &DenoiserInput<B>,
         step: usize,
     ) -> Result<Tensor<B, 4>> {
+        self.request.check_input(NAME, input)?;
         let staged = self.staged(model)?;
         let out = self.sync_pass(staged, input, step)?;
         let last = self.world.size() - 1;
@@ -393,11 +422,19 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         let (s, n) = (self.world.rank(), self.world.size());
         let last = n - 1;
         let p = model.desc().patch_size;
-        let [_, _, height, _] = latents.dims();
-        let grid = parallel_core::LatentGrid { height, width: latents.dims()[3] };
-        let images = latents.dims()[0];
-        let request =
-            RequestInfo { steps: sampler.num_steps(), grid, batch: images, images, text_tokens: 0 };
+        let request = self.request.get(NAME)?.clone();
+        let [images, _, height, width] = latents.dims();
+        if (images, height, width) != (request.images, request.grid.height, request.grid.width) {
+            return Err(ParallelError::State {
+                strategy: NAME.into(),
+                reason: format!(
+                    "latents {:?} are not those of the request ({} images of {})",
+                    latents.dims(),
+                    request.images,
+                    request.grid
+                ),
+            });
+        }
         let patches = self.patch_rows(model.desc(), &request)?;
         let mut latents = latents;
         for step in 0..sampler.num_steps() {
@@ -473,37 +510,45 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         &self,
         model: &ModelDesc,
         request: &RequestInfo,
-        _step: StepKind,
+        step: StepKind,
     ) -> Result<ExpectedComm> {
         let (s, n) = (self.world.rank(), self.world.size());
         let p = model.tokens(request.grid).len();
+        let g = request.grid;
         let mut e = ExpectedComm::none(format!(
-            "pipefusion: stage < N−1 sends B·p·hs = {}·{p}·{}; the last stage sends the latent \
-             (Bi·C·H·W) to stage 0; no factor L",
-            request.batch, model.hidden_size
+            "pipefusion: stage < N−1 sends B·p·hs = {}·{p}·{}; {}; no factor L",
+            request.batch,
+            model.hidden_size,
+            match step {
+                StepKind::Forward => "the last stage broadcasts the prediction (B·C_out·H·W·(N−1))",
+                StepKind::Denoise(_) => {
+                    "the last stage sends the latent (Bi·C·H·W) to stage 0, and broadcasts it \
+                     (·(N−1)) after the last step"
+                }
+            }
         ));
-        if n > 1 && s + 1 < n {
-            e.add(OpKind::Send, (request.batch * p * model.hidden_size) as u64);
+        if n == 1 {
+            return Ok(e);
         }
-        if n > 1 && s + 1 == n {
-            let g = request.grid;
-            e.add(OpKind::Send, (request.images * model.in_channels * g.height * g.width) as u64);
+        if s + 1 < n {
+            e.add(OpKind::Send, (request.batch * p * model.hidden_size) as u64);
+            return Ok(e);
+        }
+        let others = (n - 1) as u64;
+        match step {
+            StepKind::Forward => {
+                let pred = request.batch * model.out_channels * g.height * g.width;
+                e.add(OpKind::Broadcast, pred as u64 * others);
+            }
+            StepKind::Denoise(_) => {
+                let latent = (request.images * model.in_channels * g.height * g.width) as u64;
+                e.add(OpKind::Send, latent);
+                if step.is_last(request.steps) {
+                    e.add(OpKind::Broadcast, latent * others);
+                }
+            }
         }
         Ok(e)
-    }
-}
-
-impl<B: Backend> PipeFusion<B> {
-    /// Elements of the final broadcast of the latents, sent once per request by the last
-    /// stage (0 on other stages).
-    pub fn final_broadcast_elements(&self, model: &ModelDesc, request: &RequestInfo) -> u64 {
-        let n = self.world.size();
-        if self.is_last() {
-            let g = request.grid;
-            (request.images * model.in_channels * g.height * g.width * (n - 1)) as u64
-        } else {
-            0
-        }
     }
 }
 

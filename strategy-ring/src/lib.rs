@@ -38,9 +38,9 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::{merge_partial, sdpa_with_lse};
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
-    AttentionSite, Comm, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
-    ParallelStrategy, Registry, RequestInfo, Result, Seams, StepKind, StrategyInfo,
-    StrategyOptions, Tag,
+    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
+    ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyInfo,
+    StrategyOptions, SuiteCase, Tag,
 };
 
 /// The registered name.
@@ -154,12 +154,18 @@ pub struct Ring<B: Backend> {
     world: Comm<B>,
     kernel: RingAttention<B>,
     forwards: u32,
+    request: CurrentRequest,
 }
 
 impl<B: Backend> Ring<B> {
     /// A ring over every rank of `world`.
     pub fn new(world: Comm<B>) -> Self {
-        Ring { kernel: RingAttention::new(world.clone()), world, forwards: 0 }
+        Ring {
+            kernel: RingAttention::new(world.clone()),
+            world,
+            forwards: 0,
+            request: CurrentRequest::default(),
+        }
     }
 }
 
@@ -169,6 +175,7 @@ pub fn info() -> StrategyInfo {
         name: NAME,
         summary: "tokens split by rows; K/V blocks travel round the ring (fresh K/V, log-sum-exp merge)",
         options: vec![],
+        suite: vec![SuiteCase::new(&[1, 2, 4], Reference::Serial)],
     }
 }
 
@@ -193,6 +200,7 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
     fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
         self.validate(model, request)?;
         self.forwards = 0;
+        self.request.begin(request);
         Ok(())
     }
 
@@ -202,6 +210,7 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
         input: &DenoiserInput<B>,
         _step: usize,
     ) -> Result<Tensor<B, 4>> {
+        self.request.check_input(NAME, input)?;
         self.kernel.begin_forward(self.forwards);
         self.forwards += 1;
         let mut seams = RingSeams { kernel: &mut self.kernel };
@@ -214,6 +223,7 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
         request: &RequestInfo,
         _step: StepKind,
     ) -> Result<ExpectedComm> {
+        // Every evaluation moves the same K/V round the ring and gathers the same output.
         let n = self.world.size();
         let r = self.world.rank();
         let parts = row_partition(NAME, model, request.grid, n)?;

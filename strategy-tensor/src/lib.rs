@@ -35,9 +35,9 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use parallel_core::comm::all_reduce_elements;
 use parallel_core::{
-    Comm, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc, ModelFamily, OpKind,
-    ParallelError, ParallelStrategy, ReduceSite, Registry, RequestInfo, Result, Seams, Shard,
-    StepKind, StrategyInfo,
+    Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc, ModelFamily,
+    OpKind, ParallelError, ParallelStrategy, ReduceSite, Reference, Registry, RequestInfo, Result,
+    Seams, Shard, StepKind, StrategyInfo, SuiteCase,
 };
 
 /// The registered name.
@@ -46,12 +46,13 @@ pub const NAME: &str = "tensor";
 /// Tensor parallelism over the whole world.
 pub struct TensorParallel<B: Backend> {
     world: Comm<B>,
+    request: CurrentRequest,
 }
 
 impl<B: Backend> TensorParallel<B> {
     /// Tensor parallelism over every rank of `world`.
     pub fn new(world: Comm<B>) -> Self {
-        TensorParallel { world }
+        TensorParallel { world, request: CurrentRequest::default() }
     }
 
     /// This rank's shard.
@@ -80,6 +81,7 @@ pub fn info() -> StrategyInfo {
         name: NAME,
         summary: "heads and MLP columns split; all-reduce after each row-parallel projection (fresh K/V, P/N weights)",
         options: vec![],
+        suite: vec![SuiteCase::new(&[1, 2, 4], Reference::Serial)],
     }
 }
 
@@ -129,7 +131,9 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
     }
 
     fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
-        self.validate(model, request)
+        self.validate(model, request)?;
+        self.request.begin(request);
+        Ok(())
     }
 
     fn forward(
@@ -138,6 +142,7 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
         input: &DenoiserInput<B>,
         _step: usize,
     ) -> Result<Tensor<B, 4>> {
+        self.request.check_input(NAME, input)?;
         let mut seams = TpSeams { comm: &self.world };
         model.forward_rows(input, 0..input.grid().height, &mut seams)
     }
@@ -148,6 +153,7 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
         request: &RequestInfo,
         _step: StepKind,
     ) -> Result<ExpectedComm> {
+        // Every evaluation, warmup or not, forward or step, moves the same all-reduces.
         let (n, r) = (self.world.size(), self.world.rank());
         let p = model.tokens(request.grid).len();
         let size = (request.batch * p * model.hidden_size) as u64;

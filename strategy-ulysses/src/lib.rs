@@ -43,9 +43,9 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
-    AttentionSite, Axis, Comm, Denoiser, DenoiserInput, ExpectedComm, Mesh, ModelDesc, OpKind,
-    OptionInfo, ParallelError, ParallelStrategy, Registry, RequestInfo, Result, Seams, StepKind,
-    StrategyInfo, StrategyOptions,
+    AttentionSite, Axis, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, Mesh,
+    ModelDesc, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy, Reference,
+    Registry, RequestInfo, Result, Seams, StepKind, StrategyInfo, StrategyOptions, SuiteCase,
 };
 pub use strategy_ring::RingAttention;
 
@@ -62,6 +62,7 @@ pub struct Usp<B: Backend> {
     ulysses: Comm<B>,
     ring: RingAttention<B>,
     forwards: u32,
+    request: CurrentRequest,
 }
 
 impl<B: Backend> Usp<B> {
@@ -90,7 +91,15 @@ impl<B: Backend> Usp<B> {
             })?;
         let ulysses = world.split(&mesh, &[Axis::Ulysses])?;
         let ring = RingAttention::new(world.split(&mesh, &[Axis::Ring])?);
-        Ok(Usp { name, world, mesh, ulysses, ring, forwards: 0 })
+        Ok(Usp {
+            name,
+            world,
+            mesh,
+            ulysses,
+            ring,
+            forwards: 0,
+            request: CurrentRequest::default(),
+        })
     }
 
     /// The Ulysses degree.
@@ -158,6 +167,7 @@ pub fn info() -> StrategyInfo {
         name: NAME,
         summary: "tokens split by rows; all-to-all to heads for attention (fresh K/V)",
         options: vec![],
+        suite: vec![SuiteCase::new(&[1, 2, 4], Reference::Serial)],
     }
 }
 
@@ -177,6 +187,13 @@ pub fn usp_info() -> StrategyInfo {
                 default: "world size / ulysses_degree",
                 doc: "ranks of each ring",
             },
+        ],
+        suite: vec![
+            SuiteCase::new(&[4], Reference::Serial)
+                .with("ulysses_degree", OptionValue::Int(2))
+                .with("ring_degree", OptionValue::Int(2)),
+            SuiteCase::new(&[2], Reference::Serial).with("ring_degree", OptionValue::Int(2)),
+            SuiteCase::new(&[2, 4], Reference::Serial).with("ring_degree", OptionValue::Int(1)),
         ],
     }
 }
@@ -249,6 +266,7 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
     fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
         self.validate(model, request)?;
         self.forwards = 0;
+        self.request.begin(request);
         Ok(())
     }
 
@@ -258,16 +276,8 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
         input: &DenoiserInput<B>,
         _step: usize,
     ) -> Result<Tensor<B, 4>> {
-        let desc = model.desc();
-        let request = RequestInfo {
-            steps: 1,
-            grid: input.grid(),
-            batch: input.batch(),
-            images: input.batch(),
-            text_tokens: 0,
-        };
-        self.validate(desc, &request)?;
-        let tokens = self.tokens_per_rank(desc, &request)?;
+        let request = self.request.check_input(self.name, input)?;
+        let tokens = self.tokens_per_rank(model.desc(), request)?;
         let group_tokens = self.ulysses.members().iter().map(|&w| tokens[w]).collect();
         self.ring.begin_forward(self.forwards);
         self.forwards += 1;
@@ -281,6 +291,7 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
         request: &RequestInfo,
         _step: StepKind,
     ) -> Result<ExpectedComm> {
+        // Every evaluation moves the same all-to-alls, ring K/V and output gather.
         let (u, rd) = (self.ulysses_degree(), self.ring_degree());
         let w = self.world.rank();
         let tokens = self.tokens_per_rank(model, request)?;

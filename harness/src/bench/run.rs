@@ -3,8 +3,8 @@
 //!
 //! Every rank builds its strategy from the registry, validates it, loads its part of the
 //! model under the strategy's load plan, and then runs `warmup + repetitions` identical
-//! requests (same seed, same latents and text) through [`ParallelStrategy::denoise`](parallel_core::ParallelStrategy::denoise) with a
-//! [`BenchSampler`] (classifier-free guidance, DPM-Solver++ — PixArt's scheduler — one
+//! requests (same seed, same latents and text) through [`ParallelStrategy::denoise`](parallel_core::ParallelStrategy::denoise) with the
+//! toolkit's [`Sampler`] (classifier-free guidance, DPM-Solver++ — PixArt's scheduler — one
 //! state per region of rows). Per request:
 //!
 //! - **timed**: from a barrier of all ranks to the end of `denoise` (the final latents on
@@ -12,25 +12,22 @@
 //!   The sampler stamps the start of each step (on rank 0) for per-step times.
 //! - **counted**: the rank's [`CommStats`] snapshot at the start of every step (the first
 //!   `model_input` call of the step), so each step's traffic is set beside
-//!   [`ParallelStrategy::expected_comm`](parallel_core::ParallelStrategy::expected_comm) for that step's kind (warmup or steady, by the
-//!   strategy's `warmup_steps` option or its documented default). Traffic after the last
-//!   step's start beyond that step's formula is reported apart, as per-request traffic
-//!   (PipeFusion's final broadcast of the latents).
+//!   [`ParallelStrategy::expected_comm`](parallel_core::ParallelStrategy::expected_comm) for that step (`StepKind::Denoise(i)`); the last step's formula
+//!   includes what a request sends once at its end (PipeFusion's final broadcast).
 
-use std::collections::HashMap;
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use models_dit::{DitModel, ModelConfig};
 use parallel_core::{
-    Comm, CommStats, DenoiseLoop, Denoiser, DenoiserInput, LaunchOptions, ModelDesc, OpKind,
-    ParallelError, Registry, RequestInfo, StepKind, StrategyOptions, launch,
+    CommStats, Denoiser, DenoiserInput, LaunchOptions, ModelDesc, OpKind, ParallelError, Registry,
+    RequestInfo, StepKind, StrategyOptions, launch,
 };
-use schedulers::{Schedule, SchedulerState};
+use schedulers::Schedule;
 
 use super::model::normal_values;
 use crate::CpuBackend as B;
+use crate::sampler::{Sampler, SamplerSettings};
 
 /// One configuration: a strategy with its options on `world_size` ranks of
 /// `threads_per_rank` threads, at one latent size.
@@ -129,14 +126,16 @@ pub fn run_configuration(
             step_times: Vec::new(),
             step_comm: Vec::new(),
             step_expected: Vec::new(),
-            formula: strategy.expected_comm(&desc, &request, StepKind::Steady)?.formula,
+            formula: strategy
+                .expected_comm(&desc, &request, StepKind::Denoise(spec.steps - 1))?
+                .formula,
             elem_bytes: 4,
             param_bytes: model.param_bytes(),
             buffer_bytes: 0,
             output: Tensor::zeros([1, 1, 1, 1], &comm.device()),
         };
         for run in 0..spec.warmup_runs + spec.repetitions {
-            let mut sampler = BenchSampler::new(&inputs, comm.clone());
+            let mut sampler = inputs.sampler()?.watch(comm.clone());
             strategy.begin_request(&desc, &request)?;
             comm.barrier()?;
             comm.reset_stats();
@@ -150,14 +149,15 @@ pub fn run_configuration(
                 continue;
             }
             outcome.request_times.push(elapsed);
-            let mut steps: Vec<Duration> = sampler.starts.windows(2).map(|w| w[1] - w[0]).collect();
-            if let Some(last) = sampler.starts.last() {
+            let starts: Vec<Instant> = sampler.step_starts().iter().flatten().copied().collect();
+            let mut steps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+            if let Some(last) = starts.last() {
                 steps.push(start + elapsed - *last);
             }
             if comm.rank() == 0 {
                 outcome.step_times.push(steps);
             }
-            let mut snaps = sampler.snapshots;
+            let mut snaps = sampler.snapshots().to_vec();
             snaps.push(end_stats);
             outcome.step_comm = snaps.windows(2).map(|w| w[1].since(&w[0])).collect();
             outcome.elem_bytes = (data.bytes.len() / data.num_elements().max(1)) as u64;
@@ -165,12 +165,7 @@ pub fn run_configuration(
         }
         outcome.step_expected = (0..spec.steps)
             .map(|s| {
-                let kind = if s < spec.strategy_warmup_steps {
-                    StepKind::Warmup
-                } else {
-                    StepKind::Steady
-                };
-                strategy.expected_comm(&desc, &request, kind).map(|e| e.total())
+                strategy.expected_comm(&desc, &request, StepKind::Denoise(s)).map(|e| e.total())
             })
             .collect::<Result<_, _>>()?;
         outcome.buffer_bytes = strategy.buffer_bytes();
@@ -185,8 +180,7 @@ pub struct BenchInputs {
     pub latents: Tensor<B, 4>,
     template: DenoiserInput<B>,
     schedule: Schedule,
-    guidance_scale: f64,
-    latent_channels: usize,
+    settings: SamplerSettings,
 }
 
 impl BenchInputs {
@@ -210,6 +204,7 @@ impl BenchInputs {
             Tensor::zeros([batch, desc.in_channels, h, w], device),
             Tensor::zeros([batch], device),
         );
+        let mut additional_conditions = None;
         match config {
             ModelConfig::PixArt(c) => {
                 let (t, ch) = (spec.text_tokens, c.caption_channels.unwrap_or(desc.hidden_size));
@@ -218,17 +213,7 @@ impl BenchInputs {
                     Some(Tensor::from_data(TensorData::new(text, [batch, t, ch]), device));
                 template.encoder_attention_mask = Some(Tensor::ones([batch, t], device));
                 if c.use_additional_conditions() {
-                    let (hp, wp) = ((h * 8) as f32, (w * 8) as f32);
-                    let res: Vec<f32> = (0..batch).flat_map(|_| [hp, wp]).collect();
-                    let ar: Vec<f32> = vec![hp / wp; batch];
-                    template.added_cond.insert(
-                        "resolution".into(),
-                        Tensor::from_data(TensorData::new(res, [batch, 2]), device),
-                    );
-                    template.added_cond.insert(
-                        "aspect_ratio".into(),
-                        Tensor::from_data(TensorData::new(ar, [batch, 1]), device),
-                    );
+                    additional_conditions = Some((h * 8, w * 8));
                 }
             }
             ModelConfig::DiT(c) => {
@@ -240,120 +225,32 @@ impl BenchInputs {
                     Some(Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [batch]), device));
             }
         }
-        BenchInputs {
-            latents,
-            template,
-            schedule,
+        let settings = SamplerSettings {
             guidance_scale: spec.guidance_scale,
+            images: 1,
             latent_channels: desc.in_channels,
-        }
-    }
-}
-
-/// The sampler side of a benchmark request: what PixArt's pipeline does around each
-/// transformer call (guidance `u + g·(c − u)`, epsilon half of a learned-sigma output,
-/// DPM-Solver++ per region of rows), with random conditioning, plus the step stamps and
-/// communication snapshots the benchmark reports.
-pub struct BenchSampler<'a> {
-    inputs: &'a BenchInputs,
-    comm: Comm<B>,
-    states: HashMap<(usize, usize), SchedulerState<B, 4>>,
-    height: usize,
-    /// Start of each step (first `model_input` call of the step).
-    pub starts: Vec<Instant>,
-    /// The rank's communication counters at the start of each step.
-    pub snapshots: Vec<CommStats>,
-}
-
-impl<'a> BenchSampler<'a> {
-    /// A sampler over `inputs` that snapshots `comm`'s counters.
-    pub fn new(inputs: &'a BenchInputs, comm: Comm<B>) -> Self {
-        BenchSampler {
-            inputs,
-            comm,
-            states: HashMap::new(),
-            height: inputs.latents.dims()[2],
-            starts: Vec::new(),
-            snapshots: Vec::new(),
-        }
-    }
-}
-
-impl DenoiseLoop<B> for BenchSampler<'_> {
-    fn num_steps(&self) -> usize {
-        self.inputs.schedule.len()
-    }
-
-    fn model_input(
-        &mut self,
-        step: usize,
-        latents: &Tensor<B, 4>,
-    ) -> parallel_core::Result<DenoiserInput<B>> {
-        if self.snapshots.len() == step {
-            self.snapshots.push(self.comm.stats());
-            self.starts.push(Instant::now());
-        }
-        let schedule = &self.inputs.schedule;
-        let batch = self.inputs.template.batch();
-        let x = if batch == 2 {
-            Tensor::cat(vec![latents.clone(), latents.clone()], 0)
-        } else {
-            latents.clone()
+            out_channels: desc.out_channels,
+            additional_conditions,
         };
-        let t = schedule.timestep(step) as f32;
-        let mut input = self.inputs.template.clone();
-        input.hidden_states = schedule.scale_model_input(x, step);
-        input.timestep =
-            Tensor::from_data(TensorData::new(vec![t; batch], [batch]), &latents.device());
-        Ok(input)
+        BenchInputs { latents, template, schedule, settings }
     }
 
-    fn step(
-        &mut self,
-        step: usize,
-        region: Range<usize>,
-        noise_pred: Tensor<B, 4>,
-        latents: Tensor<B, 4>,
-    ) -> parallel_core::Result<Tensor<B, 4>> {
-        let guided = if noise_pred.dims()[0] == 2 {
-            let uncond = noise_pred.clone().narrow(0, 0, 1);
-            let cond = noise_pred.narrow(0, 1, 1);
-            uncond.clone() + (cond - uncond).mul_scalar(self.inputs.guidance_scale)
-        } else {
-            noise_pred
-        };
-        let eps = guided.narrow(1, 0, self.inputs.latent_channels);
-        let key = (region.start, region.end);
-        if !self.states.contains_key(&key) {
-            // A region seen first continues the whole latent's state (PipeFusion after its
-            // synchronous warmup), else starts fresh.
-            let state = match self.states.get(&(0, self.height)) {
-                Some(w) => w.narrow(2, region.clone()),
-                None => self.inputs.schedule.new_state(),
-            };
-            self.states.insert(key, state);
-        }
-        let state = self.states.get_mut(&key).expect("inserted");
-        Ok(self.inputs.schedule.step(state, step, eps, latents))
+    /// The sampler of one request (PixArt's pipeline around each transformer call: guidance,
+    /// the epsilon half of a learned-sigma output, DPM-Solver++ per region of rows).
+    pub fn sampler(&self) -> Result<Sampler<B>, ParallelError> {
+        Sampler::with_conditioning(
+            self.schedule.clone(),
+            self.settings.clone(),
+            self.template.clone(),
+        )
     }
 }
 
-/// Elements the formula expects over steps `0..n − 1` and what was measured there, all
-/// kinds together (the last step is left out: it also carries per-request traffic).
-pub fn bracketed(outcome: &RankOutcome) -> (u64, u64) {
-    let n = outcome.step_comm.len().min(outcome.step_expected.len());
-    let k = if n > 1 { n - 1 } else { n };
-    let measured = outcome.step_comm[..k].iter().map(CommStats::total_elements).sum();
-    let expected = outcome.step_expected[..k].iter().sum();
-    (measured, expected)
-}
-
-/// Elements sent after the last step's formula: per-request traffic.
-pub fn per_request_elements(outcome: &RankOutcome) -> i64 {
-    match (outcome.step_comm.last(), outcome.step_expected.last()) {
-        (Some(m), Some(e)) if outcome.step_comm.len() > 1 => m.total_elements() as i64 - *e as i64,
-        _ => 0,
-    }
+/// Elements measured and expected by the formula over every step of the last request, all
+/// kinds together.
+pub fn totals(outcome: &RankOutcome) -> (u64, u64) {
+    let measured = outcome.step_comm.iter().map(CommStats::total_elements).sum();
+    (measured, outcome.step_expected.iter().sum())
 }
 
 /// Bytes sent per kind over the whole last request.

@@ -1,0 +1,108 @@
+//! What the stale strategies' references can tell apart.
+//!
+//! DistriFusion and PipeFusion after warmup differ from serial by design (PSNR 50–55 dB after
+//! six steps on these random fixtures, see `tests/denoise.rs`), so "close to serial" proves
+//! nothing about their bookkeeping. The suite instead requires them to equal an exact
+//! single-rank reference of their definition (`conformance::reference`). This test shows that
+//! requirement has teeth: a strategy whose K/V were one step too old, whose own band were
+//! stale, whose earlier patches were stale (or fresh when they must not be), or whose bands
+//! were cut one patch off, would be far outside the suite's bound.
+
+use std::collections::BTreeMap;
+
+use conformance::reference::bands;
+use conformance::{
+    Plan, Variant, compare, denoise_on_ranks, fixture, read_input, reference_denoise, registry,
+    runs,
+};
+use parallel_core::Reference;
+
+const STEPS: usize = 6;
+
+/// How far from the real strategy each mutation must land, in relative L2, in at least one
+/// of the strategy's declared cases: 20× the float32 loop bound (1e-5). Measured: the
+/// closest mutation of each strategy is 9.8e-4 to 2.8e-2 away (98× to 2800× the bound),
+/// while the strategies equal their references to 7.2e-7 at worst (bitwise on most runs).
+/// Not in every case: with DistriFusion's default four warmup steps out of six, "two steps
+/// old" K/V are only ~2e-6 away — late steps barely move the K/V — which is why the suite
+/// also declares warmup 1 and 2.
+const MUTANT_MIN: f64 = 2e-4;
+
+fn mutants(plan: &Plan, reference: &Reference, rows: usize, n: usize) -> Vec<(String, Plan)> {
+    let Plan::Stale { variant, .. } = plan.clone() else { return Vec::new() };
+    let mut out = vec![
+        (
+            "K/V two steps old".to_string(),
+            plan.clone().with_variant(Variant { stale_by: 2, ..variant }),
+        ),
+        (
+            "own band stale".to_string(),
+            plan.clone().with_variant(Variant { own_fresh: false, ..variant }),
+        ),
+        (
+            if variant.earlier_fresh { "earlier patches stale" } else { "earlier bands fresh" }
+                .to_string(),
+            plan.clone().with_variant(Variant { earlier_fresh: !variant.earlier_fresh, ..variant }),
+        ),
+    ];
+    let shifted = match reference {
+        Reference::PipelinedPatches { patches, .. } if *patches > 1 => Some(patches - 1),
+        Reference::DisplacedPatches { .. } => Some(n + 1),
+        _ => None,
+    };
+    if let (Some(m), Plan::Stale { warmup_steps, variant, step_bands, .. }) =
+        (shifted, plan.clone())
+    {
+        out.push((
+            format!("cut into {m} bands"),
+            Plan::Stale { bands: bands(rows, m), warmup_steps, variant, step_bands },
+        ));
+    }
+    out
+}
+
+#[test]
+fn a_one_step_or_one_patch_mistake_is_far_outside_the_bound() {
+    let registry = registry();
+    // (strategy, mutation) → the largest distance over the strategy's cases, and where.
+    let mut caught: BTreeMap<(String, String), (f64, String)> = BTreeMap::new();
+    for model in ["pixart-alpha", "dit"] {
+        let f = fixture(model);
+        let case = read_input(&f.loop_case());
+        let rows = f.desc().tokens(case.grid()).rows;
+        for run in runs(&registry) {
+            let plan = Plan::of(&run.reference, rows, run.world_size);
+            if !matches!(plan, Plan::Stale { .. }) || run.world_size < 2 {
+                continue;
+            }
+            let ours = denoise_on_ranks(&registry, &run, &f, &case, STEPS, 1)
+                .remove(0)
+                .unwrap_or_else(|e| panic!("{run}: {e}"))
+                .remove(0)
+                .output;
+            let exact = compare(&ours, &reference_denoise(&plan, &f, &case, STEPS));
+            assert!(exact.rel_l2 <= f.tolerance(true), "{run} {f}: {exact}");
+            for (what, mutant) in mutants(&plan, &run.reference, rows, run.world_size) {
+                if mutant == plan {
+                    continue;
+                }
+                let c = compare(&ours, &reference_denoise(&mutant, &f, &case, STEPS));
+                eprintln!("{run:<44} {f:<14} vs \"{what}\": rel L2 {:.2e}", c.rel_l2);
+                let e =
+                    caught.entry((run.strategy.to_string(), what)).or_insert((0.0, String::new()));
+                if c.rel_l2 > e.0 {
+                    *e = (c.rel_l2, format!("{run} {f}"));
+                }
+            }
+        }
+    }
+    assert!(!caught.is_empty(), "no stale strategy registered");
+    let mut missed = Vec::new();
+    for ((strategy, what), (d, at)) in &caught {
+        eprintln!("{strategy:<14} \"{what}\": caught at rel L2 {d:.2e} ({at})");
+        if *d <= MUTANT_MIN {
+            missed.push(format!("{strategy}: \"{what}\" is at most {d:.2e} from the strategy"));
+        }
+    }
+    assert!(missed.is_empty(), "{}", missed.join("\n"));
+}
