@@ -417,7 +417,8 @@ fn rank_main<B: Backend>(
     let text = share_text(&comm, text)?;
 
     let mut sampler =
-        Sampler::new(plan.schedule.clone(), plan.settings.clone(), Some(text), &device)?;
+        Sampler::new(plan.schedule.clone(), plan.settings.clone(), Some(text), &device)?
+            .watch(comm.clone());
     if rank == 0 && options.progress {
         sampler = sampler.with_progress(progress_bar(plan.schedule.len()));
     }

@@ -238,11 +238,7 @@ impl<B: Backend> Sampler<B> {
     }
 
     fn bad(&self, reason: String) -> ParallelError {
-        let strategy = match &self.watched {
-            Some(c) => format!("sampler on rank {}", c.world_rank()),
-            None => "sampler".into(),
-        };
-        ParallelError::State { strategy, reason }
+        ParallelError::Sampler { rank: self.watched.as_ref().map(|c| c.world_rank()), reason }
     }
 
     /// An error if `t` holds a NaN or an infinity (`0 · x` is NaN exactly for those, so one
@@ -291,7 +287,7 @@ fn state_for<'s, B: Backend>(
 }
 
 fn scheduler_error(e: schedulers::SchedulerError) -> ParallelError {
-    ParallelError::State { strategy: "scheduler".into(), reason: e.to_string() }
+    ParallelError::Sampler { rank: None, reason: e.to_string() }
 }
 
 impl<B: Backend> DenoiseLoop<B> for Sampler<B> {

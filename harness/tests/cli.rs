@@ -117,6 +117,56 @@ fn a_failure_on_rank_0_is_reported_by_its_cause_not_as_peers_aborting() {
     assert!(!err.contains("aborted"), "{err}");
 }
 
+/// Sets every value of float32 tensor `key` in a safetensors file to `value`.
+fn poison(file: &Path, key: &str, value: f32) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let entry = &header[key];
+    assert_eq!(entry["dtype"], "F32", "{key}");
+    let start = 8 + n + entry["data_offsets"][0].as_u64().unwrap() as usize;
+    let end = 8 + n + entry["data_offsets"][1].as_u64().unwrap() as usize;
+    for chunk in bytes[start..end].chunks_exact_mut(4) {
+        chunk.copy_from_slice(&value.to_le_bytes());
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn non_finite_weights_are_an_error_naming_the_step_not_a_black_png() {
+    for (value, strategy) in [(f32::NAN, "serial"), (f32::INFINITY, "ring")] {
+        let dir = tmp(&format!("non-finite-{strategy}"));
+        copy_pipeline(&dir, "");
+        poison(
+            &dir.join("transformer/diffusion_pytorch_model.safetensors"),
+            "proj_out.bias",
+            value,
+        );
+        let png = dir.join("never.png");
+        let world = if strategy == "serial" { "1" } else { "2" };
+        let err = fails(&[
+            "run",
+            "configs/demo.toml",
+            "--model",
+            s(&dir),
+            "--steps",
+            "2",
+            "--strategy",
+            strategy,
+            "--world-size",
+            world,
+            "--output",
+            s(&png),
+        ]);
+        assert!(
+            err.contains("non-finite") && err.contains("noise prediction of step 0"),
+            "{strategy}: {err}"
+        );
+        assert!(err.contains("sampler on rank "), "{strategy}: {err}");
+        assert!(!png.exists(), "{strategy}: a PNG was written");
+    }
+}
+
 #[test]
 fn a_transformer_that_does_not_fit_the_text_encoder_is_refused_before_loading() {
     // PixArt-α 1024-MS style (additional conditions) with 24 caption channels; T5 gives 32.

@@ -55,6 +55,18 @@ pub enum VaeError {
     #[error("this VAE was built without its encoder: load it with VaeParts::EncoderAndDecoder")]
     NoEncoder,
 
+    /// The decoded sample holds a NaN or an infinity (broken VAE weights, or an overflow in
+    /// half precision): no image is made of it.
+    #[error(
+        "the decoded image holds a non-finite value ({value} at flat index {index}); the VAE's weights or its input are broken"
+    )]
+    NonFinite {
+        /// The first such value.
+        value: f32,
+        /// Its flat index in `[batch, 3, height, width]` (channels-last order).
+        index: usize,
+    },
+
     /// An image could not be written.
     #[error("cannot write image {}: {source}", path.display())]
     WriteImage {

@@ -53,6 +53,9 @@ pub fn to_images<B: Backend>(sample: Tensor<B, 4>) -> Result<Vec<RgbImage>, VaeE
         expected: format!("float32 data ({e:?})"),
         got: dims.to_vec(),
     })?;
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(VaeError::NonFinite { value: values[index], index });
+    }
     let per_image = height * width * 3;
     Ok((0..batch)
         .map(|b| {

@@ -75,3 +75,16 @@ fn batches_give_one_image_each() {
     assert_eq!(images[0], to_image(vae.decode_latents(z.clone()).unwrap()).unwrap());
     assert_eq!(images[1], to_image(vae.decode_latents(-z).unwrap()).unwrap());
 }
+
+#[test]
+fn a_non_finite_sample_is_an_error_not_a_black_pixel() {
+    let dev = Default::default();
+    let mut values = vec![0.25f32; 3 * 2 * 2];
+    values[5] = f32::NAN;
+    let sample = burn::tensor::Tensor::<common::B, 4>::from_data(
+        burn::tensor::TensorData::new(values, [1, 3, 2, 2]),
+        &dev,
+    );
+    let e = to_image(sample).unwrap_err().to_string();
+    assert!(e.contains("non-finite value (NaN at flat index"), "{e}");
+}

@@ -143,6 +143,15 @@ pub enum ParallelError {
         /// What went wrong.
         reason: String,
     },
+    /// The denoising loop's sampler (guidance, scheduler) was misused, or met a non-finite
+    /// value.
+    #[error("sampler{}: {reason}", rank.map(|r| format!(" on rank {r}")).unwrap_or_default())]
+    Sampler {
+        /// The rank (world numbering), where known.
+        rank: Option<usize>,
+        /// What went wrong, naming the step and rows.
+        reason: String,
+    },
     /// A rank's work failed; this is what a launcher reports for a rank that panicked.
     #[error("rank {rank} failed: {reason}")]
     RankFailed {
