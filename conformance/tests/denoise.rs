@@ -96,7 +96,10 @@ fn distrifusion_gathers_are_waited_on_in_the_next_step() {
     let warmup = 2;
     let steps = 6;
     let results = launch(2, &LaunchOptions::<B>::default(), |comm| {
-        let mut s = strategy_distrifusion::DistriFusion::new(comm.clone(), warmup)?;
+        let mut s = strategy_distrifusion::DistriFusion::new(
+            comm.clone(),
+            &strategy_distrifusion::DistriFusionConfig { warmup_steps: warmup },
+        )?;
         let model = f.load(&LoadPlan::full(), burn::tensor::DType::F32, &comm.device())?;
         let mut sampler = conformance::sampler(&input, &d, steps)?;
         let mut request = parallel_core::RequestInfo::for_forward(&input);

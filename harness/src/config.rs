@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use parallel_core::{OptionValue, StrategyOptions};
+use parallel_core::{OptionValue, StrategyConfig, StrategyOptions};
 use serde::Deserialize;
 
 use crate::error::{HarnessError, Result};
@@ -63,6 +63,29 @@ impl Default for ParallelConfig {
 }
 
 impl ParallelConfig {
+    /// The split of a typed strategy config over `world_size` ranks (other settings at their
+    /// defaults): what a library user writes instead of a name and option strings.
+    ///
+    /// ```
+    /// use strategy_pipefusion::PipeFusionConfig;
+    /// let p = harness::ParallelConfig::with_strategy(
+    ///     &PipeFusionConfig::default().with_num_pipeline_patch(2),
+    ///     2,
+    /// );
+    /// assert_eq!((p.strategy.as_str(), p.world_size), ("pipefusion", 2));
+    /// assert_eq!(p.options["num_pipeline_patch"].as_integer(), Some(2));
+    /// ```
+    pub fn with_strategy(strategy: &dyn StrategyConfig, world_size: usize) -> Self {
+        let options = strategy.options();
+        let options = options.iter().map(|(k, v)| (k.to_string(), toml_value(v))).collect();
+        ParallelConfig {
+            strategy: strategy.name().to_string(),
+            world_size,
+            options,
+            ..ParallelConfig::default()
+        }
+    }
+
     /// Checks the settings that need no files.
     pub fn check(&self) -> Result<()> {
         let bad = |key: &str| HarnessError::config(key, "must be at least 1");
@@ -106,14 +129,18 @@ impl ParallelConfig {
                 reason: format!("`{assignment}` is not of the form key=value"),
             });
         };
-        let v = match OptionValue::parse(value) {
-            OptionValue::Int(i) => toml::Value::Integer(i),
-            OptionValue::Float(f) => toml::Value::Float(f),
-            OptionValue::Bool(b) => toml::Value::Boolean(b),
-            OptionValue::Str(s) => toml::Value::String(s),
-        };
-        self.options.insert(key.trim().to_string(), v);
+        self.options.insert(key.trim().to_string(), toml_value(&OptionValue::parse(value)));
         Ok(())
+    }
+}
+
+/// A strategy option's value as TOML.
+fn toml_value(v: &OptionValue) -> toml::Value {
+    match v {
+        OptionValue::Int(i) => toml::Value::Integer(*i),
+        OptionValue::Float(f) => toml::Value::Float(*f),
+        OptionValue::Bool(b) => toml::Value::Boolean(*b),
+        OptionValue::Str(s) => toml::Value::String(s.clone()),
     }
 }
 
@@ -154,7 +181,8 @@ pub struct RunConfig {
     pub scheduler: Option<String>,
     /// Initial latents from a safetensors file (tensor `latents`), instead of seeded noise.
     pub latents: Option<PathBuf>,
-    /// Where the PNG goes.
+    /// Where the PNG goes (empty: nowhere; the decoded image is still in the
+    /// [`RunReport`](crate::RunReport)).
     pub output: PathBuf,
     /// Where to save the final latents (safetensors, tensor `latents`), if anywhere.
     pub save_latents: Option<PathBuf>,

@@ -131,6 +131,8 @@ pub struct RunReport {
     pub latents: HostTensor,
     /// The PNG written, if any.
     pub image: Option<PathBuf>,
+    /// The decoded image (rank 0's), when the run decoded.
+    pub decoded: Option<models_vae::RgbImage>,
     /// The latents file written, if any.
     pub saved_latents: Option<PathBuf>,
     /// Wall time of each denoising step on rank 0 (from the first `model_input` call of one
@@ -264,7 +266,8 @@ impl RunPlan {
                 shape,
             },
         };
-        for path in [Some(&config.output), config.save_latents.as_ref()].into_iter().flatten() {
+        let output = Some(&config.output).filter(|p| !p.as_os_str().is_empty());
+        for path in [output, config.save_latents.as_ref()].into_iter().flatten() {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     HarnessError::io(dir, format!("cannot create the output folder: {e}"))
@@ -323,6 +326,7 @@ impl RunPlan {
             model: desc,
             latents: r0.latents,
             image: r0.image,
+            decoded: r0.decoded,
             saved_latents: r0.saved_latents,
             step_times: r0.step_times,
             denoise_time: r0.denoise_time,
@@ -375,6 +379,7 @@ fn read_latents(path: &std::path::Path, shape: &[usize]) -> Result<HostTensor> {
 struct Rank0 {
     latents: HostTensor,
     image: Option<PathBuf>,
+    decoded: Option<models_vae::RgbImage>,
     saved_latents: Option<PathBuf>,
     step_times: Vec<Duration>,
     denoise_time: Duration,
@@ -455,11 +460,14 @@ fn rank_main<B: Backend>(
         weights::write_tensors(path, &[("latents", latents.clone())])?;
         saved_latents = Some(path.clone());
     }
-    let mut image = None;
+    let (mut image, mut decoded) = (None, None);
     if let Some(vae) = vae {
-        let sample = vae.decode_latents(latents.clone())?;
-        models_vae::save_png(&models_vae::to_image(sample)?, &cfg.output)?;
-        image = Some(cfg.output.clone());
+        let rgb = models_vae::to_image(vae.decode_latents(latents.clone())?)?;
+        if !cfg.output.as_os_str().is_empty() {
+            models_vae::save_png(&rgb, &cfg.output)?;
+            image = Some(cfg.output.clone());
+        }
+        decoded = Some(rgb);
     }
     let decode_time = t1.elapsed();
     Ok(RankOutput {
@@ -467,6 +475,7 @@ fn rank_main<B: Backend>(
         rank0: Some(Rank0 {
             latents: HostTensor::from_tensor(latents)?,
             image,
+            decoded,
             saved_latents,
             step_times,
             denoise_time,

@@ -80,6 +80,11 @@ fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
     for key in ["machine", "model", "cores", "repetitions", "results"] {
         assert!(json.get(key).is_some(), "JSON lacks `{key}`");
     }
+    for key in ["cpu", "available_cores", "load_average"] {
+        assert!(json["machine"].get(key).is_some(), "JSON machine lacks `{key}`");
+    }
+    assert!(json["machine"]["simd_flags"].is_array(), "JSON machine lacks `simd_flags`");
+    assert!(report::table(&report).starts_with("cpu "), "the table header names the CPU");
     let first = &json["results"][2];
     for key in [
         "label",

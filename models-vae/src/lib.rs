@@ -77,6 +77,7 @@ pub use autoencoder_kl::{AutoencoderKL, VaeParts};
 pub use config::{AutoencoderKLConfig, DOWN_ENCODER_BLOCK_2D, SampleSize, UP_DECODER_BLOCK_2D};
 pub use downsampling::Downsample2D;
 pub use error::VaeError;
+pub use image::RgbImage;
 pub use load::{DECODER_ONLY_SKIPPED_PREFIXES, WEIGHTS_FILE};
 pub use output::{denormalize, denormalize_to_u8, save_png, to_image, to_images};
 pub use params::GROUP_NORM_EPS;

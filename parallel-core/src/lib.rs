@@ -75,8 +75,8 @@ pub use model::{
     Shard, Sharding, StagedDenoiser, TokenGrid,
 };
 pub use registry::{
-    OptionInfo, OptionValue, Reference, Registry, StrategyCtor, StrategyInfo, StrategyOptions,
-    SuiteCase,
+    OptionInfo, OptionValue, Reference, Registry, StrategyConfig, StrategyCtor, StrategyInfo,
+    StrategyOptions, SuiteCase,
 };
 pub use seams::{
     AttentionSite, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams, Serial,

@@ -189,6 +189,11 @@ impl StrategyOptions {
         self.values.insert(key.into(), value);
     }
 
+    /// The strategy these options are for.
+    pub fn strategy(&self) -> &str {
+        &self.strategy
+    }
+
     /// The keys given.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.values.keys().map(String::as_str)
@@ -234,6 +239,18 @@ impl StrategyOptions {
             Some(v) => Err(self.bad(key, format!("expected a string, got {v}"))),
         }
     }
+}
+
+/// A strategy's options as a typed value, for library users: what they pass instead of a
+/// name and `key=value` strings. Each strategy crate exports one (`PipeFusionConfig`, …);
+/// [`options`](StrategyConfig::options) gives the same options a TOML file or flags would,
+/// and the crate's registered constructor parses them back with the config's own
+/// `from_options`, so the typed and the textual path are one path.
+pub trait StrategyConfig: fmt::Debug {
+    /// The registered name of the strategy this configures.
+    fn name(&self) -> &'static str;
+    /// The options, as the registry takes them (defaults may be left out).
+    fn options(&self) -> StrategyOptions;
 }
 
 /// Builds a strategy instance for one rank from its world communicator and options.

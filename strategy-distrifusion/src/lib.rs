@@ -60,7 +60,8 @@ use parallel_core::split::{output_gather_elements, row_partition, row_split_forw
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
     OptionInfo, OptionValue, ParallelError, ParallelStrategy, Pending, Reference, Registry,
-    RequestInfo, Result, Seams, Serial, StepKind, StrategyInfo, StrategyOptions, SuiteCase,
+    RequestInfo, Result, Seams, Serial, StepKind, StrategyConfig, StrategyInfo, StrategyOptions,
+    SuiteCase,
 };
 
 /// The registered name of DistriFusion.
@@ -104,6 +105,56 @@ impl<B: Backend> State<B> {
     }
 }
 
+/// DistriFusion's options, as a typed value (the keys of `harness list`, TOML and flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DistriFusionConfig {
+    /// Synchronous steps (fresh K/V everywhere) first, ≥ 1.
+    pub warmup_steps: usize,
+}
+
+impl Default for DistriFusionConfig {
+    fn default() -> Self {
+        DistriFusionConfig { warmup_steps: DEFAULT_WARMUP_STEPS }
+    }
+}
+
+impl DistriFusionConfig {
+    /// This config with `w` warmup steps.
+    pub fn with_warmup_steps(mut self, w: usize) -> Self {
+        self.warmup_steps = w;
+        self
+    }
+
+    /// The config of registry options.
+    pub fn from_options(opts: &StrategyOptions) -> Result<Self> {
+        Ok(DistriFusionConfig { warmup_steps: opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)? })
+    }
+}
+
+impl StrategyConfig for DistriFusionConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn options(&self) -> StrategyOptions {
+        StrategyOptions::new(NAME).with("warmup_steps", OptionValue::Int(self.warmup_steps as i64))
+    }
+}
+
+/// Naive patch has no options; its config names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NaivePatchConfig;
+
+impl StrategyConfig for NaivePatchConfig {
+    fn name(&self) -> &'static str {
+        NAIVE_NAME
+    }
+
+    fn options(&self) -> StrategyOptions {
+        StrategyOptions::new(NAIVE_NAME)
+    }
+}
+
 /// DistriFusion over the whole world.
 pub struct DistriFusion<B: Backend> {
     world: Comm<B>,
@@ -113,12 +164,13 @@ pub struct DistriFusion<B: Backend> {
 }
 
 impl<B: Backend> DistriFusion<B> {
-    /// DistriFusion with `warmup_steps` (≥ 1) synchronous steps.
+    /// DistriFusion over `world` as `config` says.
     ///
     /// # Errors
     /// `warmup_steps = 0`: step 0 has no previous step whose K/V could be stale, so it is
     /// synchronous whatever is asked; say 1.
-    pub fn new(world: Comm<B>, warmup_steps: usize) -> Result<Self> {
+    pub fn new(world: Comm<B>, config: &DistriFusionConfig) -> Result<Self> {
+        let warmup_steps = config.warmup_steps;
         if warmup_steps == 0 {
             return Err(ParallelError::BadOption {
                 strategy: NAME.into(),
@@ -227,8 +279,7 @@ pub fn naive_info() -> StrategyInfo {
 /// Registers `distrifusion` and `naive_patch`.
 pub fn register<B: Backend>(registry: &mut Registry<B>) {
     registry.register(info(), |comm, opts: &StrategyOptions| {
-        let warmup = opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)?;
-        Ok(Box::new(DistriFusion::new(comm, warmup)?))
+        Ok(Box::new(DistriFusion::new(comm, &DistriFusionConfig::from_options(opts)?)?))
     });
     registry.register(naive_info(), |comm, _| Ok(Box::new(NaivePatch::new(comm))));
 }

@@ -63,8 +63,8 @@ use parallel_core::split::balanced;
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
     LoadPlan, ModelDesc, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy,
-    Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser, StepKind, StrategyInfo,
-    StrategyOptions, SuiteCase, Tag,
+    Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser, StepKind, StrategyConfig,
+    StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
 
 /// The registered name.
@@ -76,6 +76,94 @@ const ACT: &str = "activations";
 const ACT_SYNC: &str = "activations_sync";
 const LATENT: &str = "latent_patch";
 const LATENT_SYNC: &str = "latent_sync";
+
+/// PipeFusion's options, as a typed value (the keys of `harness list`, TOML and flags).
+///
+/// ```
+/// use parallel_core::StrategyConfig;
+/// let c = strategy_pipefusion::PipeFusionConfig::default().with_num_pipeline_patch(2);
+/// assert_eq!(c.name(), "pipefusion");
+/// let back = strategy_pipefusion::PipeFusionConfig::from_options(&c.options()).unwrap();
+/// assert_eq!(back, c);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipeFusionConfig {
+    /// Patches `M` the latent is split into (`None`: the world size).
+    pub num_pipeline_patch: Option<usize>,
+    /// Synchronous whole-latent steps first (≥ 1).
+    pub warmup_steps: usize,
+    /// Blocks of each stage (`None`: as even as possible, earlier stages longer).
+    pub blocks_per_stage: Option<Vec<usize>>,
+}
+
+impl Default for PipeFusionConfig {
+    fn default() -> Self {
+        PipeFusionConfig {
+            num_pipeline_patch: None,
+            warmup_steps: DEFAULT_WARMUP_STEPS,
+            blocks_per_stage: None,
+        }
+    }
+}
+
+impl PipeFusionConfig {
+    /// This config with `m` patches.
+    pub fn with_num_pipeline_patch(mut self, m: usize) -> Self {
+        self.num_pipeline_patch = Some(m);
+        self
+    }
+
+    /// This config with `w` warmup steps.
+    pub fn with_warmup_steps(mut self, w: usize) -> Self {
+        self.warmup_steps = w;
+        self
+    }
+
+    /// This config with explicit block counts per stage.
+    pub fn with_blocks_per_stage(mut self, counts: Vec<usize>) -> Self {
+        self.blocks_per_stage = Some(counts);
+        self
+    }
+
+    /// The config of registry options (the one parser of PipeFusion's option values).
+    pub fn from_options(opts: &StrategyOptions) -> Result<Self> {
+        let blocks = match opts.string("blocks_per_stage", "")?.as_str() {
+            "" => None,
+            s => Some(
+                s.split(',')
+                    .map(|x| x.trim().parse::<usize>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        bad("blocks_per_stage", format!("`{s}` is not a list of counts: {e}"))
+                    })?,
+            ),
+        };
+        Ok(PipeFusionConfig {
+            num_pipeline_patch: opts.opt_usize("num_pipeline_patch")?,
+            warmup_steps: opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)?,
+            blocks_per_stage: blocks,
+        })
+    }
+}
+
+impl StrategyConfig for PipeFusionConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn options(&self) -> StrategyOptions {
+        let mut o = StrategyOptions::new(NAME)
+            .with("warmup_steps", OptionValue::Int(self.warmup_steps as i64));
+        if let Some(m) = self.num_pipeline_patch {
+            o.set("num_pipeline_patch", OptionValue::Int(m as i64));
+        }
+        if let Some(b) = &self.blocks_per_stage {
+            let text: Vec<String> = b.iter().map(usize::to_string).collect();
+            o.set("blocks_per_stage", OptionValue::Str(text.join(",")));
+        }
+        o
+    }
+}
 
 /// PipeFusion over the whole world, one stage per rank.
 pub struct PipeFusion<B: Backend> {
@@ -89,15 +177,15 @@ pub struct PipeFusion<B: Backend> {
 }
 
 impl<B: Backend> PipeFusion<B> {
-    /// PipeFusion with `patches` patches (`None`: the world size), `warmup_steps` synchronous
-    /// steps and an optional explicit stage split.
-    pub fn new(
-        world: Comm<B>,
-        patches: Option<usize>,
-        warmup_steps: usize,
-        blocks_per_stage: Option<Vec<usize>>,
-    ) -> Result<Self> {
+    /// PipeFusion over `world` as `config` says.
+    ///
+    /// # Errors
+    /// A bad option, naming its key: no warmup step, no patch, block counts that are not one
+    /// positive count per stage.
+    pub fn new(world: Comm<B>, config: &PipeFusionConfig) -> Result<Self> {
         let n = world.size();
+        let PipeFusionConfig { num_pipeline_patch: patches, warmup_steps, blocks_per_stage } =
+            config.clone();
         if warmup_steps == 0 {
             return Err(bad(
                 "warmup_steps",
@@ -338,20 +426,7 @@ fn suite() -> Vec<SuiteCase> {
 /// Registers `pipefusion`.
 pub fn register<B: Backend>(registry: &mut Registry<B>) {
     registry.register(info(), |comm, opts: &StrategyOptions| {
-        let patches = opts.opt_usize("num_pipeline_patch")?;
-        let warmup = opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)?;
-        let blocks = match opts.string("blocks_per_stage", "")?.as_str() {
-            "" => None,
-            s => Some(
-                s.split(',')
-                    .map(|x| x.trim().parse::<usize>())
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| {
-                        bad("blocks_per_stage", format!("`{s}` is not a list of counts: {e}"))
-                    })?,
-            ),
-        };
-        Ok(Box::new(PipeFusion::new(comm, patches, warmup, blocks)?))
+        Ok(Box::new(PipeFusion::new(comm, &PipeFusionConfig::from_options(opts)?)?))
     });
 }
 
@@ -592,9 +667,13 @@ mod tests {
 
     #[test]
     fn stages_are_even_or_explicit() {
-        let p = PipeFusion::new(rank(3, 0), None, 1, None).unwrap();
+        let p = PipeFusion::new(rank(3, 0), &PipeFusionConfig::default()).unwrap();
         assert_eq!(p.stages(&desc(28)).unwrap(), vec![0..10, 10..19, 19..28]);
-        let p = PipeFusion::new(rank(3, 0), None, 1, Some(vec![4, 12, 12])).unwrap();
+        let p = PipeFusion::new(
+            rank(3, 0),
+            &PipeFusionConfig::default().with_blocks_per_stage(vec![4, 12, 12]),
+        )
+        .unwrap();
         assert_eq!(p.stages(&desc(28)).unwrap(), vec![0..4, 4..16, 16..28]);
         let e = p.stages(&desc(27)).unwrap_err().to_string();
         assert!(e.contains("blocks_per_stage") && e.contains("27 blocks"), "{e}");
@@ -602,8 +681,12 @@ mod tests {
 
     #[test]
     fn load_plans_keep_embed_on_the_first_stage_and_head_on_the_last() {
-        let plan =
-            |r| PipeFusion::new(rank(3, r), None, 1, None).unwrap().load_plan(&desc(6)).unwrap();
+        let plan = |r| {
+            PipeFusion::new(rank(3, r), &PipeFusionConfig::default())
+                .unwrap()
+                .load_plan(&desc(6))
+                .unwrap()
+        };
         assert_eq!(
             plan(0),
             LoadPlan { tensor_shard: None, blocks: Some(0..2), skip_embed: false, skip_head: true }
@@ -620,13 +703,28 @@ mod tests {
 
     #[test]
     fn bad_options_name_their_key() {
-        let e = PipeFusion::new(rank(2, 0), None, 0, None).err().unwrap().to_string();
+        let e = PipeFusion::new(rank(2, 0), &PipeFusionConfig::default().with_warmup_steps(0))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("warmup_steps"), "{e}");
-        let e = PipeFusion::new(rank(2, 0), Some(0), 1, None).err().unwrap().to_string();
+        let e =
+            PipeFusion::new(rank(2, 0), &PipeFusionConfig::default().with_num_pipeline_patch(0))
+                .err()
+                .unwrap()
+                .to_string();
         assert!(e.contains("num_pipeline_patch"), "{e}");
-        let e = PipeFusion::new(rank(2, 0), None, 1, Some(vec![3])).err().unwrap().to_string();
+        let e = PipeFusion::new(
+            rank(2, 0),
+            &PipeFusionConfig::default().with_blocks_per_stage(vec![3]),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("blocks_per_stage") && e.contains("2 positive counts"), "{e}");
-        let p = PipeFusion::new(rank(2, 0), Some(9), 1, None).unwrap();
+        let p =
+            PipeFusion::new(rank(2, 0), &PipeFusionConfig::default().with_num_pipeline_patch(9))
+                .unwrap();
         let request = RequestInfo {
             steps: 1,
             grid: parallel_core::LatentGrid { height: 16, width: 16 },

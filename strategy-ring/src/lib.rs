@@ -39,8 +39,8 @@ use parallel_core::attention::{merge_partial, sdpa_with_lse};
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
-    ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyInfo,
-    StrategyOptions, SuiteCase, Tag,
+    ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig,
+    StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
 
 /// The registered name.
@@ -146,6 +146,20 @@ impl<B: Backend> Seams<B> for RingSeams<'_, B> {
         v: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>> {
         self.kernel.attend(site.layer, q, k, v)
+    }
+}
+
+/// Ring has no options; its config names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingConfig;
+
+impl StrategyConfig for RingConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn options(&self) -> StrategyOptions {
+        StrategyOptions::new(NAME)
     }
 }
 

@@ -37,11 +37,25 @@ use parallel_core::comm::all_reduce_elements;
 use parallel_core::{
     Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc, ModelFamily,
     OpKind, ParallelError, ParallelStrategy, ReduceSite, Reference, Registry, RequestInfo, Result,
-    Seams, Shard, StepKind, StrategyInfo, SuiteCase,
+    Seams, Shard, StepKind, StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase,
 };
 
 /// The registered name.
 pub const NAME: &str = "tensor";
+
+/// Tensor parallelism has no options; its config names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TensorConfig;
+
+impl StrategyConfig for TensorConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn options(&self) -> StrategyOptions {
+        StrategyOptions::new(NAME)
+    }
+}
 
 /// Tensor parallelism over the whole world.
 pub struct TensorParallel<B: Backend> {

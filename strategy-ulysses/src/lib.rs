@@ -45,7 +45,8 @@ use parallel_core::split::{output_gather_elements, row_partition, row_split_forw
 use parallel_core::{
     AttentionSite, Axis, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, Mesh,
     ModelDesc, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy, Reference,
-    Registry, RequestInfo, Result, Seams, StepKind, StrategyInfo, StrategyOptions, SuiteCase,
+    Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig, StrategyInfo, StrategyOptions,
+    SuiteCase,
 };
 pub use strategy_ring::RingAttention;
 
@@ -53,6 +54,56 @@ pub use strategy_ring::RingAttention;
 pub const NAME: &str = "ulysses";
 /// The registered name of the Ulysses × Ring hybrid.
 pub const USP_NAME: &str = "usp";
+
+/// Pure Ulysses has no options; its config names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UlyssesConfig;
+
+impl StrategyConfig for UlyssesConfig {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn options(&self) -> StrategyOptions {
+        StrategyOptions::new(NAME)
+    }
+}
+
+/// USP's degrees, as a typed value: give one or both (their product is the world size).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UspConfig {
+    /// Ranks of each Ulysses group (must divide the heads).
+    pub ulysses_degree: Option<usize>,
+    /// Ranks of each ring.
+    pub ring_degree: Option<usize>,
+}
+
+impl UspConfig {
+    /// The config of registry options.
+    pub fn from_options(opts: &StrategyOptions) -> Result<Self> {
+        Ok(UspConfig {
+            ulysses_degree: opts.opt_usize("ulysses_degree")?,
+            ring_degree: opts.opt_usize("ring_degree")?,
+        })
+    }
+}
+
+impl StrategyConfig for UspConfig {
+    fn name(&self) -> &'static str {
+        USP_NAME
+    }
+
+    fn options(&self) -> StrategyOptions {
+        let mut o = StrategyOptions::new(USP_NAME);
+        if let Some(u) = self.ulysses_degree {
+            o.set("ulysses_degree", OptionValue::Int(u as i64));
+        }
+        if let Some(r) = self.ring_degree {
+            o.set("ring_degree", OptionValue::Int(r as i64));
+        }
+        o
+    }
+}
 
 /// Ulysses (and USP) sequence parallelism.
 pub struct Usp<B: Backend> {
@@ -198,39 +249,51 @@ pub fn usp_info() -> StrategyInfo {
     }
 }
 
-fn usp_from_options<B: Backend>(world: Comm<B>, opts: &StrategyOptions) -> Result<Usp<B>> {
-    let n = world.size();
-    let bad = |key: &str, reason: String| ParallelError::BadOption {
-        strategy: USP_NAME.into(),
-        key: key.into(),
-        reason,
-    };
-    let (u, r) = match (opts.opt_usize("ulysses_degree")?, opts.opt_usize("ring_degree")?) {
-        (Some(u), Some(r)) => (u, r),
-        (Some(u), None) if u > 0 && n.is_multiple_of(u) => (u, n / u),
-        (None, Some(r)) if r > 0 && n.is_multiple_of(r) => (n / r, r),
-        (Some(u), None) => {
-            return Err(bad("ulysses_degree", format!("{u} does not divide the world size {n}")));
-        }
-        (None, Some(r)) => {
-            return Err(bad("ring_degree", format!("{r} does not divide the world size {n}")));
-        }
-        (None, None) => {
-            return Err(bad(
-                "ulysses_degree",
-                format!(
-                    "give ulysses_degree and/or ring_degree (their product is the world size {n})"
-                ),
-            ));
-        }
-    };
-    Usp::with_degrees(USP_NAME, world, u, r)
+impl<B: Backend> Usp<B> {
+    /// USP over `world` with the degrees of `config` (one of them may be left to follow
+    /// from the world size).
+    ///
+    /// # Errors
+    /// Degrees that do not multiply to the world size, naming the key.
+    pub fn from_config(world: Comm<B>, config: &UspConfig) -> Result<Self> {
+        let n = world.size();
+        let bad = |key: &str, reason: String| ParallelError::BadOption {
+            strategy: USP_NAME.into(),
+            key: key.into(),
+            reason,
+        };
+        let (u, r) = match (config.ulysses_degree, config.ring_degree) {
+            (Some(u), Some(r)) => (u, r),
+            (Some(u), None) if u > 0 && n.is_multiple_of(u) => (u, n / u),
+            (None, Some(r)) if r > 0 && n.is_multiple_of(r) => (n / r, r),
+            (Some(u), None) => {
+                return Err(bad(
+                    "ulysses_degree",
+                    format!("{u} does not divide the world size {n}"),
+                ));
+            }
+            (None, Some(r)) => {
+                return Err(bad("ring_degree", format!("{r} does not divide the world size {n}")));
+            }
+            (None, None) => {
+                return Err(bad(
+                    "ulysses_degree",
+                    format!(
+                        "give ulysses_degree and/or ring_degree (their product is the world size {n})"
+                    ),
+                ));
+            }
+        };
+        Usp::with_degrees(USP_NAME, world, u, r)
+    }
 }
 
 /// Registers `ulysses` and `usp`.
 pub fn register<B: Backend>(registry: &mut Registry<B>) {
     registry.register(info(), |comm, _| Ok(Box::new(Usp::ulysses(comm)?)));
-    registry.register(usp_info(), |comm, opts| Ok(Box::new(usp_from_options(comm, opts)?)));
+    registry.register(usp_info(), |comm, opts| {
+        Ok(Box::new(Usp::from_config(comm, &UspConfig::from_options(opts)?)?))
+    });
 }
 
 impl<B: Backend> ParallelStrategy<B> for Usp<B> {
@@ -351,7 +414,7 @@ mod tests {
                 for (k, v) in &opts {
                     o.set(*k, OptionValue::Int(*v));
                 }
-                let s = usp_from_options(comm, &o)?;
+                let s = Usp::from_config(comm, &UspConfig::from_options(&o)?)?;
                 Ok((s.ulysses_degree(), s.ring_degree()))
             });
             for r in results {
@@ -364,12 +427,15 @@ mod tests {
     fn usp_rejects_degrees_that_do_not_fit_the_world() {
         let comm = LocalComm::<Flex>::create(4, &LaunchOptions::default()).swap_remove(0);
         let o = StrategyOptions::new(USP_NAME).with("ulysses_degree", OptionValue::Int(3));
-        let e = usp_from_options(comm.clone(), &o).err().unwrap().to_string();
+        let e = Usp::from_config(comm.clone(), &UspConfig::from_options(&o).unwrap())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("ulysses_degree") && e.contains("does not divide the world size 4"),
             "{e}"
         );
-        let e = usp_from_options(comm, &StrategyOptions::new(USP_NAME)).err().unwrap().to_string();
+        let e = Usp::from_config(comm, &UspConfig::default()).err().unwrap().to_string();
         assert!(e.contains("give ulysses_degree and/or ring_degree"), "{e}");
     }
 }

@@ -64,10 +64,18 @@ pub fn line(r: &ConfigResult) -> String {
     }
 }
 
-/// The table printed on stdout.
+/// The table printed on stdout: a header with the CPU (its model and SIMD flags) and the
+/// model, then a line per configuration.
 pub fn table(report: &BenchReport) -> String {
     let m = &report.model;
     let mut out = String::new();
+    let simd = &report.machine.simd_flags;
+    let _ = writeln!(
+        out,
+        "cpu {}; SIMD {}",
+        report.machine.cpu,
+        if simd.is_empty() { "unknown".to_string() } else { simd.join(" ") }
+    );
     let _ = writeln!(
         out,
         "model {} ({}, {} layers, hidden {}, {} heads, {:.0} M parameters{}); {} cores; median of \
