@@ -32,6 +32,88 @@
 //!
 //! The ring kernel [`RingAttention`] is public so that USP (Ulysses × Ring, in
 //! `strategy-ulysses`) composes it with the Ulysses all-to-all instead of copying it.
+//!
+//! ## Using this crate alone, with your own model and loop
+//!
+//! A model needs only [`Denoiser`]: its forward over a band of latent rows, calling the
+//! self-attention seam where tokens meet. Here a one-layer toy model (every latent pixel a
+//! token, attention with `q = k = v = x`), a plain Euler-like loop of your own, and the ring
+//! on 2 ranks (threads) — which gives the serial model's result:
+//!
+//! ```
+//! use std::ops::Range;
+//! use burn::tensor::{Distribution, Tensor};
+//! use burn_flex::Flex as B;
+//! use parallel_core::{
+//!     AttentionSite, Denoiser, DenoiserInput, LaunchOptions, ModelDesc, ModelFamily,
+//!     ParallelStrategy, RequestInfo, Result, Seams, Serial, launch,
+//! };
+//!
+//! struct Mixer(ModelDesc);
+//!
+//! impl Denoiser<B> for Mixer {
+//!     fn desc(&self) -> &ModelDesc {
+//!         &self.0
+//!     }
+//!     fn forward_rows(
+//!         &self,
+//!         input: &DenoiserInput<B>,
+//!         rows: Range<usize>,
+//!         seams: &mut dyn Seams<B>,
+//!     ) -> Result<Tensor<B, 4>> {
+//!         let [b, c, h, w] = input.hidden_states.dims();
+//!         let band = input.hidden_states.clone().narrow(2, rows.start, rows.len());
+//!         // [B, C, r, W] → one head of r·W tokens: [B, 1, r·W, C]
+//!         let x = band.reshape([b, c, rows.len() * w]).swap_dims(1, 2).unsqueeze_dim::<4>(1);
+//!         let site = AttentionSite {
+//!             layer: 0,
+//!             tokens: rows.start * w..rows.end * w,
+//!             total_tokens: h * w,
+//!         };
+//!         let y = seams.self_attention(&site, x.clone(), x.clone(), x)?;
+//!         Ok(y.squeeze_dim::<3>(1).swap_dims(1, 2).reshape([b, c, rows.len(), w]))
+//!     }
+//!     fn param_bytes(&self) -> u64 {
+//!         0
+//!     }
+//! }
+//!
+//! let desc = ModelDesc {
+//!     class_name: "Mixer".into(), family: ModelFamily::Dit, num_layers: 1, num_heads: 1,
+//!     head_dim: 4, hidden_size: 4, ff_inner: 4, patch_size: 1, in_channels: 4,
+//!     out_channels: 4, cross_attention: false, row_granularity: 1, sample_size: 8,
+//! };
+//! let latents = Tensor::<B, 4>::random([1, 4, 8, 8], Distribution::Normal(0.0, 1.0), &Default::default());
+//! let input = |x: &Tensor<B, 4>| DenoiserInput::new(x.clone(), Tensor::zeros([1], &x.device()));
+//!
+//! // Your loop, serial: x ← x − 0.1 · model(x), three times.
+//! let model = Mixer(desc.clone());
+//! let mut serial = latents.clone();
+//! for _ in 0..3 {
+//!     let noise = model.forward_rows(&input(&serial), 0..8, &mut Serial).unwrap();
+//!     serial = serial.clone() - noise.mul_scalar(0.1);
+//! }
+//!
+//! // The same loop on 2 ranks with the ring: every rank gets the whole prediction.
+//! let finals = launch(2, &LaunchOptions::default(), |comm| {
+//!     let model = Mixer(desc.clone());
+//!     let mut ring = strategy_ring::Ring::new(comm);
+//!     let mut request = RequestInfo::for_forward(&input(&latents));
+//!     request.steps = 3;
+//!     ring.validate(&desc, &request)?;
+//!     ring.begin_request(&desc, &request)?;
+//!     let mut x = latents.clone();
+//!     for step in 0..3 {
+//!         let noise = ring.forward(&model, &input(&x), step)?;
+//!         x = x.clone() - noise.mul_scalar(0.1);
+//!     }
+//!     Ok(x)
+//! });
+//! for x in finals {
+//!     let diff = (x.unwrap() - serial.clone()).abs().max().into_scalar();
+//!     assert!(diff < 1e-5, "{diff}");
+//! }
+//! ```
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
