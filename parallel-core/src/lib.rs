@@ -46,13 +46,18 @@
 //! 2. Write `struct Foo<B: Backend>` holding its `Comm<B>` (split sub-groups with
 //!    [`Comm::split`] over a [`Mesh`]) and its per-request state, and implement
 //!    [`ParallelStrategy`]: `validate` (an error that says what to change), `load_plan`,
-//!    `begin_request` (reset everything), `forward` (use the model's [`StagedDenoiser`]
-//!    stages or pass your own [`Seams`] implementation to [`Denoiser::forward_rows`]), and
-//!    `expected_comm` (your communication formula, from the real shapes).
-//! 3. Export `pub const NAME`, `pub fn info() -> StrategyInfo` (its options, documented)
-//!    and `pub fn register<B: Backend>(r: &mut Registry<B>)`.
-//! 4. Add one line to the harness's registry (behind a cargo feature) and add the strategy
-//!    to the shared conformance suite: it must equal serial at world sizes 1, 2 and 4.
+//!    `begin_request` (reset everything, keep the request in a [`CurrentRequest`]),
+//!    `forward` (use the model's [`StagedDenoiser`] stages or pass your own [`Seams`]
+//!    implementation to [`Denoiser::forward_rows`]), and `expected_comm` (your
+//!    communication formula per [`StepKind`], from the real shapes).
+//! 3. Export `pub const NAME`, `pub fn info() -> StrategyInfo` (its options, documented,
+//!    and the [`SuiteCase`]s with the [`Reference`] the conformance suite holds it to), a
+//!    typed config implementing [`StrategyConfig`], and
+//!    `pub fn register<B: Backend>(r: &mut Registry<B>)`.
+//! 4. Add one line (behind a cargo feature) to `harness::registry()`, the one registration
+//!    list: the conformance suite iterates it, so the strategy is tested by registering.
+//!
+//! The repository's `docs/ARCHITECTURE.md` is the map of crates, contracts and bars.
 
 pub mod attention;
 pub mod comm;

@@ -6,7 +6,7 @@
 //!   every operation *starts* and returns a [`RawPending`] to wait on.
 //! - [`Comm`] is what strategies hold: a cheap clonable handle with typed
 //!   `Tensor<B, D>` methods, blocking and async forms, sub-group splitting over a
-//!   [`Mesh`](crate::Mesh), and the **communication accounting** (see [`CommStats`]), done
+//!   [`Mesh`], and the **communication accounting** (see [`CommStats`]), done
 //!   here once so every implementation counts by the same rule.
 //!
 //! # Requirements of an implementation
