@@ -80,8 +80,8 @@ pub use model::{
     Shard, Sharding, StagedDenoiser, TokenGrid,
 };
 pub use registry::{
-    OptionInfo, OptionValue, Reference, Registry, StrategyConfig, StrategyCtor, StrategyInfo,
-    StrategyOptions, SuiteCase,
+    NoOptions, OptionInfo, OptionValue, Reference, Registry, StrategyConfig, StrategyCtor,
+    StrategyInfo, StrategyOptions, SuiteCase,
 };
 pub use seams::{
     AttentionSite, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams, Serial,

@@ -253,6 +253,21 @@ pub trait StrategyConfig: fmt::Debug {
     fn options(&self) -> StrategyOptions;
 }
 
+/// The config of a strategy that takes no options: its name. Such a crate exports
+/// `pub const CONFIG: NoOptions = NoOptions(NAME);`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoOptions(pub &'static str);
+
+impl StrategyConfig for NoOptions {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+
+    fn options(&self) -> StrategyOptions {
+        StrategyOptions::new(self.0)
+    }
+}
+
 /// Builds a strategy instance for one rank from its world communicator and options.
 pub type StrategyCtor<B> = fn(Comm<B>, &StrategyOptions) -> Result<Box<dyn ParallelStrategy<B>>>;
 

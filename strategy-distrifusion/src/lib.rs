@@ -58,10 +58,10 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
-    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
-    OptionInfo, OptionValue, ParallelError, ParallelStrategy, Pending, Reference, Registry,
-    RequestInfo, Result, Seams, Serial, StepKind, StrategyConfig, StrategyInfo, StrategyOptions,
-    SuiteCase,
+    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc,
+    NoOptions, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy, Pending,
+    Reference, Registry, RequestInfo, Result, Seams, Serial, StepKind, StrategyConfig,
+    StrategyInfo, StrategyOptions, SuiteCase,
 };
 
 /// The registered name of DistriFusion.
@@ -141,19 +141,8 @@ impl StrategyConfig for DistriFusionConfig {
     }
 }
 
-/// Naive patch has no options; its config names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NaivePatchConfig;
-
-impl StrategyConfig for NaivePatchConfig {
-    fn name(&self) -> &'static str {
-        NAIVE_NAME
-    }
-
-    fn options(&self) -> StrategyOptions {
-        StrategyOptions::new(NAIVE_NAME)
-    }
-}
+/// The strategy's config for library users (it takes no options).
+pub const NAIVE_CONFIG: NoOptions = NoOptions(NAIVE_NAME);
 
 /// DistriFusion over the whole world.
 pub struct DistriFusion<B: Backend> {

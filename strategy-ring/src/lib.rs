@@ -120,8 +120,8 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::{merge_partial, sdpa_with_lse};
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
-    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc, OpKind,
-    ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig,
+    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc,
+    NoOptions, OpKind, ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind,
     StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
 
@@ -231,19 +231,8 @@ impl<B: Backend> Seams<B> for RingSeams<'_, B> {
     }
 }
 
-/// Ring has no options; its config names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RingConfig;
-
-impl StrategyConfig for RingConfig {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn options(&self) -> StrategyOptions {
-        StrategyOptions::new(NAME)
-    }
-}
+/// The strategy's config for library users (it takes no options).
+pub const CONFIG: NoOptions = NoOptions(NAME);
 
 /// Ring sequence parallelism over the whole world.
 pub struct Ring<B: Backend> {

@@ -36,26 +36,15 @@ use burn::tensor::backend::Backend;
 use parallel_core::comm::all_reduce_elements;
 use parallel_core::{
     Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc, ModelFamily,
-    OpKind, ParallelError, ParallelStrategy, ReduceSite, Reference, Registry, RequestInfo, Result,
-    Seams, Shard, StepKind, StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase,
+    NoOptions, OpKind, ParallelError, ParallelStrategy, ReduceSite, Reference, Registry,
+    RequestInfo, Result, Seams, Shard, StepKind, StrategyInfo, SuiteCase,
 };
 
 /// The registered name.
 pub const NAME: &str = "tensor";
 
-/// Tensor parallelism has no options; its config names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TensorConfig;
-
-impl StrategyConfig for TensorConfig {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn options(&self) -> StrategyOptions {
-        StrategyOptions::new(NAME)
-    }
-}
+/// The strategy's config for library users (it takes no options).
+pub const CONFIG: NoOptions = NoOptions(NAME);
 
 /// Tensor parallelism over the whole world.
 pub struct TensorParallel<B: Backend> {

@@ -44,9 +44,9 @@ use parallel_core::attention::sdpa;
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
     AttentionSite, Axis, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, Mesh,
-    ModelDesc, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy, Reference,
-    Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig, StrategyInfo, StrategyOptions,
-    SuiteCase,
+    ModelDesc, NoOptions, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy,
+    Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig, StrategyInfo,
+    StrategyOptions, SuiteCase,
 };
 pub use strategy_ring::RingAttention;
 
@@ -55,19 +55,8 @@ pub const NAME: &str = "ulysses";
 /// The registered name of the Ulysses × Ring hybrid.
 pub const USP_NAME: &str = "usp";
 
-/// Pure Ulysses has no options; its config names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UlyssesConfig;
-
-impl StrategyConfig for UlyssesConfig {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn options(&self) -> StrategyOptions {
-        StrategyOptions::new(NAME)
-    }
-}
+/// The strategy's config for library users (it takes no options).
+pub const CONFIG: NoOptions = NoOptions(NAME);
 
 /// USP's degrees, as a typed value: give one or both (their product is the world size).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
