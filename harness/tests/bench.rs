@@ -61,7 +61,9 @@ fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
         }
         // Fresh-K/V strategies equal serial; stale ones are only reported.
         if ["tensor", "ulysses", "ring", "serial"].contains(&r.strategy.as_str()) {
-            assert!(r.rel_l2.unwrap() < 1e-4, "{}: {:?}", r.label, r.rel_l2);
+            // The fresh-K/V loop bar (docs/ARCHITECTURE.md); measured here 0 to 7.1e-7.
+            assert!(r.rel_l2.unwrap() < 1e-5, "{}: {:?}", r.label, r.rel_l2);
+            eprintln!("{}: rel L2 vs serial {:.2e}", r.label, r.rel_l2.unwrap());
         }
         assert!(r.max_abs_error.is_some(), "{}", r.label);
     }

@@ -245,7 +245,11 @@ fn forward_under_ulysses_equals_the_case() {
     let (a, b) = (&got["sample"], &want["sample"]);
     assert_eq!(a.shape, b.shape);
     let rel = metrics::rel_l2(&a.values, &b.values);
-    // Fresh-K/V strategies equal serial, and serial equals diffusers, to float32 rounding.
+    println!("forward under ulysses × 2 vs diffusers: relative L2 {rel:.2e}");
+    // Fresh-K/V strategies equal serial, and serial equals diffusers, to float32 rounding:
+    // relative L2 1e-5 each (docs/ARCHITECTURE.md, "What we measure ourselves by"). Measured
+    // 1.19e-6 (AMD EPYC, AVX2; serial alone gives the same 1.19e-6 on this case), a margin
+    // of 8.
     assert!(rel <= 1e-5, "relative L2 {rel:e}");
 }
 

@@ -11,9 +11,13 @@ use parallel_core::attention::sdpa;
 use parallel_core::{AttentionSite, Denoiser, LoadPlan, Result, Seams, Serial, StagedDenoiser};
 
 /// Bands and pipelines compute the same operations on subsets of the tokens; only kernel
-/// blocking over fewer rows can reorder float32 sums, so agreement is ~1e-7 relative. 1e-6
-/// would still expose any token mixing or position-embedding offset (those move the output
-/// by ≥ 1e-2).
+/// blocking over fewer rows could reorder float32 sums. Measured on the reference machine
+/// (AMD EPYC, AVX2), with 1 and with all rayon threads: **0** — band K/V, band outputs and
+/// pipeline stages are bitwise equal to the full forward in every case below. The bar is not
+/// zero so that a reordering backend or SIMD width still passes: 1e-6 is ~3× the
+/// reassociation error that tensor-parallel sums show (3.2e-7, `tests/tensor_parallel.rs`),
+/// and it still exposes any token mixing or position-embedding offset (those move the output
+/// by ≥ 1e-2; attending to the band's own tokens only gives 1.1e-1, below).
 const SAME: f64 = 1e-6;
 
 /// Serial attention that records every layer's K and V (all tokens).
@@ -42,6 +46,8 @@ impl Seams<B> for Record {
 struct FullKv<'a> {
     kv: &'a [(Tensor<B, 4>, Tensor<B, 4>)],
     calls: usize,
+    /// Worst relative L2 error of the band's own K/V against the full forward's rows.
+    worst_kv: f64,
 }
 
 impl Seams<B> for FullKv<'_> {
@@ -59,6 +65,7 @@ impl Seams<B> for FullKv<'_> {
         let (ek, _) = errors(&k, &local(full_k));
         let (ev, _) = errors(&v, &local(full_v));
         assert!(ek < SAME && ev < SAME, "layer {}: band K/V differ ({ek:e}, {ev:e})", site.layer);
+        self.worst_kv = self.worst_kv.max(ek).max(ev);
         self.calls += 1;
         Ok(sdpa(q, full_k.clone(), full_v.clone(), None))
     }
@@ -73,15 +80,23 @@ fn bands_equal_full(model: &str, case: &str, bands: &[std::ops::Range<usize>]) {
     let full = m.forward_rows(&case.input, 0..h, &mut record).unwrap();
     assert_eq!(record.kv.len(), m.desc().num_layers);
     let serial = m.forward_rows(&case.input, 0..h, &mut Serial).unwrap();
-    assert!(errors(&full, &serial).0 < SAME);
+    let (l2_serial, _) = errors(&full, &serial);
+    println!("{model}/{}: recording seams vs Serial rel L2 {l2_serial:.2e}", case.name);
+    assert!(l2_serial < SAME);
     let mut covered = 0;
     for rows in bands {
-        let mut seams = FullKv { kv: &record.kv, calls: 0 };
+        let mut seams = FullKv { kv: &record.kv, calls: 0, worst_kv: 0.0 };
         let band = m.forward_rows(&case.input, rows.clone(), &mut seams).unwrap();
         assert_eq!(seams.calls, m.desc().num_layers);
         let want = full.clone().narrow(2, rows.start, rows.len());
         let (l2, max) = errors(&band, &want);
-        assert!(l2 < SAME && max < 10.0 * SAME, "{model} rows {rows:?}: {l2:e} {max:e}");
+        println!(
+            "{model}/{} rows {rows:?}: band K/V rel L2 {:.2e}, output rel L2 {l2:.2e}, max rel \
+             {max:.2e}",
+            case.name, seams.worst_kv
+        );
+        // Max-relative: measured 0 (bitwise); 3 × SAME, as in `tests/tensor_parallel.rs`.
+        assert!(l2 < SAME && max < 3.0 * SAME, "{model} rows {rows:?}: {l2:e} {max:e}");
         covered += rows.len();
     }
     assert_eq!(covered, h);
@@ -108,7 +123,12 @@ fn bands_with_serial_seams_attend_to_their_own_tokens_only() {
     let case = read_case(&fixtures().join("pixart-alpha/cases/square.safetensors"));
     let band = m.forward_rows(&case.input, 0..8, &mut Serial).unwrap();
     let want = case.sample.clone().narrow(2, 0, 8);
-    assert!(errors(&band, &want).0 > 1e-3);
+    let (l2, _) = errors(&band, &want);
+    println!("pixart-alpha/square rows 0..8, own tokens only: rel L2 {l2:.2e}");
+    // A lower bound: measured 1.14e-1 on the reference machine (AMD EPYC, AVX2); 1e-2 is
+    // 11× below that (it was 1e-3) and 10³ above the 1e-5 bar that the full forward meets
+    // against this same diffusers sample (measured 1.2e-6), so neither can pass for the other.
+    assert!(l2 > 1e-2, "{l2:e}");
 }
 
 /// Runs `stages` (plans of consecutive blocks) as a pipeline through the staged interface.
@@ -116,6 +136,7 @@ fn pipeline_equals_full(model: &str, case: &str, stages: &[LoadPlan]) {
     let dev = Default::default();
     let folder = fixtures().join(model);
     let full = DitModel::<B>::load(&folder, &LoadPlan::full(), &dev).unwrap();
+    let case_name = case;
     let case = read_case(&folder.join("cases").join(format!("{case}.safetensors")));
     let grid = full.desc().tokens(case.input.grid());
     let rows = 0..grid.rows;
@@ -142,7 +163,13 @@ fn pipeline_equals_full(model: &str, case: &str, stages: &[LoadPlan]) {
         }
     }
     let (l2, max) = errors(&out.unwrap(), &want);
-    assert!(l2 < SAME && max < 10.0 * SAME, "{model}: {l2:e} {max:e}");
+    println!(
+        "{model}/{} in {} stages: rel L2 {l2:.2e}, max rel {max:.2e}",
+        case_name,
+        stages.len()
+    );
+    // Max-relative: measured 0 (bitwise); 3 × SAME, as in `tests/tensor_parallel.rs`.
+    assert!(l2 < SAME && max < 3.0 * SAME, "{model}: {l2:e} {max:e}");
     assert!(stage_bytes > full.param_bytes(), "stages replicate the conditioning");
 }
 

@@ -14,8 +14,12 @@ use parallel_core::{
 };
 
 /// Sharded ranks compute the same sums split in N parts and added by the all-reduce: float32
-/// reassociation only, ~1e-7 relative. 1e-6 is far below the effect of a wrongly sliced or
-/// untransposed weight, or of a bias added N times (≥ 1e-2).
+/// reassociation only. Measured on the reference machine (AMD EPYC, AVX2), worst over the
+/// four (model, world) cases and every rank: relative L2 **3.2e-7** (`pixart-alpha` over 2),
+/// max-relative **3.6e-7**. The L2 bar 1e-6 is 3.1× that; the max-relative bar is 3 × SAME
+/// (8.3× the measured worst; it was 10 × SAME), since max and L2 stay within 1.6× of each
+/// other here. Both are far below the effect of a wrongly sliced or untransposed weight, or
+/// of a bias added N times (≥ 1e-2).
 const SAME: f64 = 1e-6;
 
 /// The tensor-parallel reduce seam: all-reduce (sum) over the ranks.
@@ -69,10 +73,8 @@ fn sharded_equals_serial(model: &str, case: &str, world: usize) {
     for (rank, r) in results.into_iter().enumerate() {
         let (out, bytes, reduces) = r.unwrap_or_else(|e| panic!("rank {rank}: {e}"));
         let (l2, max) = errors(&out, &want);
-        assert!(
-            l2 < SAME && max < 10.0 * SAME,
-            "{model} world {world} rank {rank}: {l2:e} {max:e}"
-        );
+        println!("{model} world {world} rank {rank}: rel L2 {l2:.2e}, max rel {max:.2e}");
+        assert!(l2 < SAME && max < 3.0 * SAME, "{model} world {world} rank {rank}: {l2:e} {max:e}");
         assert_eq!(bytes, expected_rank_bytes(&params, world), "rank {rank} bytes");
         assert_eq!(reduces, layers * projections);
     }

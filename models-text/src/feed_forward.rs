@@ -181,9 +181,16 @@ mod tests {
                 (0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())) as f32
             })
             .collect();
+        let got = y.to_vec::<f32>().unwrap();
+        let err = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        println!("gelu_new vs f64 formula: max abs error {err:.2e}");
+        // Measured 4.1e-8 (AMD EPYC, AVX2): the f32 evaluation against the f64 formula
+        // rounded once. 3e-7 (it was 1e-6) is 7× that and ~2.5 ulps of the largest output
+        // (1.95), room for another tanh; the exact (erf) GELU differs by up to 4.1e-4 on
+        // these inputs (at −3), 1400× the bound.
         y.assert_approx_eq::<f32>(
             &TensorData::from(expected.as_slice()),
-            Tolerance::absolute(1e-6),
+            Tolerance::absolute(3e-7),
         );
     }
 }

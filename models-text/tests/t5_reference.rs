@@ -3,17 +3,20 @@
 //!
 //! # Tolerances
 //!
-//! - `last_hidden_state`, masked and unmasked: **relative L2 ≤ 1e-5**, the project's bar for
-//!   "equal to float32 rounding" (DESIGN.md). The two computations agree in every operation
-//!   but differ in summation order (matmul blocking, softmax and mean reductions), so a few
-//!   ulps per element (f32 ulp ≈ 6e-8 relative) are expected, and 3.5e-7 is measured;
-//!   1e-5 leaves a margin of 30 over that while the subtlest mistake tried still fails it:
-//!   the exact (erf) GELU instead of the tanh one gives 1.5e-4, scaling q·k by 1/√d_kv
-//!   0.48, dropping the mask > 1e-3 (asserted below), and an untransposed weight panics on
-//!   a shape. `max|a−b|/max|b|` is printed beside it.
+//! - `last_hidden_state`, masked and unmasked: **relative L2 ≤ 5e-6**, tighter than the
+//!   project's bar for "equal to float32 rounding" (relative L2 1e-5, docs/ARCHITECTURE.md,
+//!   "What we measure ourselves by"). The two computations agree in every operation but
+//!   differ in summation order (matmul blocking, softmax and mean reductions), so a few ulps
+//!   per element (f32 ulp ≈ 6e-8 relative) are expected. Measured on the reference machine
+//!   (AMD EPYC, AVX2): 3.3e-7 masked, **7.2e-7** unmasked (the worst), 2.6e-7 for the
+//!   pipeline's prompt embeds; 5e-6 leaves a margin of 7 over the worst (it was 1e-5, a
+//!   margin of 14) while the subtlest mistake tried still fails it by 30×: the exact (erf)
+//!   GELU instead of the tanh one gives 1.5e-4, scaling q·k by 1/√d_kv 0.48, dropping the
+//!   mask 0.55 (asserted below to be > 1e-1), and an untransposed weight panics on a shape.
+//!   `max|a−b|/max|b|` is printed beside it (measured ≤ 1.5e-6).
 //! - `input_embeds`: **exact** — an embedding lookup copies the stored f32 values.
-//! - The pipeline's `prompt_embeds` (`pipeline_4steps.safetensors`): relative L2 ≤ 1e-5, as
-//!   above; masks exact.
+//! - The pipeline's `prompt_embeds` (`pipeline_4steps.safetensors`): relative L2 ≤ 5e-6, as
+//!   above (measured 2.6e-7 positive, 9.0e-8 negative); masks exact.
 
 mod common;
 
@@ -21,8 +24,11 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use common::{B, Reference, rel_l2, rel_max, tiny};
 use models_text::{PIXART_ALPHA_MAX_LENGTH, PromptTokenizer, T5EncoderModel, encode_prompts};
 
-/// The project's float32 bar (DESIGN.md: serial models equal diffusers to relative L2 1e-5).
-const REL_L2_TOL: f64 = 1e-5;
+/// Relative L2 bar of the encoder's outputs: measured worst 7.2e-7 (unmasked
+/// `last_hidden_state`, AMD EPYC, AVX2), so 5e-6 is a margin of 7; half the project's float32
+/// bar (docs/ARCHITECTURE.md, "What we measure ourselves by": serial models equal diffusers to
+/// relative L2 1e-5). See the module docs for what it still catches.
+const REL_L2_TOL: f64 = 5e-6;
 
 fn model() -> T5EncoderModel<B> {
     T5EncoderModel::<B>::from_pretrained(tiny().join("text_encoder"), &Default::default()).unwrap()
@@ -78,7 +84,11 @@ fn last_hidden_state_without_mask_equals_transformers() {
     check("last_hidden_state_no_mask", &values(got), &expected);
     // The mask matters in this fixture (row 0 is padded): the masked reference differs.
     let (_, masked) = r.f32("last_hidden_state");
-    assert!(rel_l2(&expected, &masked) > 1e-3);
+    let mask_effect = rel_l2(&expected, &masked);
+    println!("masked vs unmasked reference: relative L2 {mask_effect:.3e}");
+    // A lower bound: measured 0.548; 1e-1 is 5× below it (it was 1e-3) and 2·10⁴ above
+    // REL_L2_TOL, so the masked and unmasked comparisons above test different things.
+    assert!(mask_effect > 1e-1, "{mask_effect:e}");
 }
 
 #[test]

@@ -18,8 +18,11 @@ fn pipeline_image_matches_diffusers() {
     assert_eq!(shape, [1, 3, 128, 128]);
     let (rel_l2, rel_max) = errors(&ours, &want);
     println!("pipeline image: relative L2 {rel_l2:.3e}, max|a-b|/max|b| {rel_max:.3e}");
-    // float32 rounding through the decoder, as in tests/reference.rs.
-    assert!(rel_l2 <= 1e-5, "relative L2 {rel_l2:e}");
+    // float32 rounding through the decoder, as in tests/reference.rs, on latents that are
+    // bitwise the reference's. Measured 3.1e-7 (max-relative 1.0e-6; AMD EPYC, AVX2): 2e-6
+    // (it was 1e-5) is 6.5× that, and the decoder's own worst against diffusers in
+    // tests/reference.rs is 7.3e-7 relative L2 before the affine map to [0, 1].
+    assert!(rel_l2 <= 2e-6, "relative L2 {rel_l2:e}");
 
     // Pixels: ours through to_image, diffusers' through numpy_to_pil's rounding of its floats.
     let image = to_image(sample).unwrap();
@@ -35,7 +38,11 @@ fn pipeline_image_matches_diffusers() {
     }
     println!("pipeline image: {differ} of {} pixel values differ by one level", want.len());
     // A value may only differ where diffusers' float sits within the float32 error above of a
-    // rounding boundary: one level, and rarely (at ~1e-6 relative error, a handful at most).
+    // rounding boundary: one level, and rarely. Measured: 0 values differ (AMD EPYC, AVX2).
+    // The bound is what the error allows, not the measurement: a max abs error of ~1e-6 is
+    // 2.6e-4 of a level, so each value lies that close to a boundary with probability
+    // ~5e-4, ≤ 25 of the 49152 values; 1 in 1000 (49) covers that, while a one-level
+    // systematic offset (e.g. truncation instead of rounding) changes about half of them.
     assert!(max_diff <= 1, "a pixel differs by {max_diff} levels");
     assert!(differ <= want.len() / 1000, "{differ} pixel values differ");
 }

@@ -4,8 +4,11 @@
 //! 0.42.1: `tests/data/variants.json`, made by `tools/fixtures/schedulers.py`.
 //!
 //! Same bars as `diffusers_parity.rs`: timesteps exactly equal; sigmas and `init_noise_sigma`
-//! within 1 ulp (torch's float32 `sqrt` is not correctly rounded); every `prev_sample` within
-//! 1e-5 relative (max-abs and L2), fed our own previous output.
+//! within 1 ulp (torch's float32 `sqrt` is not correctly rounded; measured: sigmas 1 ulp apart
+//! in every DPM-Solver and some Euler cases, `init_noise_sigma` equal); every `prev_sample`
+//! within 5e-6 relative (max-abs and L2), fed our own previous output. Measured worst on the
+//! reference machine (AMD EPYC, AVX2): 7.9e-7 max-relative (`ddim_v_prediction`), so 5e-6 is
+//! a margin of 6 (it was 1e-5, a margin of 13).
 
 use burn::tensor::{Tensor, TensorData};
 use burn_flex::Flex;
@@ -14,7 +17,10 @@ use serde::Deserialize;
 
 type B = Flex;
 
-const SAMPLE_REL_TOL: f64 = 1e-5;
+/// Relative error bar of samples: measured worst 7.9e-7 (`ddim_v_prediction`, 7 steps,
+/// max-relative), a margin of 6; see the module docs.
+const SAMPLE_REL_TOL: f64 = 5e-6;
+/// Largest distance, in float32 ulps, of a sigma: measured 1; 0 would fail on torch's `sqrt`.
 const MAX_SQRT_ULPS: u32 = 1;
 
 #[derive(Deserialize)]
@@ -73,11 +79,17 @@ fn variants_equal_diffusers() {
                 for (i, (&a, &b)) in ours.iter().zip(theirs).enumerate() {
                     assert!(ulps(a, b as f32) <= MAX_SQRT_ULPS, "{name}: sigma {i}: {a} vs {b}");
                 }
+                let worst = ours.iter().zip(theirs).map(|(&a, &b)| ulps(a, b as f32)).max();
+                println!("{name}: sigmas within {} ulp", worst.unwrap_or(0));
             }
             (None, None) => {}
             _ => panic!("{name}: sigmas present on one side only"),
         }
         let init = schedule.init_noise_sigma();
+        println!(
+            "{name}: init_noise_sigma within {} ulp",
+            ulps(init, case.init_noise_sigma as f32)
+        );
         assert!(ulps(init, case.init_noise_sigma as f32) <= MAX_SQRT_ULPS, "{name}: init {init}");
 
         let mut state = schedule.new_state::<B, 4>();
