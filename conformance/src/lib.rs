@@ -370,22 +370,29 @@ pub fn compare(a: &Tensor<B, 4>, b: &Tensor<B, 4>) -> metrics::Comparison {
     metrics::compare(&values(a), &values(b))
 }
 
-/// The measured elements of every kind against the formula, for each step; the first
-/// difference, in words.
+/// What the transport moved off the rank against the formula, per operation kind, over the
+/// whole run (a lone forward, or every step of a loop): the first difference, in words.
+///
+/// Totals, not step by step: the transport counts a transfer when it executes, and an
+/// asynchronous one (PipeFusion's activations, DistriFusion's K/V gathers) executes when its
+/// peer gets to it — possibly after this rank's next step began. By the end of the run every
+/// operation this rank started has executed (strategies wait on all of them), so the totals
+/// are exact.
 pub fn comm_mismatch(rep: &RankReport) -> Option<String> {
-    for (i, (measured, expected)) in rep.steps.iter().zip(&rep.expected).enumerate() {
-        for kind in OpKind::ALL {
-            let (m, e) = (measured.get(kind).elements, expected.get(kind));
-            if m != e {
-                return Some(format!(
-                    "step {i}: {kind} sent {m} elements, the formula says {e} ({})",
-                    expected.formula
-                ));
-            }
-        }
-    }
     if rep.steps.len() != rep.expected.len() {
         return Some(format!("{} steps counted, {} expected", rep.steps.len(), rep.expected.len()));
+    }
+    for kind in OpKind::ALL {
+        let m: u64 = rep.steps.iter().map(|s| s.get(kind).elements).sum();
+        let e: u64 = rep.expected.iter().map(|x| x.get(kind)).sum();
+        if m != e {
+            let formula = rep.expected.last().map(|x| x.formula.as_str()).unwrap_or("");
+            return Some(format!(
+                "{kind}: the transport moved {m} elements off this rank, the formula says {e} \
+                 over {} step(s) ({formula})",
+                rep.steps.len()
+            ));
+        }
     }
     None
 }

@@ -123,7 +123,7 @@ fn a_formula_that_undercounts_by_one_element_fails() {
         .find(|r| r.strategy == "root_only" && r.world_size == 2)
         .unwrap();
     let e = check_forward(&registry, &run, &fixture("pixart-alpha")).unwrap_err();
-    assert!(e.contains("broadcast sent") && e.contains("the formula says"), "{e}");
+    assert!(e.contains("broadcast: the transport moved") && e.contains("the formula says"), "{e}");
 }
 
 #[test]

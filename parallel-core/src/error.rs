@@ -12,7 +12,7 @@ use crate::comm::Tag;
 pub enum CommError {
     /// A wait went past the communicator's timeout.
     #[error(
-        "{op} on rank {rank} timed out after {waited:?} waiting for rank(s) {missing:?} \
+        "{op} on rank {rank} timed out after {waited:?} waiting for rank(s) {missing:?}{blocked} \
          (raise the communicator timeout if the work between collectives is that long)"
     )]
     Timeout {
@@ -24,6 +24,8 @@ pub enum CommError {
         waited: Duration,
         /// The ranks it was waiting for (world numbering).
         missing: Vec<usize>,
+        /// What those ranks are blocked on, in words (empty when unknown).
+        blocked: String,
     },
     /// Another rank of the world failed (returned an error or panicked).
     #[error("{op} on rank {rank} aborted: rank {failed_rank} failed: {reason}")]
@@ -74,6 +76,19 @@ pub enum CommError {
         expected: Tag,
         /// The tag that arrived.
         got: Tag,
+    },
+    /// A handle of a started operation was dropped without being waited on: the operation
+    /// still runs when its peers reach it, but nobody takes its result (see the rules in
+    /// [`comm`](crate::comm)).
+    #[error(
+        "{op} on rank {rank} was dropped before it was waited on; wait on every operation you \
+         start (its data may still be in flight, and the communicator is unusable after it)"
+    )]
+    Abandoned {
+        /// The dropped operation.
+        op: String,
+        /// The rank that dropped it (world numbering).
+        rank: usize,
     },
     /// Tensor shapes or dtypes do not fit the operation.
     #[error("{op} on rank {rank}: {detail}")]

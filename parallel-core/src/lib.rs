@@ -14,11 +14,14 @@
 //! 1. **Communicator** ([`comm`]): a group of ranks exchanging tensors — all-gather,
 //!    all-to-all, all-reduce (sum), broadcast, tagged send/recv, a paired `send_recv` for
 //!    ring neighbours, barrier, async forms returning a handle to wait on, and sub-groups
-//!    over a [`Mesh`] of named axes (cfg, pipefusion, ring, ulysses, tensor). [`LocalComm`]
-//!    runs N ranks as N threads of one process (the embedded default; every strategy is
-//!    tested this way on a CPU). Every [`Comm`] counts what its rank sends by one rule
-//!    ([`CommStats`]), and no wait hangs: a timeout, or a failed peer, ends it with an error
-//!    naming the operation and the rank.
+//!    over a [`Mesh`] of named axes (cfg, pipefusion, ring, ulysses, tensor), under NCCL's
+//!    rules (a communicator is a stream; a send completes only when its receive is posted;
+//!    every started operation is waited on). [`LocalComm`] runs N ranks as N threads of one
+//!    process (the embedded default; every strategy is tested this way on a CPU), counts
+//!    the bytes it moves off each rank per link ([`CommStats`]), and can time transfers by
+//!    a [`LinkModel`] (bandwidth, latency, dilation) so that overlap shows on one CPU. No
+//!    wait hangs: a timeout, or a failed peer, ends it with an error naming the operation
+//!    and the rank.
 //! 2. **Model seams** ([`seams`]): the places where a strategy may act inside a model written
 //!    once for one device, each with a serial default:
 //!
@@ -70,8 +73,8 @@ pub mod split;
 pub mod strategy;
 
 pub use comm::{
-    Comm, CommStats, Communicator, LaunchOptions, LocalComm, OpKind, OpStats, Pending, PendingSend,
-    Tag, launch,
+    Clock, Comm, CommStats, Communicator, LaunchOptions, Link, LinkModel, LinkSpecError, LocalComm,
+    ManualClock, OpKind, OpStats, Pending, PendingSend, Tag, WallClock, launch,
 };
 pub use error::{CommError, ParallelError, Result};
 pub use mesh::{Axis, Mesh};

@@ -12,7 +12,9 @@
 //!   the previous step (the layer's buffer, one step stale). Right after computing its fresh
 //!   K/V it starts an asynchronous all-gather of them, and waits on that handle only at the
 //!   same layer of the next step, when it refreshes the buffer: the exchange overlaps a
-//!   whole step of compute.
+//!   whole step of compute. The gathers run on a communicator of their own (a split of the
+//!   world: its own stream), so the output gather that ends a step does not wait for them.
+//!   The last step starts none (nobody would read them).
 //!
 //! The bands' outputs are all-gathered at the end of every step, so the noise prediction is
 //! complete on every rank and the scheduler steps identically everywhere.
@@ -42,7 +44,8 @@
 //! `B` batch, `hs = H·d` hidden size, `L` layers, `n_r` the rank's tokens, `p` all tokens:
 //!
 //! ```text
-//! all_gather (K/V) = L · 2·B·n_r·hs·(N − 1)     (= 2·(p/N)·hs·(N−1)·L, warmup or not)
+//! all_gather (K/V) = L · 2·B·n_r·hs·(N − 1)     (= 2·(p/N)·hs·(N−1)·L, warmup or not;
+//!                                               none in the last step after warmup)
 //! all_gather (output) = B · C_out · (band rows · patch) · W · (N − 1)
 //! buffer = L · 2·B·p·hs elements                (full K and V of every layer)
 //! ```
@@ -147,6 +150,9 @@ pub const NAIVE_CONFIG: NoOptions = NoOptions(NAIVE_NAME);
 /// DistriFusion over the whole world.
 pub struct DistriFusion<B: Backend> {
     world: Comm<B>,
+    /// The world again as a communicator of its own, for the K/V gathers: a stream apart
+    /// from the output gathers, so a step's end does not wait for the gathers it started.
+    kv: Comm<B>,
     warmup_steps: usize,
     state: State<B>,
     request: CurrentRequest,
@@ -167,8 +173,10 @@ impl<B: Backend> DistriFusion<B> {
                 reason: "must be ≥ 1: step 0 has no previous step's K/V to reuse".into(),
             });
         }
+        let kv = world.split_members(world.members())?;
         Ok(DistriFusion {
             world,
+            kv,
             warmup_steps,
             state: State::new(),
             request: CurrentRequest::default(),
@@ -191,6 +199,8 @@ struct DfSeams<'a, B: Backend> {
     state: &'a mut State<B>,
     step: usize,
     sync: bool,
+    /// The request's last step: nobody would read a gather started now.
+    last: bool,
 }
 
 impl<B: Backend> Seams<B> for DfSeams<'_, B> {
@@ -223,8 +233,10 @@ impl<B: Backend> Seams<B> for DfSeams<'_, B> {
                     [0..dims[0], 0..dims[1], 0..dims[2], own, 0..dims[4]],
                     fresh.clone(),
                 );
-                let pending = self.comm.all_gather_async(fresh, 3)?;
-                self.state.pending[layer] = Some((self.step, pending));
+                if !self.last {
+                    let pending = self.comm.all_gather_async(fresh, 3)?;
+                    self.state.pending[layer] = Some((self.step, pending));
+                }
                 self.state.buffers[layer] = Some(mixed.clone());
                 mixed
             }
@@ -297,8 +309,13 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
 
     fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
         self.validate(model, request)?;
-        // Pending gathers are dropped (and released) with the old state.
-        self.state = State::new();
+        // A request that ended early (an error, or forwards outside a loop) may leave gathers
+        // in flight: wait them out, every rank alike, so the stream stays in step.
+        for (_, pending) in
+            std::mem::replace(&mut self.state, State::new()).pending.into_iter().flatten()
+        {
+            pending.wait()?;
+        }
         self.request.begin(request);
         Ok(())
     }
@@ -309,9 +326,10 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
         input: &DenoiserInput<B>,
         step: usize,
     ) -> Result<Tensor<B, 4>> {
-        self.request.check_input(NAME, input)?;
+        let steps = self.request.check_input(NAME, input)?.steps;
         let sync = step < self.warmup_steps;
-        let mut seams = DfSeams { comm: &self.world, state: &mut self.state, step, sync };
+        let last = step + 1 >= steps;
+        let mut seams = DfSeams { comm: &self.kv, state: &mut self.state, step, sync, last };
         row_split_forward(NAME, model, input, &self.world, &mut seams)
     }
 
@@ -323,20 +341,26 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
         &self,
         model: &ModelDesc,
         request: &RequestInfo,
-        _step: StepKind,
+        step: StepKind,
     ) -> Result<ExpectedComm> {
-        // Warmup steps gather the fresh K/V synchronously, the others asynchronously: the
-        // same volume in every step.
+        // Warmup steps gather the fresh K/V synchronously, the others asynchronously (the
+        // same volume); the last step of a loop after warmup starts no gather, nobody would
+        // read it.
         let n = self.world.size();
         let r = self.world.rank();
         let parts = row_partition(NAME, model, request.grid, n)?;
         let cols = request.grid.width / model.patch_size;
         let n_r = parts[r].len() * cols;
         let (b, hs, l) = (request.batch, model.hidden_size, model.num_layers);
+        let gathers = !step.is_last(request.steps) || step.is_warmup(self.warmup_steps);
         let mut e = ExpectedComm::none(format!(
-            "distrifusion: L·2·B·n_r·hs·(N−1) + output gather; L={l} B={b} n_r={n_r} hs={hs} N={n}"
+            "distrifusion: L·2·B·n_r·hs·(N−1){} + output gather; L={l} B={b} n_r={n_r} hs={hs} \
+             N={n}",
+            if gathers { "" } else { " (none: the last step starts no gather)" }
         ));
-        e.add(OpKind::AllGather, (l * 2 * b * n_r * hs * (n - 1)) as u64);
+        if gathers {
+            e.add(OpKind::AllGather, (l * 2 * b * n_r * hs * (n - 1)) as u64);
+        }
         e.add(OpKind::AllGather, output_gather_elements(model, request.grid, b, &parts[r], n));
         Ok(e)
     }

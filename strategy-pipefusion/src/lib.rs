@@ -54,6 +54,7 @@
 //! buffers hold `L_s · 2 · B · p · hs` elements on stage `s` (own layers only); parameters
 //! ≈ block parameters / N + the replicated embeddings.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 
 use burn::tensor::Tensor;
@@ -63,8 +64,8 @@ use parallel_core::split::balanced;
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
     LoadPlan, ModelDesc, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy,
-    Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser, StepKind, StrategyConfig,
-    StrategyInfo, StrategyOptions, SuiteCase, Tag,
+    PendingSend, Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser, StepKind,
+    StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
 
 /// The registered name.
@@ -168,12 +169,49 @@ impl StrategyConfig for PipeFusionConfig {
 /// PipeFusion over the whole world, one stage per rank.
 pub struct PipeFusion<B: Backend> {
     world: Comm<B>,
+    links: Links<B>,
     patches: Option<usize>,
     warmup_steps: usize,
     blocks_per_stage: Option<Vec<usize>>,
     /// Per own layer (indexed from the stage's first block): `[2, B, H, p, d]`.
     buffers: Vec<Option<Tensor<B, 5>>>,
+    /// Sends started and not yet waited on (waited as they complete, all by the end).
+    sending: VecDeque<PendingSend>,
     request: CurrentRequest,
+}
+
+/// The pipeline's links, each a 2-rank communicator of its own (its own stream, as NCCL
+/// gives a split communicator): activations from the previous stage and to the next, and
+/// latent patches from the last stage back to stage 0. Separate streams are what keeps the
+/// cycle s → s+1 → … → last → 0 from deadlocking under rendezvous sends: a patch sent back
+/// to stage 0 does not hold up the next patch's activations arriving.
+struct Links<B: Backend> {
+    /// `{s − 1, s}`: this stage is rank 1 (`None` on stage 0).
+    prev: Option<Comm<B>>,
+    /// `{s, s + 1}`: this stage is rank 0 (`None` on the last stage).
+    next: Option<Comm<B>>,
+    /// `{0, N − 1}` on those two stages (`None` elsewhere, and for one stage).
+    latent: Option<Comm<B>>,
+}
+
+impl<B: Backend> Links<B> {
+    /// Every rank makes its splits in the same order: activation links, then the latent one.
+    fn new(world: &Comm<B>) -> Result<Self> {
+        let (s, n) = (world.rank(), world.size());
+        let w = world.members();
+        let prev = if s > 0 { Some(world.split_members(&[w[s - 1], w[s]])?) } else { None };
+        let next = if s + 1 < n { Some(world.split_members(&[w[s], w[s + 1]])?) } else { None };
+        let latent = if n > 1 && (s == 0 || s + 1 == n) {
+            Some(world.split_members(&[w[0], w[n - 1]])?)
+        } else {
+            None
+        };
+        Ok(Links { prev, next, latent })
+    }
+}
+
+fn missing_link(which: &str) -> ParallelError {
+    ParallelError::State { strategy: NAME.into(), reason: format!("no {which} link on this stage") }
 }
 
 impl<B: Backend> PipeFusion<B> {
@@ -203,8 +241,11 @@ impl<B: Backend> PipeFusion<B> {
                 format!("needs {n} positive counts (one per stage), got {b:?}"),
             ));
         }
+        let links = Links::new(&world)?;
         Ok(PipeFusion {
             world,
+            links,
+            sending: VecDeque::new(),
             patches,
             warmup_steps,
             blocks_per_stage,
@@ -327,15 +368,46 @@ impl<B: Backend> PipeFusion<B> {
         let hidden = if s == 0 {
             model.embed(input, rows.clone(), &cond)?
         } else {
-            self.world.recv(s - 1, tag.layer(s as u32))?
+            self.prev()?.recv(0, tag.layer(s as u32))?
         };
         let hidden = self.run_stage(model, hidden, rows.clone(), &cond)?;
         if s + 1 < n {
-            self.world.send(hidden, s + 1, tag.layer(s as u32 + 1))?;
+            self.next()?.send(hidden, 1, tag.layer(s as u32 + 1))?;
             Ok(None)
         } else {
             Ok(Some(model.head(hidden, rows, &cond)?))
         }
+    }
+
+    fn prev(&self) -> Result<&Comm<B>> {
+        self.links.prev.as_ref().ok_or_else(|| missing_link("previous-stage"))
+    }
+
+    fn next(&self) -> Result<&Comm<B>> {
+        self.links.next.as_ref().ok_or_else(|| missing_link("next-stage"))
+    }
+
+    fn latent(&self) -> Result<&Comm<B>> {
+        self.links.latent.as_ref().ok_or_else(|| missing_link("latent"))
+    }
+
+    /// Keeps a started send; waits on those already complete.
+    fn sent(&mut self, send: PendingSend) -> Result<()> {
+        self.sending.push_back(send);
+        while self.sending.front().is_some_and(PendingSend::is_ready) {
+            if let Some(done) = self.sending.pop_front() {
+                done.wait()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits on every send started.
+    fn drain(&mut self) -> Result<()> {
+        while let Some(send) = self.sending.pop_front() {
+            send.wait()?;
+        }
+        Ok(())
     }
 }
 
@@ -458,6 +530,8 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
 
     fn begin_request(&mut self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
         self.validate(model, request)?;
+        // A request that ended early may leave sends in flight: wait them out.
+        self.drain()?;
         self.buffers.clear();
         self.request.begin(request);
         Ok(())
@@ -512,20 +586,20 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         }
         let patches = self.patch_rows(model.desc(), &request)?;
         let mut latents = latents;
-        for step in 0..sampler.num_steps() {
+        let steps = sampler.num_steps();
+        for step in 0..steps {
             let input = sampler.model_input(step, &latents)?;
+            // After the last step the last stage broadcasts the latents: nothing goes back.
+            let back = n > 1 && step + 1 < steps;
             if step < self.warmup_steps {
+                let tag = Tag::new(LATENT_SYNC).step(step as u32);
                 if let Some(noise) = self.sync_pass(staged, &input, step)? {
                     latents = sampler.step(step, 0..height, noise, latents)?;
-                    if n > 1 {
-                        self.world.send(
-                            latents.clone(),
-                            0,
-                            Tag::new(LATENT_SYNC).step(step as u32),
-                        )?;
+                    if back {
+                        self.latent()?.send(latents.clone(), 0, tag)?;
                     }
-                } else if s == 0 {
-                    latents = self.world.recv(last, Tag::new(LATENT_SYNC).step(step as u32))?;
+                } else if s == 0 && back {
+                    latents = self.latent()?.recv(1, tag)?;
                 }
                 continue;
             }
@@ -538,38 +612,33 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                     // (after a synchronous step, stage 0 already holds the whole latent).
                     if n > 1 && step > self.warmup_steps {
                         let tag = Tag::new(LATENT).step(step as u32 - 1).patch(m as u32);
-                        let patch: Tensor<B, 4> = self.world.recv(last, tag)?;
+                        let patch: Tensor<B, 4> = self.latent()?.recv(1, tag)?;
                         latents = assign_rows(latents, lat_rows.clone(), patch);
                     }
                     let input = sampler.model_input(step, &latents)?;
                     staged.embed(&input, rows.clone(), &cond)?
                 } else {
-                    self.world.recv(s - 1, act.layer(s as u32))?
+                    self.prev()?.recv(0, act.layer(s as u32))?
                 };
                 let hidden = self.run_stage(staged, hidden, rows.clone(), &cond)?;
                 if s < last {
-                    self.world.send(hidden, s + 1, act.layer(s as u32 + 1))?;
+                    // Started, not waited: the next stage takes it when it gets to it.
+                    let send = self.next()?.send_async(hidden, 1, act.layer(s as u32 + 1))?;
+                    self.sent(send)?;
                     continue;
                 }
                 let noise = staged.head(hidden, rows.clone(), &cond)?;
                 let current = latents.clone().narrow(2, lat_rows.start, lat_rows.len());
                 let next = sampler.step(step, lat_rows.clone(), noise, current)?;
                 latents = assign_rows(latents, lat_rows.clone(), next.clone());
-                if n > 1 {
+                if back {
                     let tag = Tag::new(LATENT).step(step as u32).patch(m as u32);
-                    self.world.send(next, 0, tag)?;
+                    let send = self.latent()?.send_async(next, 0, tag)?;
+                    self.sent(send)?;
                 }
             }
         }
-        // The last step's patches reach stage 0 like every step's (one formula per step).
-        let steps = sampler.num_steps();
-        if s == 0 && n > 1 && steps > self.warmup_steps {
-            for (m, rows) in patches.iter().enumerate() {
-                let tag = Tag::new(LATENT).step(steps as u32 - 1).patch(m as u32);
-                let patch: Tensor<B, 4> = self.world.recv(last, tag)?;
-                latents = assign_rows(latents, rows.start * p..rows.end * p, patch);
-            }
-        }
+        self.drain()?;
         Ok(self.world.broadcast(latents, last)?)
     }
 
@@ -597,8 +666,8 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
             match step {
                 StepKind::Forward => "the last stage broadcasts the prediction (B·C_out·H·W·(N−1))",
                 StepKind::Denoise(_) => {
-                    "the last stage sends the latent (Bi·C·H·W) to stage 0, and broadcasts it \
-                     (·(N−1)) after the last step"
+                    "the last stage sends the latent (Bi·C·H·W) to stage 0 after every step but \
+                     the last, after which it broadcasts it (·(N−1))"
                 }
             }
         ));
@@ -617,9 +686,10 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
             }
             StepKind::Denoise(_) => {
                 let latent = (request.images * model.in_channels * g.height * g.width) as u64;
-                e.add(OpKind::Send, latent);
                 if step.is_last(request.steps) {
                     e.add(OpKind::Broadcast, latent * others);
+                } else {
+                    e.add(OpKind::Send, latent);
                 }
             }
         }

@@ -177,9 +177,14 @@ impl<B: Backend> RingAttention<B> {
             let origin = (r + n - round) % n;
             // Start the transfer of the block we hold before computing with it.
             let incoming = if round + 1 < n {
-                let send = self.ring.send_async(kv.clone(), next, tag(origin))?;
-                let recv = self.ring.recv_async::<5>(prev, tag((origin + n - 1) % n))?;
-                Some((send, recv))
+                // One group (NCCL's send/recv pair): neither half can block the other.
+                Some(self.ring.send_recv_async::<5>(
+                    kv.clone(),
+                    next,
+                    tag(origin),
+                    prev,
+                    tag((origin + n - 1) % n),
+                )?)
             } else {
                 None
             };

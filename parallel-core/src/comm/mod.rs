@@ -3,35 +3,59 @@
 //! Two layers:
 //! - [`Communicator`] is the small object-safe trait an implementation writes (`LocalComm`
 //!   here, NCCL later). It moves backend float primitives of any rank and is async-first:
-//!   every operation *starts* and returns a [`RawPending`] to wait on.
-//! - [`Comm`] is what strategies hold: a cheap clonable handle with typed
-//!   `Tensor<B, D>` methods, blocking and async forms, sub-group splitting over a
-//!   [`Mesh`], and the **communication accounting** (see [`CommStats`]), done
-//!   here once so every implementation counts by the same rule.
+//!   every operation is *issued* and returns a handle to wait on.
+//! - [`Comm`] is what strategies hold: a cheap clonable handle with typed `Tensor<B, D>`
+//!   methods, blocking and async forms, and sub-group splitting over a [`Mesh`].
 //!
-//! # Requirements of an implementation
-//! - Collectives are matched by their position in each rank's sequence of calls on the group;
-//!   ranks that call different collectives at the same position get
-//!   [`CommError::Mismatch`].
-//! - Every wait ends: after the communicator's timeout with [`CommError::Timeout`], at once
-//!   with [`CommError::PeerFailed`] when any rank of the world has failed (see
-//!   [`Communicator::abort`]), or with [`CommError::PeerLeft`] when a rank it needs has
-//!   finished.
-//! - Point-to-point messages carry a [`Tag`] that the receiver checks on arrival; a mismatch
-//!   is [`CommError::TagMismatch`] naming both tags, never a silent mix-up.
-//! - `send` must not wait for the matching `recv` to be *posted* before it can complete, or
-//!   `send_recv` between ring neighbours could deadlock (`LocalComm` buffers; NCCL groups
-//!   the send and the receive).
-//! - Results are identical on every rank (all-reduce sums in rank order).
+//! # The rules (NCCL's)
+//!
+//! What passes on [`LocalComm`] must not deadlock on NCCL, so `LocalComm` enforces NCCL's
+//! semantics rather than a friendlier superset:
+//!
+//! 1. **A communicator is a stream.** The operations a rank issues on one communicator
+//!    (one group; every [`Comm::split`] is a communicator of its own) execute in the order
+//!    they were issued: an operation cannot start before the rank's previous one on that
+//!    communicator has completed. Waiting on a handle is a separate matter: issuing is not
+//!    waiting, so a rank may issue, compute and wait later (that is how strategies overlap).
+//! 2. **Collectives** are matched by their position among each member's collectives on the
+//!    communicator; members that call different collectives at the same position get
+//!    [`CommError::Mismatch`].
+//! 3. **A point-to-point send completes only when its receive is posted**, and runs when
+//!    both are at the front of their ranks' streams (no buffering to lean on). A send and a
+//!    receive issued together in one group ([`Comm::send_recv`], [`Comm::send_recv_async`],
+//!    NCCL's `ncclGroupStart`/`ncclGroupEnd`) are at the front together, which is what lets
+//!    ring neighbours exchange without deadlock. Two ranks that each send to the other and
+//!    then receive, on one communicator and not grouped, deadlock — as on NCCL — and the
+//!    wait ends with [`CommError::Timeout`] naming the operation, the peer, the tag and what
+//!    the peer is blocked on. Pairs of ranks are matched in issue order; every message
+//!    carries a [`Tag`] that the receiver checks on arrival ([`CommError::TagMismatch`]).
+//! 4. **Every started operation is waited on.** Dropping an un-waited handle cannot recall
+//!    the operation (it still runs when its peers reach it, as on NCCL), and it is an error:
+//!    the rank's next call on that communicator fails with [`CommError::Abandoned`] naming the
+//!    dropped operation.
+//! 5. **No wait hangs:** after the communicator's timeout it fails with
+//!    [`CommError::Timeout`], at once with [`CommError::PeerFailed`] when any rank of the
+//!    world has failed (see [`Communicator::abort`]), or with [`CommError::PeerLeft`] when a
+//!    rank it needs has finished. Time spent transferring under a link model is not a hang
+//!    and does not count against the timeout.
+//! 6. Results are identical on every rank (all-reduce sums each ring chunk in ring order).
+//!
+//! # Counted by the transport
+//!
+//! Communication is counted where data moves, by the implementation ([`CommStats`]: bytes
+//! off each rank per operation kind and per destination, and time blocked), independently of
+//! the strategies' formulas it is set beside.
 
+mod link;
 mod local;
 mod stats;
 
+pub use link::{Clock, Link, LinkModel, LinkSpecError, ManualClock, PRESETS, Preset, WallClock};
 pub use local::{LaunchOptions, LocalComm, launch};
 pub use stats::{CommStats, OpKind, OpStats, all_reduce_elements, ring_chunks};
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use burn::tensor::backend::Backend;
@@ -89,6 +113,8 @@ impl fmt::Display for Tag {
 }
 
 /// A started operation of a [`Communicator`], to be waited on.
+///
+/// Dropping one without waiting is an error of the rank (rule 4 of the [module docs](self)).
 pub trait Completion<T>: Send {
     /// Blocks until the operation completes (or fails, or times out).
     fn wait(self: Box<Self>) -> Result<T, CommError>;
@@ -102,10 +128,39 @@ pub struct RawPending<B: Backend>(pub Box<dyn Completion<FloatTensor<B>>>);
 /// A started send.
 pub struct RawPendingSend(pub Box<dyn Completion<()>>);
 
+/// One operation of a point-to-point group ([`Communicator::start_group`]).
+pub enum P2pOp<B: Backend> {
+    /// Send `tensor` to group rank `dst`, tagged.
+    Send {
+        /// The payload.
+        tensor: FloatTensor<B>,
+        /// The receiver (group rank).
+        dst: usize,
+        /// What it is.
+        tag: Tag,
+    },
+    /// Receive the next message from group rank `src`, which must carry `tag`.
+    Recv {
+        /// The sender (group rank).
+        src: usize,
+        /// What it must be.
+        tag: Tag,
+    },
+}
+
+/// The handle of one operation of a started group, in the group's order.
+pub enum P2pHandle<B: Backend> {
+    /// A send's completion.
+    Send(RawPendingSend),
+    /// A receive's message.
+    Recv(RawPending<B>),
+}
+
 /// The object-safe contract an implementation writes. Strategies use [`Comm`].
 ///
 /// Tensors are backend float primitives of any rank; `dim` arguments index their dims.
-/// Ranks are *group* ranks (`0..size()`) unless the name says `world`.
+/// Ranks are *group* ranks (`0..size()`) unless the name says `world`. Implementations
+/// follow the rules of the [module docs](self).
 pub trait Communicator<B: Backend>: Send + Sync {
     /// This rank's index in the group.
     fn rank(&self) -> usize;
@@ -131,21 +186,15 @@ pub trait Communicator<B: Backend>: Send + Sync {
         scatter_sizes: Vec<usize>,
         gather_dim: usize,
     ) -> Result<RawPending<B>, CommError>;
-    /// Starts a sum all-reduce. Shapes must agree; the sum is taken in rank order, so
-    /// every rank gets the same bits.
+    /// Starts a sum all-reduce. Shapes must agree; every rank gets the same bits.
     fn start_all_reduce(&self, t: FloatTensor<B>) -> Result<RawPending<B>, CommError>;
     /// Starts a broadcast of `root`'s tensor; other ranks pass a tensor of the same shape
     /// (its values are ignored).
     fn start_broadcast(&self, t: FloatTensor<B>, root: usize) -> Result<RawPending<B>, CommError>;
-    /// Starts sending `t` to `dst` with `tag`.
-    fn start_send(
-        &self,
-        t: FloatTensor<B>,
-        dst: usize,
-        tag: Tag,
-    ) -> Result<RawPendingSend, CommError>;
-    /// Starts receiving the next message from `src`; waiting checks that it carries `tag`.
-    fn start_recv(&self, src: usize, tag: Tag) -> Result<RawPending<B>, CommError>;
+    /// Starts a group of point-to-point operations, issued together (NCCL's group): they are
+    /// at the front of this rank's stream at once, so a send and a receive in one group
+    /// cannot block each other.
+    fn start_group(&self, ops: Vec<P2pOp<B>>) -> Result<Vec<P2pHandle<B>>, CommError>;
     /// Blocks until every rank of the group has reached the barrier.
     fn barrier(&self) -> Result<(), CommError>;
     /// A communicator over a subset of the world. Every member must call it, with the same
@@ -153,17 +202,33 @@ pub trait Communicator<B: Backend>: Send + Sync {
     fn split(&self, members: &[usize]) -> Result<Box<dyn Communicator<B>>, CommError>;
     /// Marks this rank failed: every other rank's waits end with [`CommError::PeerFailed`].
     fn abort(&self, reason: &str);
+    /// What the transport moved off this rank so far, over every group of its world.
+    fn stats(&self) -> CommStats;
+    /// Zeroes this rank's counters.
+    fn reset_stats(&self);
 }
 
-/// A started typed operation; [`wait`](Pending::wait) for its result.
+/// A started typed operation; [`wait`](Pending::wait) for its result. Dropping it without
+/// waiting is an error of the rank (rule 4 of the [module docs](self)).
 pub struct Pending<B: Backend, const D: usize> {
     raw: RawPending<B>,
+    /// The waiting rank (world numbering), for errors.
+    rank: usize,
 }
 
 impl<B: Backend, const D: usize> Pending<B, D> {
     /// Blocks until the operation completes.
     pub fn wait(self) -> Result<Tensor<B, D>, CommError> {
-        self.raw.0.wait().map(float_tensor)
+        let p = self.raw.0.wait()?;
+        let rank = p.shape().num_dims();
+        if rank != D {
+            return Err(CommError::Shape {
+                op: "a received tensor".into(),
+                rank: self.rank,
+                detail: format!("expected a {D}-d tensor, got shape {:?}", p.shape().as_slice()),
+            });
+        }
+        Ok(float_tensor(p))
     }
 
     /// Whether [`wait`](Pending::wait) would return without blocking.
@@ -172,13 +237,19 @@ impl<B: Backend, const D: usize> Pending<B, D> {
     }
 }
 
-/// A started send; [`wait`](PendingSend::wait) for its completion.
+/// A started send; [`wait`](PendingSend::wait) for its completion (its receive posted and
+/// the data moved).
 pub struct PendingSend(RawPendingSend);
 
 impl PendingSend {
     /// Blocks until the send completes.
     pub fn wait(self) -> Result<(), CommError> {
         self.0.0.wait()
+    }
+
+    /// Whether [`wait`](PendingSend::wait) would return without blocking.
+    pub fn is_ready(&self) -> bool {
+        self.0.0.is_ready()
     }
 }
 
@@ -190,15 +261,13 @@ fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-/// A rank's handle on a group: typed collectives, accounting, sub-groups.
+/// A rank's handle on a group: typed collectives, point-to-point, sub-groups.
 ///
-/// Cheap to clone; clones share the group and the rank's counters. The counters are shared
-/// by every group this rank belongs to (a sub-group made by [`split`](Comm::split) adds to
-/// the same [`CommStats`]), so [`stats`](Comm::stats) is everything this rank sent.
+/// Cheap to clone; clones share the group. What this rank sent is counted by the transport
+/// across every group of its world ([`stats`](Comm::stats)).
 #[derive(Clone)]
 pub struct Comm<B: Backend> {
     inner: Arc<dyn Communicator<B>>,
-    stats: Arc<Mutex<CommStats>>,
 }
 
 impl<B: Backend> fmt::Debug for Comm<B> {
@@ -211,9 +280,9 @@ impl<B: Backend> fmt::Debug for Comm<B> {
 }
 
 impl<B: Backend> Comm<B> {
-    /// Wraps an implementation, with fresh counters.
+    /// Wraps an implementation.
     pub fn new(inner: Box<dyn Communicator<B>>) -> Self {
-        Comm { inner: Arc::from(inner), stats: Arc::new(Mutex::new(CommStats::default())) }
+        Comm { inner: Arc::from(inner) }
     }
 
     /// This rank's index in the group.
@@ -246,23 +315,15 @@ impl<B: Backend> Comm<B> {
         self.inner.timeout()
     }
 
-    /// A snapshot of what this rank has sent (see [`CommStats`] for the rule).
+    /// What the transport moved off this rank, over every group of its world (see
+    /// [`CommStats`]).
     pub fn stats(&self) -> CommStats {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner.stats()
     }
 
-    /// Zeroes this rank's counters (shared with its sub-groups).
+    /// Zeroes this rank's counters.
     pub fn reset_stats(&self) {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = CommStats::default();
-    }
-
-    fn record(&self, kind: OpKind, elements: u64, t: &FloatTensor<B>) {
-        let elem = t.dtype().size() as u64;
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(kind, elements, elem);
-    }
-
-    fn others(&self) -> u64 {
-        self.size() as u64 - 1
+        self.inner.reset_stats()
     }
 
     /// Concatenation along `dim` of every rank's `t`, in rank order.
@@ -280,9 +341,10 @@ impl<B: Backend> Comm<B> {
         t: Tensor<B, D>,
         dim: usize,
     ) -> Result<Pending<B, D>, CommError> {
-        let p = primitive(t);
-        self.record(OpKind::AllGather, p.shape().num_elements() as u64 * self.others(), &p);
-        Ok(Pending { raw: self.inner.start_all_gather(p, dim)? })
+        Ok(Pending {
+            raw: self.inner.start_all_gather(primitive(t), dim)?,
+            rank: self.world_rank(),
+        })
     }
 
     /// All-to-all: scatter `scatter_dim` in `size()` equal chunks, gather along `gather_dim`.
@@ -295,6 +357,16 @@ impl<B: Backend> Comm<B> {
         scatter_dim: usize,
         gather_dim: usize,
     ) -> Result<Tensor<B, D>, CommError> {
+        self.all_to_all_async(t, scatter_dim, gather_dim)?.wait()
+    }
+
+    /// Starts an [`all_to_all`](Comm::all_to_all).
+    pub fn all_to_all_async<const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        scatter_dim: usize,
+        gather_dim: usize,
+    ) -> Result<Pending<B, D>, CommError> {
         let n = self.size();
         let len = t.dims().get(scatter_dim).copied().unwrap_or(0);
         if !len.is_multiple_of(n) {
@@ -307,7 +379,7 @@ impl<B: Backend> Comm<B> {
                 ),
             });
         }
-        self.all_to_all_sizes(t, scatter_dim, &vec![len / n; n], gather_dim)
+        self.all_to_all_sizes_async(t, scatter_dim, &vec![len / n; n], gather_dim)
     }
 
     /// All-to-all with explicit chunk sizes along `scatter_dim` (chunk `j` goes to rank `j`;
@@ -320,37 +392,44 @@ impl<B: Backend> Comm<B> {
         scatter_sizes: &[usize],
         gather_dim: usize,
     ) -> Result<Tensor<B, D>, CommError> {
-        let p = primitive(t);
-        let shape = p.shape();
+        self.all_to_all_sizes_async(t, scatter_dim, scatter_sizes, gather_dim)?.wait()
+    }
+
+    /// Starts an [`all_to_all_sizes`](Comm::all_to_all_sizes).
+    pub fn all_to_all_sizes_async<const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        scatter_dim: usize,
+        scatter_sizes: &[usize],
+        gather_dim: usize,
+    ) -> Result<Pending<B, D>, CommError> {
+        let dims = t.dims();
         let bad = |detail: String| CommError::Shape {
             op: format!("all_to_all on group {:?}", self.members()),
             rank: self.world_rank(),
             detail,
         };
-        if scatter_dim >= shape.num_dims() || gather_dim >= shape.num_dims() {
+        if scatter_dim >= D || gather_dim >= D {
             return Err(bad(format!(
-                "dims {scatter_dim} and {gather_dim} must index shape {:?}",
-                shape.as_slice()
+                "dims {scatter_dim} and {gather_dim} must index shape {dims:?}"
             )));
         }
         if scatter_sizes.len() != self.size()
-            || scatter_sizes.iter().sum::<usize>() != shape[scatter_dim]
+            || scatter_sizes.iter().sum::<usize>() != dims[scatter_dim]
         {
             return Err(bad(format!(
                 "chunk sizes {scatter_sizes:?} must be {} values summing to dim {scatter_dim} of \
-                 shape {:?}",
-                self.size(),
-                shape.as_slice()
+                 shape {dims:?}",
+                self.size()
             )));
         }
-        let local = shape.num_elements() as u64;
-        let own = (local / shape[scatter_dim].max(1) as u64) * scatter_sizes[self.rank()] as u64;
-        self.record(OpKind::AllToAll, local - own, &p);
-        self.inner
-            .start_all_to_all(p, scatter_dim, scatter_sizes.to_vec(), gather_dim)?
-            .0
-            .wait()
-            .map(float_tensor)
+        let raw = self.inner.start_all_to_all(
+            primitive(t),
+            scatter_dim,
+            scatter_sizes.to_vec(),
+            gather_dim,
+        )?;
+        Ok(Pending { raw, rank: self.world_rank() })
     }
 
     /// Sum over ranks; identical bits on every rank.
@@ -358,14 +437,15 @@ impl<B: Backend> Comm<B> {
         &self,
         t: Tensor<B, D>,
     ) -> Result<Tensor<B, D>, CommError> {
-        let p = primitive(t);
-        let sent = all_reduce_elements(
-            p.shape().num_elements() as u64,
-            self.rank() as u64,
-            self.size() as u64,
-        );
-        self.record(OpKind::AllReduce, sent, &p);
-        self.inner.start_all_reduce(p)?.0.wait().map(float_tensor)
+        self.all_reduce_sum_async(t)?.wait()
+    }
+
+    /// Starts an [`all_reduce_sum`](Comm::all_reduce_sum).
+    pub fn all_reduce_sum_async<const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+    ) -> Result<Pending<B, D>, CommError> {
+        Ok(Pending { raw: self.inner.start_all_reduce(primitive(t))?, rank: self.world_rank() })
     }
 
     /// `root`'s tensor on every rank; other ranks pass a tensor of the same shape.
@@ -374,14 +454,23 @@ impl<B: Backend> Comm<B> {
         t: Tensor<B, D>,
         root: usize,
     ) -> Result<Tensor<B, D>, CommError> {
-        let p = primitive(t);
-        let sent =
-            if self.rank() == root { p.shape().num_elements() as u64 * self.others() } else { 0 };
-        self.record(OpKind::Broadcast, sent, &p);
-        self.inner.start_broadcast(p, root)?.0.wait().map(float_tensor)
+        self.broadcast_async(t, root)?.wait()
     }
 
-    /// Sends `t` to group rank `dst`, tagged.
+    /// Starts a [`broadcast`](Comm::broadcast).
+    pub fn broadcast_async<const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        root: usize,
+    ) -> Result<Pending<B, D>, CommError> {
+        Ok(Pending {
+            raw: self.inner.start_broadcast(primitive(t), root)?,
+            rank: self.world_rank(),
+        })
+    }
+
+    /// Sends `t` to group rank `dst`, tagged; returns when the receiver has taken it (its
+    /// receive was posted).
     pub fn send<const D: usize>(
         &self,
         t: Tensor<B, D>,
@@ -391,36 +480,39 @@ impl<B: Backend> Comm<B> {
         self.send_async(t, dst, tag)?.wait()
     }
 
-    /// Starts a send; the tensor may be reused by the caller at once.
+    /// Starts a send; wait on it before the request ends (rule 4).
     pub fn send_async<const D: usize>(
         &self,
         t: Tensor<B, D>,
         dst: usize,
         tag: Tag,
     ) -> Result<PendingSend, CommError> {
-        let p = primitive(t);
-        self.record(OpKind::Send, p.shape().num_elements() as u64, &p);
-        Ok(PendingSend(self.inner.start_send(p, dst, tag)?))
+        let op = P2pOp::Send { tensor: primitive(t), dst, tag };
+        match self.inner.start_group(vec![op])?.pop() {
+            Some(P2pHandle::Send(s)) => Ok(PendingSend(s)),
+            _ => Err(self.broken_group("send")),
+        }
     }
 
     /// Receives the next message from group rank `src`, which must carry `tag`.
     pub fn recv<const D: usize>(&self, src: usize, tag: Tag) -> Result<Tensor<B, D>, CommError> {
-        self.recv_async(src, tag)?.wait_checked(self, src)
+        self.recv_async(src, tag)?.wait()
     }
 
-    /// Starts a receive; `wait` checks the tag (and nothing else: use [`Comm::recv`] for a
-    /// rank check of the result).
+    /// Starts a receive; `wait` checks the tag.
     pub fn recv_async<const D: usize>(
         &self,
         src: usize,
         tag: Tag,
     ) -> Result<Pending<B, D>, CommError> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(OpKind::Recv, 0, 0);
-        Ok(Pending { raw: self.inner.start_recv(src, tag)? })
+        match self.inner.start_group(vec![P2pOp::Recv { src, tag }])?.pop() {
+            Some(P2pHandle::Recv(raw)) => Ok(Pending { raw, rank: self.world_rank() }),
+            _ => Err(self.broken_group("recv")),
+        }
     }
 
-    /// Sends `t` to `dst` and receives from `src` at once: ring neighbours exchanging with
-    /// `send_recv` never deadlock.
+    /// Sends `t` to `dst` and receives from `src` as one group: ring neighbours exchanging
+    /// with `send_recv` never deadlock.
     pub fn send_recv<const D: usize>(
         &self,
         t: Tensor<B, D>,
@@ -429,21 +521,49 @@ impl<B: Backend> Comm<B> {
         src: usize,
         recv_tag: Tag,
     ) -> Result<Tensor<B, D>, CommError> {
-        let send = self.send_async(t, dst, send_tag)?;
-        let recv = self.recv_async::<D>(src, recv_tag)?;
+        let (send, recv) = self.send_recv_async(t, dst, send_tag, src, recv_tag)?;
         send.wait()?;
-        recv.wait_checked(self, src)
+        recv.wait()
+    }
+
+    /// Starts [`send_recv`](Comm::send_recv)'s group; wait on both handles.
+    pub fn send_recv_async<const D: usize>(
+        &self,
+        t: Tensor<B, D>,
+        dst: usize,
+        send_tag: Tag,
+        src: usize,
+        recv_tag: Tag,
+    ) -> Result<(PendingSend, Pending<B, D>), CommError> {
+        let ops = vec![
+            P2pOp::Send { tensor: primitive(t), dst, tag: send_tag },
+            P2pOp::Recv { src, tag: recv_tag },
+        ];
+        let mut handles = self.inner.start_group(ops)?.into_iter();
+        match (handles.next(), handles.next()) {
+            (Some(P2pHandle::Send(s)), Some(P2pHandle::Recv(raw))) => {
+                Ok((PendingSend(s), Pending { raw, rank: self.world_rank() }))
+            }
+            _ => Err(self.broken_group("send_recv")),
+        }
+    }
+
+    fn broken_group(&self, op: &str) -> CommError {
+        CommError::InvalidRank {
+            op: op.into(),
+            rank: self.world_rank(),
+            detail: "the communicator returned handles that do not match the group".into(),
+        }
     }
 
     /// Blocks until every rank of the group arrives.
     pub fn barrier(&self) -> Result<(), CommError> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).record(OpKind::Barrier, 0, 0);
         self.inner.barrier()
     }
 
     /// The sub-group of this rank along `axes` of `mesh`: the ranks that share this rank's
     /// coordinates on every other axis. Every rank of the world must make the same calls.
-    /// The sub-group shares this rank's counters.
+    /// The sub-group is a communicator (a stream) of its own.
     pub fn split(&self, mesh: &Mesh, axes: &[Axis]) -> Result<Comm<B>, CommError> {
         if mesh.world_size() != self.size() {
             return Err(CommError::InvalidRank {
@@ -461,31 +581,14 @@ impl<B: Backend> Comm<B> {
         self.split_members(&members)
     }
 
-    /// The sub-group of the given world ranks (this rank among them).
+    /// The sub-group of the given world ranks (this rank among them), a communicator of its
+    /// own: calling it twice with the same members gives two independent streams.
     pub fn split_members(&self, members: &[usize]) -> Result<Comm<B>, CommError> {
-        Ok(Comm { inner: Arc::from(self.inner.split(members)?), stats: self.stats.clone() })
+        Ok(Comm { inner: Arc::from(self.inner.split(members)?) })
     }
 
     /// Marks this rank failed, so that every other rank's waits end with an error.
     pub fn abort(&self, reason: &str) {
         self.inner.abort(reason)
-    }
-}
-
-impl<B: Backend, const D: usize> Pending<B, D> {
-    fn wait_checked(self, comm: &Comm<B>, src: usize) -> Result<Tensor<B, D>, CommError> {
-        let p = self.raw.0.wait()?;
-        let rank = p.shape().num_dims();
-        if rank != D {
-            return Err(CommError::Shape {
-                op: format!("recv from rank {}", comm.members().get(src).copied().unwrap_or(src)),
-                rank: comm.world_rank(),
-                detail: format!(
-                    "expected a {D}-d tensor, received shape {:?}",
-                    p.shape().as_slice()
-                ),
-            });
-        }
-        Ok(float_tensor(p))
     }
 }

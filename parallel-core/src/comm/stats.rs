@@ -1,6 +1,9 @@
-//! Communication accounting: what a rank sends, by one rule for every communicator.
+//! Communication counts: what the transport moved off a rank, per operation kind and per
+//! link, and how long the rank waited on it.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 /// The kinds of operation a [`Comm`](super::Comm) counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -62,32 +65,39 @@ impl fmt::Display for OpKind {
 pub struct OpStats {
     /// Number of calls (an async call counts when it starts).
     pub calls: u64,
-    /// Tensor elements sent by this rank under the accounting rule.
+    /// Tensor elements that left this rank.
     pub elements: u64,
-    /// Bytes sent by this rank under the accounting rule (elements × element size).
+    /// Bytes that left this rank (elements × element size).
     pub bytes: u64,
 }
 
-/// What one rank sent, per operation kind, summed over every group it belongs to.
+/// What the transport moved off one rank, per operation kind and per destination, summed
+/// over every group the rank belongs to, and the time the rank spent blocked on it.
 ///
-/// # The accounting rule
+/// The counts are taken by the communicator where it moves data (for [`LocalComm`]: when
+/// an operation executes), not computed from call shapes, so they can be set beside a
+/// strategy's formula as an independent measurement. [`LocalComm`] moves data as these
+/// algorithms do (`local`: the elements this rank passes in, `N` the group size):
 ///
-/// One rule for every communicator, so that numbers compare across strategies and backends.
-/// `local` is the number of elements of the tensor this rank passes in, `N` the group size:
-///
-/// | operation   | elements sent by this rank                                               |
+/// | operation   | what leaves this rank                                                    |
 /// |-------------|--------------------------------------------------------------------------|
-/// | all_gather  | `local · (N − 1)` (its block reaches every other rank)                   |
-/// | all_to_all  | `local − own chunk` = `local · (N − 1) / N` (the chunks for other ranks) |
-/// | all_reduce  | a ring all-reduce: `2 · size − c[(r+1) mod N] − c[(r+2) mod N]`, where `c` are the `N` ring chunks of the tensor (sizes differ by at most one, the larger first) = `2 · size · (N − 1) / N` when `N` divides `size` |
-/// | broadcast   | the root: `size · (N − 1)`; other ranks: 0                               |
-/// | send        | `size`                                                                   |
-/// | recv, barrier | 0 (calls are counted)                                                  |
+/// | all_gather  | its block to each other rank: `local · (N − 1)`                          |
+/// | all_to_all  | chunk `j` to rank `j`: `local − own chunk`                               |
+/// | all_reduce  | a ring (reduce-scatter, then all-gather): `2(N − 1)` chunk sends to the next rank; the `N` chunks differ in size by at most one, larger first (`2 · size · (N − 1) / N` when `N` divides `size`) |
+/// | broadcast   | the root: its tensor to each other rank; others: nothing                  |
+/// | send        | the tensor, to its destination                                           |
+/// | recv, barrier | nothing (calls are counted)                                            |
 ///
-/// For `N = 1` every collective sends nothing.
+/// For `N = 1` nothing moves.
+///
+/// [`LocalComm`]: super::LocalComm
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommStats {
     ops: [OpStats; 7],
+    /// Bytes sent to each destination rank (world numbering).
+    links: BTreeMap<usize, u64>,
+    /// Time blocked waiting on communication.
+    wait: Duration,
 }
 
 impl CommStats {
@@ -96,12 +106,33 @@ impl CommStats {
         self.ops[kind.index()]
     }
 
-    /// Records one call that sent `elements` elements of `elem_bytes` bytes each.
-    pub fn record(&mut self, kind: OpKind, elements: u64, elem_bytes: u64) {
+    /// Records one call of `kind` (its data is recorded by [`moved`](CommStats::moved)).
+    pub fn called(&mut self, kind: OpKind) {
+        self.ops[kind.index()].calls += 1;
+    }
+
+    /// Records `elements` elements of `elem_bytes` bytes each moved to rank `dst` by an
+    /// operation of `kind`.
+    pub fn moved(&mut self, kind: OpKind, dst: usize, elements: u64, elem_bytes: u64) {
         let s = &mut self.ops[kind.index()];
-        s.calls += 1;
         s.elements += elements;
         s.bytes += elements * elem_bytes;
+        *self.links.entry(dst).or_default() += elements * elem_bytes;
+    }
+
+    /// Records time spent blocked on communication.
+    pub fn waited(&mut self, d: Duration) {
+        self.wait += d;
+    }
+
+    /// Bytes sent to each destination rank (world numbering).
+    pub fn links(&self) -> &BTreeMap<usize, u64> {
+        &self.links
+    }
+
+    /// Time spent blocked on communication.
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 
     /// Elements sent, all kinds together.
@@ -124,7 +155,7 @@ impl CommStats {
         OpKind::ALL.into_iter().map(|k| (k, self.get(k))).filter(|(_, s)| s.calls > 0)
     }
 
-    /// `self − earlier`, kind by kind: the traffic between two snapshots.
+    /// `self − earlier`, kind by kind and link by link: the traffic between two snapshots.
     pub fn since(&self, earlier: &CommStats) -> CommStats {
         let mut out = CommStats::default();
         for k in OpKind::ALL {
@@ -135,6 +166,13 @@ impl CommStats {
                 bytes: a.bytes.saturating_sub(b.bytes),
             };
         }
+        for (&dst, &b) in &self.links {
+            let d = b.saturating_sub(earlier.links.get(&dst).copied().unwrap_or(0));
+            if d > 0 {
+                out.links.insert(dst, d);
+            }
+        }
+        out.wait = self.wait.saturating_sub(earlier.wait);
         out
     }
 }
@@ -157,12 +195,13 @@ impl fmt::Display for CommStats {
 }
 
 /// Sizes of the `n` ring chunks of `size` elements: they differ by at most one, larger first.
+/// (A formula helper for strategies; the transport chunks on its own.)
 pub fn ring_chunks(size: u64, n: u64) -> Vec<u64> {
     (0..n).map(|i| size / n + u64::from(i < size % n)).collect()
 }
 
 /// Elements rank `rank` of `n` sends in a ring all-reduce of `size` elements (see
-/// [`CommStats`]).
+/// [`CommStats`]): a formula helper for strategies.
 pub fn all_reduce_elements(size: u64, rank: u64, n: u64) -> u64 {
     if n <= 1 {
         return 0;
