@@ -171,6 +171,7 @@ pub fn run_bench(
     mut progress: impl FnMut(String),
 ) -> Result<BenchReport> {
     config.check()?;
+    let links = config.link_models()?;
     let machine = Machine {
         cpu: cpu_model(),
         simd_flags: cpu_simd_flags(),
@@ -197,6 +198,7 @@ pub fn run_bench(
             guidance_scale: config.guidance_scale,
             text_tokens: config.text_tokens,
             strategy_warmup_steps: 0,
+            link: None,
         };
         let (serial, reference) =
             measure(registry, &model, &StrategySpec::named("serial"), &base, px, None);
@@ -218,17 +220,24 @@ pub fn run_bench(
                 }
                 continue;
             }
-            for s in specs {
-                let warmup = strategy_warmup(registry, s);
-                let spec = RunSpec {
-                    strategy: s.name.clone(),
-                    options: s.options.clone(),
-                    world_size: n,
-                    threads_per_rank: threads,
-                    strategy_warmup_steps: warmup,
-                    ..base.clone()
-                };
-                runs.push((s.clone(), spec));
+            for link in &links {
+                for s in specs {
+                    let warmup = strategy_warmup(registry, s);
+                    let spec = RunSpec {
+                        strategy: s.name.clone(),
+                        options: s.options.clone(),
+                        world_size: n,
+                        threads_per_rank: threads,
+                        strategy_warmup_steps: warmup,
+                        link: link.clone(),
+                        ..base.clone()
+                    };
+                    let mut s = s.clone();
+                    if let (Some(l), true) = (link, links.len() > 1) {
+                        s.label = format!("{} @{}", s.label, l.name);
+                    }
+                    runs.push((s, spec));
+                }
             }
         }
         for (s, spec) in runs {
@@ -332,6 +341,7 @@ fn measure(
             .len(),
         batch: spec.batch(),
         steps: spec.steps,
+        link: spec.link.as_ref().map(parallel_core::LinkModel::describe),
         ..ConfigResult::default()
     };
     let cpu_before = CpuTimes::now();
@@ -376,6 +386,9 @@ fn measure(
     r.buffer_bytes = ok.iter().map(|o| o.buffer_bytes).collect();
     r.formula = ok[0].formula.clone();
     for o in &ok {
+        let steps = o.step_comm.len().max(1) as f64;
+        let wait: f64 = o.step_comm.iter().map(|s| s.wait().as_secs_f64()).sum();
+        r.wait_ms_per_step.push(wait * 1e3 / steps);
         let (measured, expected) = run::totals(o);
         let steps = o.step_comm.len().max(1) as f64;
         r.comm_bytes_per_step.push((measured * o.elem_bytes) as f64 / steps);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use parallel_core::{OptionValue, StrategyConfig, StrategyOptions};
+use parallel_core::{LinkModel, OptionValue, StrategyConfig, StrategyOptions};
 use serde::Deserialize;
 
 use crate::error::{HarnessError, Result};
@@ -47,6 +47,10 @@ pub struct ParallelConfig {
     pub backend: BackendKind,
     /// The strategy's own options (`harness list` shows them).
     pub options: BTreeMap<String, toml::Value>,
+    /// A link model for the in-process transport: a preset (`nvlink-a100`, `nvlink-h100`,
+    /// `pcie4`, `pcie5`, `ib100`, `eth25`) or `bandwidth=…,latency=…`, optionally with
+    /// `,dilation=F` (see `parallel_core::LinkModel::parse`). `None`: instant transfers.
+    pub link: Option<String>,
 }
 
 impl Default for ParallelConfig {
@@ -58,6 +62,7 @@ impl Default for ParallelConfig {
             threads_per_rank: None,
             backend: BackendKind::Cpu,
             options: BTreeMap::new(),
+            link: None,
         }
     }
 }
@@ -101,7 +106,22 @@ impl ParallelConfig {
         if self.threads_per_rank == Some(0) {
             return Err(bad("parallel.threads_per_rank"));
         }
+        self.link_model()?;
         Ok(())
+    }
+
+    /// The link model `link` names, if any.
+    ///
+    /// # Errors
+    /// A specification that does not parse, naming `parallel.link` and the part at fault.
+    pub fn link_model(&self) -> Result<Option<LinkModel>> {
+        self.link
+            .as_deref()
+            .map(|spec| {
+                LinkModel::parse(spec)
+                    .map_err(|e| HarnessError::config("parallel.link (--link)", e.to_string()))
+            })
+            .transpose()
     }
 
     /// The options as the registry takes them; a value of an unsupported TOML type names

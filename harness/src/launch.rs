@@ -27,16 +27,21 @@ pub fn threads_per_rank(parallel: &ParallelConfig) -> usize {
 }
 
 /// The launch options of a parallel config: its timeout, one rayon pool of
-/// [`threads_per_rank`] per rank, and `devices` by rank (empty: the default device).
+/// [`threads_per_rank`] per rank, its link model, and `devices` by rank (empty: the default
+/// device).
+///
+/// # Errors
+/// A link specification that does not parse.
 pub fn launch_options<B: Backend>(
     parallel: &ParallelConfig,
     devices: Vec<B::Device>,
-) -> LaunchOptions<B> {
+) -> Result<LaunchOptions<B>> {
     let mut options = LaunchOptions::<B>::default()
         .with_timeout(Duration::from_secs(parallel.timeout_secs))
         .with_threads_per_rank(threads_per_rank(parallel));
     options.devices = devices;
-    options
+    options.link = parallel.link_model()?;
+    Ok(options)
 }
 
 /// Runs `f` on `world_size` ranks (threads) and returns every rank's result in rank order,

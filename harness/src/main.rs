@@ -67,6 +67,10 @@ struct ParallelArgs {
     /// Any strategy option, `key=value` (repeatable).
     #[arg(long = "strategy-option", value_name = "KEY=VALUE")]
     strategy_option: Vec<String>,
+    /// Time transfers by a link model: a preset (nvlink-a100, nvlink-h100, pcie4, pcie5,
+    /// ib100, eth25) or bandwidth=…,latency=…, optionally ,dilation=F.
+    #[arg(long, value_name = "SPEC")]
+    link: Option<String>,
 }
 
 impl ParallelArgs {
@@ -85,6 +89,9 @@ impl ParallelArgs {
         }
         if let Some(v) = self.backend {
             p.backend = v;
+        }
+        if let Some(v) = &self.link {
+            p.link = Some(v.clone());
         }
         let int = |v: usize| toml::Value::Integer(v as i64);
         for (key, value) in [

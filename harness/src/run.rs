@@ -296,7 +296,7 @@ impl RunPlan {
     ) -> Result<RunReport> {
         let start = Instant::now();
         let parallel = &self.config.parallel;
-        let launch = launch_options::<B>(parallel, devices);
+        let launch = launch_options::<B>(parallel, devices)?;
         let threads = launch.threads_per_rank.unwrap_or(1);
         let outputs = launch_ranks(parallel.world_size, &launch, |comm| {
             rank_main::<B>(comm, self, options, start)

@@ -26,6 +26,7 @@ fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
         strategies = ["tensor", "ulysses", "ring", "usp", "naive_patch",
                       {{ name = "distrifusion", warmup_steps = 1 }},
                       {{ name = "pipefusion", warmup_steps = 1 }}]
+        links = ["none", "bandwidth=1GB/s,latency=50us,dilation=2"]
         json = "{}"
         svg = "{}"
         "#,
@@ -39,8 +40,16 @@ fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
     let report = run_bench(&config, &specs, &registry, |l| eprintln!("{l}")).unwrap();
     eprintln!("{}", report::table(&report));
 
-    // Serial on 1 thread, serial on 2 threads (world size 1), then 7 strategies on 2 ranks.
-    assert_eq!(report.results.len(), 9);
+    // Serial on 1 thread, serial on 2 threads (world size 1), then 7 strategies on 2 ranks
+    // under each of the 2 link models.
+    assert_eq!(report.results.len(), 2 + 7 * 2);
+    let linked: Vec<_> = report.results.iter().filter(|r| r.link.is_some()).collect();
+    assert_eq!(linked.len(), 7);
+    for r in linked.iter().filter(|r| r.error.is_none()) {
+        assert!(r.label.ends_with("@bandwidth=1 GB/s, latency=50µs"), "{}", r.label);
+        assert_eq!(r.wait_ms_per_step.len(), 2, "{}", r.label);
+    }
+    assert!(report::table(&report).contains("links (transfers take"), "the table names the links");
     for r in &report.results {
         if r.strategy == "usp" {
             let e = r.error.as_deref().expect("USP needs a 2-D mesh");
@@ -66,6 +75,16 @@ fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
             eprintln!("{}: rel L2 vs serial {:.2e}", r.label, r.rel_l2.unwrap());
         }
         assert!(r.max_abs_error.is_some(), "{}", r.label);
+    }
+    // The same strategy under a link model moves the same bytes, and its image is the same.
+    let pair = |name: &str| {
+        let mut it = report.results.iter().filter(|r| r.strategy == name);
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    for name in ["tensor", "ulysses", "ring", "naive_patch", "distrifusion", "pipefusion"] {
+        let (plain, slow) = pair(name);
+        assert_eq!(plain.comm_bytes_by_kind, slow.comm_bytes_by_kind, "{name}");
+        assert_eq!(plain.rel_l2, slow.rel_l2, "{name}");
     }
     let pipe = report.results.iter().find(|r| r.strategy == "pipefusion").unwrap();
     assert!(

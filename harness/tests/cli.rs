@@ -222,6 +222,50 @@ fn bad_options_are_named() {
 }
 
 #[test]
+fn bad_link_models_are_named_and_a_good_one_runs() {
+    let err = fails(&["run", "configs/demo.toml", "--link", "pcie9"]);
+    assert!(
+        err.contains("--link") && err.contains("pcie9") && err.contains("nvlink-a100"),
+        "{err}"
+    );
+    let err = fails(&["run", "configs/demo.toml", "--link", "pcie4,dilation=-1"]);
+    assert!(err.contains("dilation") && err.contains("positive"), "{err}");
+    let err = fails(&["run", "configs/demo.toml", "--link", "bandwidth=0GB/s"]);
+    assert!(err.contains("bandwidth") && err.contains("positive"), "{err}");
+    let dir = tmp("link");
+    let cfg = dir.join("link.toml");
+    std::fs::write(&cfg, "prompt = \"a cat\"\n[parallel]\nlink = \"eth26\"\n").unwrap();
+    let err = fails(&["run", s(&cfg), "--model", "fixtures/pipeline/pixart-alpha-tiny"]);
+    assert!(err.contains("parallel.link") && err.contains("eth26"), "{err}");
+    // A slow modelled link changes the time, not the image.
+    let slow = dir.join("slow.safetensors");
+    let fast = dir.join("fast.safetensors");
+    for (link, out) in [("pcie4,dilation=1000", &slow), ("none", &fast)] {
+        let mut args = vec![
+            "run",
+            "configs/demo.toml",
+            "--steps",
+            "3",
+            "--strategy",
+            "ulysses",
+            "--world-size",
+            "2",
+            "--save-latents",
+            s(out),
+            "--output",
+        ];
+        let png = dir.join("x.png");
+        args.push(s(&png));
+        if link != "none" {
+            args.extend(["--link", link]);
+        }
+        succeeds(&args);
+    }
+    let (a, b) = (weights::read_tensors(&slow).unwrap(), weights::read_tensors(&fast).unwrap());
+    assert_eq!(a["latents"].values, b["latents"].values);
+}
+
+#[test]
 fn forward_under_ulysses_equals_the_case() {
     let dir = tmp("forward");
     let out = dir.join("sample.safetensors");

@@ -53,4 +53,9 @@ pub struct BenchArgs {
     /// Where to write the SVG chart.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// A link model to run every parallel configuration under (repeatable; `none` for
+    /// instant transfers): a preset (nvlink-a100, nvlink-h100, pcie4, pcie5, ib100, eth25) or
+    /// bandwidth=…,latency=…, optionally ,dilation=F.
+    #[arg(long = "link", value_name = "SPEC")]
+    pub links: Vec<String>,
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use parallel_core::{OptionValue, Registry, StrategyOptions};
+use parallel_core::{LinkModel, OptionValue, Registry, StrategyOptions};
 use serde::Deserialize;
 
 use super::{BenchArgs, BenchError, Result};
@@ -139,6 +139,10 @@ pub struct BenchConfig {
     pub json: PathBuf,
     /// The SVG chart. Default `target/bench/bench.svg`.
     pub svg: PathBuf,
+    /// Link models to run every parallel configuration under, one sweep each
+    /// (`parallel_core::LinkModel::parse`: `"pcie4,dilation=700"`, …; `"none"` for instant
+    /// transfers). Default: `["none"]`.
+    pub links: Vec<String>,
 }
 
 impl Default for BenchConfig {
@@ -161,6 +165,7 @@ impl Default for BenchConfig {
             model_cache: "target/bench/models".into(),
             json: "target/bench/bench.json".into(),
             svg: "target/bench/bench.svg".into(),
+            links: vec!["none".into()],
         }
     }
 }
@@ -230,7 +235,27 @@ impl BenchConfig {
         if let Some(p) = &args.svg {
             self.svg = p.clone();
         }
+        if !args.links.is_empty() {
+            self.links = args.links.clone();
+        }
         Ok(())
+    }
+
+    /// The link models of the sweep, in order (`None`: instant transfers).
+    ///
+    /// # Errors
+    /// A specification that does not parse, naming `links[i]` and the part at fault.
+    pub fn link_models(&self) -> Result<Vec<Option<LinkModel>>> {
+        self.links
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| match spec.trim() {
+                "none" | "" => Ok(None),
+                spec => LinkModel::parse(spec)
+                    .map(Some)
+                    .map_err(|e| BenchError::config(format!("links[{i}]"), e)),
+            })
+            .collect()
     }
 
     /// The strategies, resolved, with `--option strategy.key=value` flags applied.
@@ -305,6 +330,10 @@ impl BenchConfig {
         if self.threads_per_rank == Some(0) || self.serial_threads == 0 || self.cores == Some(0) {
             return Err(BenchError::config("threads_per_rank", "thread counts must be at least 1"));
         }
+        if self.links.is_empty() {
+            return Err(BenchError::config("links", "give at least one (\"none\" for no model)"));
+        }
+        self.link_models()?;
         Ok(())
     }
 }

@@ -92,10 +92,19 @@ pub fn table(report: &BenchReport) -> String {
         report.warmup_runs,
         report.text_tokens,
     );
+    let links: std::collections::BTreeSet<&str> =
+        report.results.iter().filter_map(|r| r.link.as_deref()).collect();
+    if !links.is_empty() {
+        let _ = writeln!(
+            out,
+            "links (transfers take (latency + bytes / bandwidth) × dilation): {}",
+            links.into_iter().collect::<Vec<_>>().join("; ")
+        );
+    }
     let w = report.results.iter().map(|r| r.label.chars().count()).max().unwrap_or(8).max(8);
     let _ = writeln!(
         out,
-        "{:<w$} {:>3} {:>3} {:>5} {:>10} {:>9} {:>8} {:>10} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>7} {:>8} {:>6}",
+        "{:<w$} {:>3} {:>3} {:>5} {:>10} {:>9} {:>8} {:>10} {:>8} {:>8} {:>7} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>7} {:>8} {:>6}",
         "strategy",
         "N",
         "thr",
@@ -105,6 +114,7 @@ pub fn table(report: &BenchReport) -> String {
         "speedup",
         "steady ms",
         "steady×",
+        "wait ms",
         "per-core",
         "param MiB",
         "buffer MiB",
@@ -128,7 +138,7 @@ pub fn table(report: &BenchReport) -> String {
         let (psnr, err) = quality_text(r);
         let _ = writeln!(
             out,
-            "{:<w$} {:>3} {:>3} {:>5} {:>10.1} {:>9.2} {:>8} {:>10.1} {:>8} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>10.2} {:>10.2} {:>9} {:>7} {:>8} {:>6.2}",
+            "{:<w$} {:>3} {:>3} {:>5} {:>10.1} {:>9.2} {:>8} {:>10.1} {:>8} {:>8.1} {:>7} {:>10.1} {:>10.1} {:>9.0} {:>10.2} {:>10.2} {:>9} {:>7} {:>8} {:>6.2}",
             r.label,
             r.world_size,
             r.threads_per_rank,
@@ -138,6 +148,7 @@ pub fn table(report: &BenchReport) -> String {
             r.speedup.map_or("-".into(), |s| format!("{s:.2}×")),
             r.steady_step_ms,
             r.steady_speedup.map_or("-".into(), |s| format!("{s:.2}×")),
+            fmax(&r.wait_ms_per_step),
             r.speedup_per_core.map_or("-".into(), |s| format!("{s:.2}")),
             max_of(&r.param_bytes) as f64 / MIB,
             max_of(&r.buffer_bytes) as f64 / MIB,
@@ -154,7 +165,9 @@ pub fn table(report: &BenchReport) -> String {
         out,
         "ms/step, s/image: median request of the slowest rank / steps; speedup: serial (1 rank, \
          1 thread) over this; steady: the median step after the strategy's warmup steps and \
-         before the last, and serial's over it; per-core: speedup / cores used; param/buffer MiB: the largest \
+         before the last, and serial's over it; wait ms: time per step the most-waiting rank \
+         spent blocked on communication (the rest of its step is compute); per-core: speedup / \
+         cores used; param/buffer MiB: the largest \
          rank; peak MiB: process VmHWM during the configuration (all ranks); comm MiB: sent per \
          step by the busiest rank, measured and by formula; others: cores used by other \
          processes meanwhile"

@@ -104,6 +104,13 @@ pub struct ConfigResult {
     pub comm_bytes_by_kind: Vec<BTreeMap<String, u64>>,
     /// The formula, in words (rank 0's).
     pub formula: String,
+    /// The link model transfers were timed by (`None`: instant).
+    #[serde(default)]
+    pub link: Option<String>,
+    /// Per rank, the time blocked on communication per step, milliseconds (mean over the
+    /// last request's steps).
+    #[serde(default)]
+    pub wait_ms_per_step: Vec<f64>,
     /// PSNR of the final latents against serial's, dB (infinite → `None` with zero error).
     pub psnr_db: Option<f64>,
     /// Max absolute error of the final latents against serial's.

@@ -55,8 +55,10 @@ pub struct RunSpec {
     pub guidance_scale: f64,
     /// Text tokens of the (random) caption, for models that cross-attend.
     pub text_tokens: usize,
-    /// Warmup steps of the strategy (for the per-step formula's kind).
+    /// Warmup steps of the strategy (which steps are steady).
     pub strategy_warmup_steps: usize,
+    /// The link model transfers are timed by (`None`: instant).
+    pub link: Option<parallel_core::LinkModel>,
 }
 
 impl RunSpec {
@@ -109,9 +111,10 @@ pub fn run_configuration(
     config: &ModelConfig,
     spec: &RunSpec,
 ) -> Vec<Result<RankOutcome, ParallelError>> {
-    let options = LaunchOptions::<B>::default()
+    let mut options = LaunchOptions::<B>::default()
         .with_threads_per_rank(spec.threads_per_rank)
         .with_timeout(Duration::from_secs(1800));
+    options.link = spec.link.clone();
     let desc = config.desc();
     launch(spec.world_size, &options, |comm| {
         let request = spec.request(&desc);
