@@ -220,8 +220,10 @@ pub fn run_bench(
                 }
                 continue;
             }
-            for link in &links {
-                for s in specs {
+            // Strategy-major: a strategy's runs under every link model follow each other, so
+            // that drift over a long sweep (allocator warm-up, other load) affects them alike.
+            for s in specs {
+                for link in &links {
                     let warmup = strategy_warmup(registry, s);
                     let spec = RunSpec {
                         strategy: s.name.clone(),
