@@ -341,10 +341,7 @@ impl<B: Backend> Comm<B> {
         t: Tensor<B, D>,
         dim: usize,
     ) -> Result<Pending<B, D>, CommError> {
-        Ok(Pending {
-            raw: self.inner.start_all_gather(primitive(t), dim)?,
-            rank: self.world_rank(),
-        })
+        Ok(self.pending(self.inner.start_all_gather(primitive(t), dim)?))
     }
 
     /// All-to-all: scatter `scatter_dim` in `size()` equal chunks, gather along `gather_dim`.
@@ -429,7 +426,7 @@ impl<B: Backend> Comm<B> {
             scatter_sizes.to_vec(),
             gather_dim,
         )?;
-        Ok(Pending { raw, rank: self.world_rank() })
+        Ok(self.pending(raw))
     }
 
     /// Sum over ranks; identical bits on every rank.
@@ -445,7 +442,7 @@ impl<B: Backend> Comm<B> {
         &self,
         t: Tensor<B, D>,
     ) -> Result<Pending<B, D>, CommError> {
-        Ok(Pending { raw: self.inner.start_all_reduce(primitive(t))?, rank: self.world_rank() })
+        Ok(self.pending(self.inner.start_all_reduce(primitive(t))?))
     }
 
     /// `root`'s tensor on every rank; other ranks pass a tensor of the same shape.
@@ -463,10 +460,7 @@ impl<B: Backend> Comm<B> {
         t: Tensor<B, D>,
         root: usize,
     ) -> Result<Pending<B, D>, CommError> {
-        Ok(Pending {
-            raw: self.inner.start_broadcast(primitive(t), root)?,
-            rank: self.world_rank(),
-        })
+        Ok(self.pending(self.inner.start_broadcast(primitive(t), root)?))
     }
 
     /// Sends `t` to group rank `dst`, tagged; returns when the receiver has taken it (its
@@ -506,7 +500,7 @@ impl<B: Backend> Comm<B> {
         tag: Tag,
     ) -> Result<Pending<B, D>, CommError> {
         match self.inner.start_group(vec![P2pOp::Recv { src, tag }])?.pop() {
-            Some(P2pHandle::Recv(raw)) => Ok(Pending { raw, rank: self.world_rank() }),
+            Some(P2pHandle::Recv(raw)) => Ok(self.pending(raw)),
             _ => Err(self.broken_group("recv")),
         }
     }
@@ -542,10 +536,14 @@ impl<B: Backend> Comm<B> {
         let mut handles = self.inner.start_group(ops)?.into_iter();
         match (handles.next(), handles.next()) {
             (Some(P2pHandle::Send(s)), Some(P2pHandle::Recv(raw))) => {
-                Ok((PendingSend(s), Pending { raw, rank: self.world_rank() }))
+                Ok((PendingSend(s), self.pending(raw)))
             }
             _ => Err(self.broken_group("send_recv")),
         }
+    }
+
+    fn pending<const D: usize>(&self, raw: RawPending<B>) -> Pending<B, D> {
+        Pending { raw, rank: self.world_rank() }
     }
 
     fn broken_group(&self, op: &str) -> CommError {
