@@ -3,9 +3,10 @@
 //! classifier-free guidance batch of 2), each on **one thread** (a 1-thread rayon pool, as
 //! one rank of a 2-rank run on 2 cores has):
 //!
-//! - `cpu/attention/1024tok`: `parallel_core::attention::sdpa` (Burn's fused attention),
+//! - `cpu/attention/1024tok`: `parallel_core::attention::sdpa` (the `kernels` crate's tiled
+//!   attention on Flex),
 //!   the self-attention of serial, Ulysses, DistriFusion and PipeFusion;
-//! - `cpu/attention_lse/1024tok`: `sdpa_with_lse` (scores materialised, log-sum-exp kept),
+//! - `cpu/attention_lse/1024tok`: `sdpa_with_lse` (the same kernel, log-sum-exp kept),
 //!   the kernel of Ring attention, over the same sizes;
 //! - `cpu/attention/512tok`, `cpu/attention_lse/512q_512kv`: what one of two ranks runs
 //!   (Ulysses: all tokens, half the heads; Ring: half the queries against one K/V block);

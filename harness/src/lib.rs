@@ -67,6 +67,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod run;
 pub mod sampler;
+pub mod shared;
 
 use burn::tensor::backend::Backend;
 use parallel_core::Registry;
@@ -80,6 +81,7 @@ pub use launch::launch_ranks;
 pub use pipeline::{PipelineFolder, PromptEmbeds, TextEncoder};
 pub use run::{HostTensor, RankReport, RunOptions, RunPlan, RunReport, run, run_with_options};
 pub use sampler::{Sampler, SamplerSettings};
+pub use shared::SharedModels;
 
 /// The CPU backend: Burn's Flex, the embedded default and the test backend.
 pub type CpuBackend = burn_flex::Flex;

@@ -38,6 +38,7 @@ use crate::error::{HarnessError, Result};
 use crate::launch::{launch_options, launch_ranks};
 use crate::pipeline::{PipelineFolder, PromptEmbeds};
 use crate::sampler::{Sampler, SamplerSettings};
+use crate::shared::SharedModels;
 
 /// How a run reports and what it writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,9 +299,11 @@ impl RunPlan {
         let parallel = &self.config.parallel;
         let launch = launch_options::<B>(parallel, devices)?;
         let threads = launch.threads_per_rank.unwrap_or(1);
+        let models = SharedModels::<B>::new();
         let outputs = launch_ranks(parallel.world_size, &launch, |comm| {
-            rank_main::<B>(comm, self, options, start)
+            rank_main::<B>(comm, self, options, &models, start)
         })?;
+        drop(models);
         let mut ranks = Vec::with_capacity(outputs.len());
         let mut first = None;
         for out in outputs {
@@ -397,6 +400,7 @@ fn rank_main<B: Backend>(
     comm: Comm<B>,
     plan: &RunPlan,
     options: &RunOptions,
+    models: &SharedModels<B>,
     start: Instant,
 ) -> Result<RankOutput> {
     let rank = comm.rank();
@@ -408,7 +412,9 @@ fn rank_main<B: Backend>(
         registry.create(&cfg.parallel.strategy, comm.clone(), &plan.strategy_options)?;
     strategy.validate(&desc, &plan.request)?;
     let load_plan = strategy.load_plan(&desc)?;
-    let model = plan.folder.load_transformer::<B>(&load_plan, &device)?;
+    let model = models.get_or_load(&load_plan, &device, || {
+        plan.folder.load_transformer::<B>(&load_plan, &device)
+    })?;
 
     let (text, vae) = if rank == 0 {
         let vae = if options.decode { Some(plan.folder.load_vae::<B>(&device)?) } else { None };

@@ -15,7 +15,14 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::{AttentionSite, Projection, ReduceSite, Result, Seams};
 
-use crate::embeddings::gelu_of;
+/// `x·W + b` of a linear layer through [`kernels::linear`] (one GEMM over all rows, the bias
+/// accumulated onto, on Flex/f32; Burn's `linear` elsewhere).
+///
+/// # Shapes
+/// `[..., in]` → `[..., out]`.
+pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    kernels::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
 
 /// `x·W` of a row-parallel projection, summed over ranks by the reduce seam, plus the bias
 /// (added once, after the sum).
@@ -28,7 +35,7 @@ pub fn row_parallel<B: Backend>(
     site: ReduceSite,
     seams: &mut dyn Seams<B>,
 ) -> Result<Tensor<B, 3>> {
-    let partial = burn::tensor::module::linear(x, linear.weight.val(), None);
+    let partial = kernels::linear(x, linear.weight.val(), None);
     let sum = seams.reduce_partial(&site, partial)?;
     Ok(match &linear.bias {
         Some(bias) => sum + bias.val().unsqueeze::<3>(),
@@ -80,9 +87,9 @@ impl<B: Backend> Attention<B> {
         site: &AttentionSite,
         seams: &mut dyn Seams<B>,
     ) -> Result<Tensor<B, 3>> {
-        let q = self.split_heads(self.to_q.forward(x.clone()));
-        let k = self.split_heads(self.to_k.forward(x.clone()));
-        let v = self.split_heads(self.to_v.forward(x));
+        let q = self.split_heads(linear(&self.to_q, x.clone()));
+        let k = self.split_heads(linear(&self.to_k, x.clone()));
+        let v = self.split_heads(linear(&self.to_v, x));
         let out = seams.self_attention(site, q, k, v)?;
         let reduce = ReduceSite { layer: site.layer, projection: Projection::SelfAttnOut };
         row_parallel(&self.to_out_0, self.merge_heads(out), reduce, seams)
@@ -103,9 +110,9 @@ impl<B: Backend> Attention<B> {
         layer: usize,
         seams: &mut dyn Seams<B>,
     ) -> Result<Tensor<B, 3>> {
-        let q = self.split_heads(self.to_q.forward(x));
-        let k = self.split_heads(self.to_k.forward(context.clone()));
-        let v = self.split_heads(self.to_v.forward(context));
+        let q = self.split_heads(linear(&self.to_q, x));
+        let k = self.split_heads(linear(&self.to_k, context.clone()));
+        let v = self.split_heads(linear(&self.to_v, context));
         let out = sdpa(q, k, v, bias);
         let reduce = ReduceSite { layer, projection: Projection::CrossAttnOut };
         row_parallel(&self.to_out_0, self.merge_heads(out), reduce, seams)
@@ -133,7 +140,7 @@ impl<B: Backend> FeedForward<B> {
         layer: usize,
         seams: &mut dyn Seams<B>,
     ) -> Result<Tensor<B, 3>> {
-        let h = gelu_of(self.net_0_proj.forward(x), self.approximate);
+        let h = kernels::gelu(linear(&self.net_0_proj, x), self.approximate);
         let reduce = ReduceSite { layer, projection: Projection::MlpOut };
         row_parallel(&self.net_2, h, reduce, seams)
     }

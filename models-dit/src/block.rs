@@ -9,7 +9,9 @@ use burn::tensor::{Int, Tensor};
 use parallel_core::{AttentionSite, Result, Seams};
 
 use crate::attention::{Attention, FeedForward};
-use crate::normalization::{AdaLayerNormZero, layer_norm};
+use kernels::{gated_residual, layer_norm_modulate};
+
+use crate::normalization::AdaLayerNormZero;
 
 /// One transformer block (key `transformer_blocks.i`).
 #[derive(Module, Debug)]
@@ -86,9 +88,9 @@ impl<B: Backend> BasicTransformerBlock<B> {
         let (shift_mlp, scale_mlp, gate_mlp) = (m(3), m(4), m(5));
 
         let norm =
-            layer_norm(hidden.clone(), self.norm1_eps) * scale_msa.add_scalar(1.0) + shift_msa;
+            layer_norm_modulate(hidden.clone(), self.norm1_eps, Some(scale_msa), Some(shift_msa));
         let attn = self.attn1.self_attention(norm, site, seams)?;
-        let mut hidden = gate_msa * attn + hidden;
+        let mut hidden = gated_residual(hidden, Some(gate_msa), attn);
 
         if let (Some(attn2), Some(ctx)) = (&self.attn2, context) {
             // PixArt applies no norm before cross-attention (norm2 is used for the MLP).
@@ -99,12 +101,12 @@ impl<B: Backend> BasicTransformerBlock<B> {
                 site.layer,
                 seams,
             )?;
-            hidden = out + hidden;
+            hidden = gated_residual(hidden, None, out);
         }
 
         let norm =
-            layer_norm(hidden.clone(), self.ff_norm_eps) * scale_mlp.add_scalar(1.0) + shift_mlp;
+            layer_norm_modulate(hidden.clone(), self.ff_norm_eps, Some(scale_mlp), Some(shift_mlp));
         let ff = self.ff.forward(norm, site.layer, seams)?;
-        Ok(gate_mlp * ff + hidden)
+        Ok(gated_residual(hidden, Some(gate_mlp), ff))
     }
 }

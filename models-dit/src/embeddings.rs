@@ -5,7 +5,6 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::{gelu, gelu_approximate, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use parallel_core::TokenGrid;
@@ -161,7 +160,7 @@ impl<B: Backend> TimestepEmbedding<B> {
     /// # Shapes
     /// `[n, in]` → `[n, out]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        self.linear_2.forward(kernels::silu(self.linear_1.forward(x)))
     }
 
     /// The dtype of the weights (the compute dtype).
@@ -258,16 +257,8 @@ impl<B: Backend> PixArtAlphaTextProjection<B> {
     /// # Shapes
     /// `[batch, text_tokens, caption_channels]` → `[batch, text_tokens, hidden]`.
     pub fn forward(&self, caption: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.linear_2.forward(gelu_approximate(self.linear_1.forward(caption)))
+        self.linear_2.forward(kernels::gelu(self.linear_1.forward(caption), true))
     }
-}
-
-/// GELU, exact (`gelu`) or tanh-approximate (`gelu-approximate`).
-pub(crate) fn gelu_of<B: Backend, const D: usize>(
-    x: Tensor<B, D>,
-    approximate: bool,
-) -> Tensor<B, D> {
-    if approximate { gelu_approximate(x) } else { gelu(x) }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::pixart::PixArtTransformer2DModel;
 pub const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
 
 /// A PixArt or DiT transformer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum DitModel<B: Backend> {
     /// `PixArtTransformer2DModel`.
     PixArt(Box<PixArtTransformer2DModel<B>>),

@@ -14,7 +14,6 @@ use parallel_core::{
 use crate::block::{BasicTransformerBlock, Context};
 use crate::embeddings::PatchEmbed;
 use crate::error::DitError;
-use crate::normalization::layer_norm;
 
 /// Eps of the final LayerNorm (`norm_out`) in both models.
 const NORM_OUT_EPS: f64 = 1e-6;
@@ -159,8 +158,13 @@ pub(crate) fn head<B: Backend>(
     };
     let grid = conditioning.grid;
     check_rows(desc, &rows, grid)?;
-    let x = layer_norm(hidden, NORM_OUT_EPS) * scale.clone().add_scalar(1.0) + shift.clone();
-    let x = proj.forward(x);
+    let x = kernels::layer_norm_modulate(
+        hidden,
+        NORM_OUT_EPS,
+        Some(scale.clone()),
+        Some(shift.clone()),
+    );
+    let x = crate::attention::linear(proj, x);
     let [batch, _, _] = x.dims();
     let (p, c_out, n_rows, cols) = (desc.patch_size, desc.out_channels, rows.len(), grid.cols);
     // nhwpqc -> nchpwq

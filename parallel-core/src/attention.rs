@@ -1,12 +1,11 @@
 //! Attention kernels shared by models, the serial seams and the strategies, so that every
 //! path computes attention the same way.
 
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention as burn_attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Tensor};
 
-/// Scaled dot-product attention, `softmax(q·kᵀ/√d + bias)·v`.
+/// Scaled dot-product attention, `softmax(q·kᵀ/√d + bias)·v` ([`kernels::attention`]: the
+/// project's tiled kernel on Flex/f32, memory linear in tokens; Burn's op elsewhere).
 ///
 /// # Shapes
 /// - `q`: `[batch, heads, q_tokens, head_dim]`
@@ -20,18 +19,12 @@ pub fn sdpa<B: Backend>(
     v: Tensor<B, 4>,
     bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
-    let bias = bias.map(|b| {
-        let [bq, hq, lq, _] = q.dims();
-        let [_, _, lk, _] = k.dims();
-        let [bb, hb, lb, _] = b.dims();
-        if bb == bq && hb == hq && lb == lq { b } else { b.expand([bq, hq, lq, lk]) }
-    });
-    burn_attention(q, k, v, None, bias, AttentionModuleOptions::default())
+    kernels::attention(q, k, v, bias)
 }
 
 /// Attention that also returns the log-sum-exp of the scaled scores, for merging partial
 /// results over blocks of keys (Ring attention). Computed in float32 whatever the input
-/// dtype; the output is cast back to `q`'s dtype.
+/// dtype; the output is cast back to `q`'s dtype ([`kernels::attention_with_lse`]).
 ///
 /// # Shapes
 /// - `q`: `[batch, heads, q_tokens, head_dim]`, `k`, `v`: `[batch, heads, kv_tokens, head_dim]`
@@ -41,20 +34,12 @@ pub fn sdpa_with_lse<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let dtype = q.dtype();
-    let [_, _, _, d] = q.dims();
-    let (q, k, v) = (q.cast(DType::F32), k.cast(DType::F32), v.cast(DType::F32));
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
-    let max = scores.clone().max_dim(3);
-    let p = (scores - max.clone()).exp();
-    let sum = p.clone().sum_dim(3);
-    let out = p.matmul(v) / sum.clone();
-    let lse = max + sum.log();
-    (out.cast(dtype), lse)
+    kernels::attention_with_lse(q, k, v)
 }
 
 /// Merges two partial attention results over disjoint key blocks by their log-sum-exps
-/// (float32): the result equals attention over the union of the blocks.
+/// (float32): the result equals attention over the union of the blocks
+/// ([`kernels::merge_partial`]).
 ///
 /// # Shapes
 /// `out_*`: `[batch, heads, q_tokens, head_dim]`, `lse_*`: `[batch, heads, q_tokens, 1]`.
@@ -64,14 +49,7 @@ pub fn merge_partial<B: Backend>(
     out_b: Tensor<B, 4>,
     lse_b: Tensor<B, 4>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let dtype = out_a.dtype();
-    let (out_a, out_b) = (out_a.cast(DType::F32), out_b.cast(DType::F32));
-    let max = lse_a.clone().max_pair(lse_b.clone());
-    let wa = (lse_a - max.clone()).exp();
-    let wb = (lse_b - max.clone()).exp();
-    let total = wa.clone() + wb.clone();
-    let out = (out_a * wa + out_b * wb) / total.clone();
-    (out.cast(dtype), max + total.log())
+    kernels::merge_partial(out_a, lse_a, out_b, lse_b)
 }
 
 #[cfg(test)]

@@ -16,6 +16,11 @@ depend on the values).
         --threads 1 --resolution 512 --repetitions 3
 
 Prints one line per forward and a JSON summary (median seconds per forward) on the last line.
+
+`--kernels` times, instead of the model, the kernels that `cargo bench -p kernels` times (the
+same shapes, names and thread count): self-attention over 1024 tokens, cross-attention to 120
+text tokens, the 2048x1152x4608 linear, tanh-GELU, LayerNorm with adaLN modulation, the gated
+residual. Also reports peak RSS (`ru_maxrss`) of the process.
 """
 
 import argparse
@@ -35,7 +40,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards first")
     p.add_argument("--repetitions", type=int, default=3, help="timed forwards (median reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernels", action="store_true", help="time the kernels, not the model")
     args = p.parse_args()
+    if args.kernels:
+        kernels(args)
+        return
 
     import torch
 
@@ -99,8 +108,55 @@ def main() -> None:
         "threads": args.threads,
         "forward_seconds": times,
         "median_forward_seconds": statistics.median(times),
+        "peak_rss_bytes": peak_rss(),
     }
     print(json.dumps(summary))
+
+
+def peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def kernels(args) -> None:
+    """The kernels of `kernels/benches/kernels.rs`, median of `--repetitions` (≥ 10) runs."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(args.seed)
+    b, t, h, d, text = args.batch, 1024, 16, 72, args.text_tokens
+    hidden = h * d
+    q = torch.randn(b, t, h, d).transpose(1, 2)
+    k = torch.randn(b, t, h, d).transpose(1, 2)
+    v = torch.randn(b, t, h, d).transpose(1, 2)
+    tk, tv = torch.randn(b, h, text, d), torch.randn(b, h, text, d)
+    x, y = torch.randn(b, t, hidden), torch.randn(b, t, hidden)
+    wide = torch.randn(b, t, 4 * hidden)
+    vec = torch.randn(b, 1, hidden)
+    w, bias = torch.randn(4 * hidden, hidden), torch.randn(4 * hidden)
+    cases = {
+        "attention_1024tok": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, hidden),
+        "cross_attention_1024q_120kv": lambda: F.scaled_dot_product_attention(q, tk, tv),
+        "linear_2048x1152x4608": lambda: F.linear(x, w, bias),
+        "gelu_tanh_2048x4608": lambda: F.gelu(wide, approximate="tanh"),
+        "layer_norm_modulate_2048x1152": lambda: F.layer_norm(x, (hidden,), eps=1e-6) * (1 + vec) + vec,
+        "gated_residual_2048x1152": lambda: vec * y + x,
+    }
+    results = {}
+    with torch.inference_mode():
+        for name, f in cases.items():
+            f()
+            times = []
+            for _ in range(max(args.repetitions, 10)):
+                start = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - start)
+            results[name] = statistics.median(times)
+            print(f"{name}/torch/{args.threads}t: {results[name] * 1e3:.2f} ms", flush=True)
+    print(json.dumps({"framework": f"torch {torch.__version__}", "threads": args.threads, "median_seconds": results}))
 
 
 if __name__ == "__main__":

@@ -116,12 +116,15 @@ pub fn run_configuration(
         .with_timeout(Duration::from_secs(1800));
     options.link = spec.link.clone();
     let desc = config.desc();
+    // Replicated weights once per process, as a user's in-process run has them.
+    let models = crate::SharedModels::<B>::new();
     launch(spec.world_size, &options, |comm| {
         let request = spec.request(&desc);
         let mut strategy = registry.create(&spec.strategy, comm.clone(), &spec.options)?;
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
-        let model = DitModel::<B>::load(dir, &plan, &comm.device())
+        let model = models
+            .get_or_load(&plan, &comm.device(), || DitModel::<B>::load(dir, &plan, &comm.device()))
             .map_err(|e| ParallelError::Model(e.to_string()))?;
         let inputs = BenchInputs::new(config, spec, &comm.device());
         let mut outcome = RankOutcome {

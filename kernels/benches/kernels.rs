@@ -1,0 +1,133 @@
+//! The project's CPU kernels beside Burn's Flex ops on the same inputs, at PixArt-XL-2-512
+//! sizes (512 px: 1024 tokens, hidden 1152 = 16 heads × 72, a 120-token caption, guidance
+//! batch 2), on a 1-thread and a 2-thread pool. `cargo bench -p kernels`; PyTorch's numbers
+//! for the same shapes: `tools/bench/pytorch_timing.py --kernels`.
+//!
+//! Names: `{kernel}/{ours|burn}/{threads}t`. Each timed closure ends with `into_data()`.
+
+use burn::tensor::activation;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Distribution, Tensor};
+use burn_flex::Flex;
+use criterion::Criterion;
+use std::time::Duration;
+
+type B = Flex;
+
+const BATCH: usize = 2;
+const HEADS: usize = 16;
+const HEAD_DIM: usize = 72;
+const TOKENS: usize = 1024;
+const TEXT: usize = 120;
+const HIDDEN: usize = HEADS * HEAD_DIM;
+
+fn randn<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+}
+
+/// `[b, t, h·d]` → `[b, h, t, d]` as the models view it (no copy).
+fn heads(x: Tensor<B, 3>) -> Tensor<B, 4> {
+    x.reshape([BATCH, TOKENS, HEADS, HEAD_DIM]).swap_dims(1, 2)
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let q = heads(randn([BATCH, TOKENS, HIDDEN]));
+    let (k, v) = (heads(randn([BATCH, TOKENS, HIDDEN])), heads(randn([BATCH, TOKENS, HIDDEN])));
+    let text_k = randn([BATCH, HEADS, TEXT, HEAD_DIM]);
+    let text_v = randn([BATCH, HEADS, TEXT, HEAD_DIM]);
+    let x = randn([BATCH, TOKENS, HIDDEN]);
+    let y = randn([BATCH, TOKENS, HIDDEN]);
+    let wide = randn([BATCH, TOKENS, 4 * HIDDEN]);
+    let vec3 = randn([BATCH, 1, HIDDEN]);
+    let w = randn([HIDDEN, 4 * HIDDEN]);
+    let bias = randn([4 * HIDDEN]);
+
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+        let mut g = c.benchmark_group("kernels");
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(3));
+        let mut pair = |name: &str, ours: &(dyn Fn() + Sync), burn: &(dyn Fn() + Sync)| {
+            g.bench_function(format!("{name}/ours/{threads}t"), |b| pool.install(|| b.iter(ours)));
+            g.bench_function(format!("{name}/burn/{threads}t"), |b| pool.install(|| b.iter(burn)));
+        };
+        pair(
+            "attention_1024tok",
+            &|| drop(kernels::attention(q.clone(), k.clone(), v.clone(), None).into_data()),
+            &|| {
+                let o = burn_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    None,
+                    None,
+                    AttentionModuleOptions::default(),
+                );
+                drop(o.swap_dims(1, 2).reshape([BATCH, TOKENS, HIDDEN]).into_data())
+            },
+        );
+        pair(
+            "cross_attention_1024q_120kv",
+            &|| {
+                drop(
+                    kernels::attention(q.clone(), text_k.clone(), text_v.clone(), None).into_data(),
+                )
+            },
+            &|| {
+                let o = burn_attention(
+                    q.clone(),
+                    text_k.clone(),
+                    text_v.clone(),
+                    None,
+                    None,
+                    AttentionModuleOptions::default(),
+                );
+                drop(o.into_data())
+            },
+        );
+        pair(
+            "linear_2048x1152x4608",
+            &|| drop(kernels::linear(x.clone(), w.clone(), Some(bias.clone())).into_data()),
+            &|| {
+                drop(
+                    burn::tensor::module::linear(x.clone(), w.clone(), Some(bias.clone()))
+                        .into_data(),
+                )
+            },
+        );
+        pair(
+            "gelu_tanh_2048x4608",
+            &|| drop(kernels::gelu(wide.clone(), true).into_data()),
+            &|| drop(activation::gelu_approximate(wide.clone()).into_data()),
+        );
+        pair(
+            "layer_norm_modulate_2048x1152",
+            &|| {
+                let o = kernels::layer_norm_modulate(
+                    x.clone(),
+                    1e-6,
+                    Some(vec3.clone()),
+                    Some(vec3.clone()),
+                );
+                drop(o.into_data())
+            },
+            &|| {
+                let mean = x.clone().mean_dim(2);
+                let c = x.clone() - mean;
+                let var = c.clone().square().mean_dim(2);
+                let n = c / var.add_scalar(1e-6).sqrt();
+                drop((n * vec3.clone().add_scalar(1.0) + vec3.clone()).into_data())
+            },
+        );
+        pair(
+            "gated_residual_2048x1152",
+            &|| drop(kernels::gated_residual(x.clone(), Some(vec3.clone()), y.clone()).into_data()),
+            &|| drop((vec3.clone() * y.clone() + x.clone()).into_data()),
+        );
+        g.finish();
+    }
+    c.final_summary();
+}

@@ -1,0 +1,182 @@
+//! Elementwise kernels: activations and gated residual sums, vectorised and shared over the
+//! rank's threads.
+
+use burn::tensor::Tensor;
+use burn::tensor::activation;
+use burn::tensor::backend::Backend;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use crate::flex::{self, contiguous, from_flex, to_flex, values};
+use crate::math::{self, Kernel, simd};
+
+/// Elements per task of a parallel elementwise loop (64 KiB of float32: large enough that
+/// scheduling costs nothing, small enough to share a [b, tokens, 4·hidden] tensor evenly).
+const CHUNK: usize = 16 * 1024;
+
+/// `f` applied to every element, in place when `t` owns its storage, else into a new
+/// tensor. Generic over `f` so it is inlined into the vectorised loop.
+fn map<F: Fn(f32) -> f32 + Sync + Send + Copy>(t: FlexTensor, f: F) -> FlexTensor {
+    let mut t = contiguous(t);
+    let whole =
+        t.layout().start_offset() == 0 && t.storage::<f32>().len() == t.layout().num_elements();
+    if whole && let Some(data) = t.try_storage_mut::<f32>() {
+        data.par_chunks_mut(CHUNK).for_each(|c| simd(MapInPlace { data: c, f }));
+        return t;
+    }
+    let mut out = flex::zeros(t.layout().shape().to_vec());
+    out.storage_mut::<f32>()
+        .par_chunks_mut(CHUNK)
+        .zip(values(&t).par_chunks(CHUNK))
+        .for_each(|(out, input)| simd(Map { out, input, f }));
+    out
+}
+
+struct MapInPlace<'a, F> {
+    data: &'a mut [f32],
+    f: F,
+}
+
+impl<F: Fn(f32) -> f32> Kernel for MapInPlace<'_, F> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        for x in self.data.iter_mut() {
+            *x = (self.f)(*x);
+        }
+    }
+}
+
+struct Map<'a, F> {
+    out: &'a mut [f32],
+    input: &'a [f32],
+    f: F,
+}
+
+impl<F: Fn(f32) -> f32> Kernel for Map<'_, F> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        for (o, &x) in self.out.iter_mut().zip(self.input) {
+            *o = (self.f)(x);
+        }
+    }
+}
+
+/// GELU: tanh-approximate (`gelu-approximate`, `approximate = true`) or exact (`gelu`).
+///
+/// Flex/f32: max relative error 1e-6 against the f64 definition (the tanh form is computed
+/// as `x·σ(2u)`, erf by Abramowitz & Stegun 7.1.26). Other backends: Burn's op.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>, approximate: bool) -> Tensor<B, D> {
+    match to_flex(x) {
+        Ok(t) if approximate => from_flex(map(t, math::gelu_tanh)),
+        Ok(t) => from_flex(map(t, math::gelu_erf)),
+        Err(x) if approximate => activation::gelu_approximate(x),
+        Err(x) => activation::gelu(x),
+    }
+}
+
+/// SiLU, `x·σ(x)`. Flex/f32: vectorised; other backends: Burn's op.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match to_flex(x) {
+        Ok(t) => from_flex(map(t, math::silu)),
+        Err(x) => activation::silu(x),
+    }
+}
+
+/// `residual + gate·y` (`gate` `None`: `residual + y`), the gated residual of adaLN blocks.
+///
+/// # Shapes
+/// - `residual`, `y`: `[batch, tokens, hidden]`
+/// - `gate`: `[batch, 1, hidden]` or `[1, 1, hidden]` (one vector per batch row)
+/// - output: `[batch, tokens, hidden]`
+pub fn gated_residual<B: Backend>(
+    residual: Tensor<B, 3>,
+    gate: Option<Tensor<B, 3>>,
+    y: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let [batch, tokens, hidden] = residual.dims();
+    let fits = y.dims() == [batch, tokens, hidden]
+        && gate.as_ref().is_none_or(|g| {
+            let [gb, gt, gh] = g.dims();
+            (gb == batch || gb == 1) && gt == 1 && gh == hidden
+        });
+    let fallback = |residual: Tensor<B, 3>, gate: Option<Tensor<B, 3>>, y: Tensor<B, 3>| match gate
+    {
+        Some(g) => g * y + residual,
+        None => y + residual,
+    };
+    if !fits {
+        return fallback(residual, gate, y);
+    }
+    match flex::all_to_flex([Some(residual), gate, Some(y)]) {
+        Ok([Some(r), gate, Some(y)]) => {
+            from_flex(gated_residual_flex(r, gate, y, batch, tokens, hidden))
+        }
+        Ok(_) => unreachable!("residual and y were passed as Some"),
+        Err([Some(r), gate, Some(y)]) => fallback(r, gate, y),
+        Err(_) => unreachable!("residual and y were passed as Some"),
+    }
+}
+
+fn gated_residual_flex(
+    r: FlexTensor,
+    gate: Option<FlexTensor>,
+    y: FlexTensor,
+    batch: usize,
+    tokens: usize,
+    hidden: usize,
+) -> FlexTensor {
+    let gate = gate.map(contiguous);
+    let gates = gate.as_ref().map(values);
+    let r = contiguous(r);
+    let y = contiguous(y);
+    let mut out = flex::zeros(vec![batch, tokens, hidden]);
+    let (rv, yv) = (values(&r), values(&y));
+    let rows_per_task = (CHUNK / hidden.max(1)).max(1);
+    out.storage_mut::<f32>().par_chunks_mut(rows_per_task * hidden).enumerate().for_each(
+        |(task, out)| {
+            let first = task * rows_per_task;
+            let rows = first * hidden..first * hidden + out.len();
+            let (r, y) = (&rv[rows.clone()], &yv[rows]);
+            simd(GatedRows { out, r, y, gates, hidden, tokens, first });
+        },
+    );
+    out
+}
+
+struct GatedRows<'a> {
+    out: &'a mut [f32],
+    r: &'a [f32],
+    y: &'a [f32],
+    gates: Option<&'a [f32]>,
+    hidden: usize,
+    tokens: usize,
+    first: usize,
+}
+
+impl Kernel for GatedRows<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let h = self.hidden;
+        let rows =
+            self.out.chunks_exact_mut(h).zip(self.r.chunks_exact(h)).zip(self.y.chunks_exact(h));
+        for (i, ((o, r), y)) in rows.enumerate() {
+            match self.gates {
+                Some(g) => {
+                    let b = if g.len() == h { 0 } else { (self.first + i) / self.tokens };
+                    let g = &g[b * h..(b + 1) * h];
+                    for (((o, &r), &y), &g) in o.iter_mut().zip(r).zip(y).zip(g) {
+                        *o = g.mul_add(y, r);
+                    }
+                }
+                None => {
+                    for ((o, &r), &y) in o.iter_mut().zip(r).zip(y) {
+                        *o = r + y;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! The backend extension: recognising Burn's Flex backend at run time.
+//!
+//! Rust has no specialisation, and a trait bound (`B: Kernels`) would have to be written on
+//! every generic model and strategy of the workspace. Instead each public kernel takes any
+//! `B: Backend` and asks, once per call, whether `B`'s float primitive *is* `FlexTensor`
+//! (a `TypeId` comparison through [`Any`]). If it is, and the tensor has the dtype and
+//! layout the fast path handles, the kernel runs on the Flex storage; otherwise the tensor
+//! goes back unchanged to Burn's own ops. CUDA (and any other backend, including Flex
+//! wrapped by fusion or autodiff) therefore always runs Burn's ops.
+
+use std::any::Any;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_flex::FlexTensor;
+
+/// `x` as a Flex tensor if `B` is the Flex backend and `x` is a float32 tensor, else `x`
+/// back unchanged.
+pub(crate) fn to_flex<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+) -> Result<FlexTensor, Tensor<B, D>> {
+    if x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    match x.into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let mut slot = Some(p);
+            match (&mut slot as &mut dyn Any).downcast_mut::<Option<FlexTensor>>() {
+                Some(flex) => flex.take().ok_or_else(unreachable_slot),
+                None => match slot {
+                    Some(p) => Err(Tensor::from_primitive(TensorPrimitive::Float(p))),
+                    None => Err(unreachable_slot()),
+                },
+            }
+        }
+        other => Err(Tensor::from_primitive(other)),
+    }
+}
+
+/// Never called: the slot was filled one line before it is read.
+#[cold]
+fn unreachable_slot<T>() -> T {
+    panic!("kernels: a tensor slot emptied twice")
+}
+
+/// Whether `B`'s float tensors are Flex tensors (no tensor is touched).
+pub(crate) fn is_flex<B: Backend>() -> bool {
+    std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<FlexTensor>()
+}
+
+/// A Flex tensor back as a `Tensor<B, D>`. Only called with `B` the Flex backend (the tensor
+/// came from [`to_flex`] of the same call).
+pub(crate) fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    let mut slot = Some(t);
+    let p = (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<B::FloatTensorPrimitive>>()
+        .and_then(Option::take)
+        .unwrap_or_else(|| panic!("kernels: from_flex called for a backend that is not Flex"));
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+/// Several (optional) tensors of one call as Flex tensors, all or none: if `B` is not Flex
+/// or any tensor is not float32, every one comes back unchanged.
+#[allow(clippy::type_complexity)]
+pub(crate) fn all_to_flex<B: Backend, const D: usize, const N: usize>(
+    xs: [Option<Tensor<B, D>>; N],
+) -> Result<[Option<FlexTensor>; N], [Option<Tensor<B, D>>; N]> {
+    if !is_flex::<B>() || xs.iter().flatten().any(|x| x.dtype() != DType::F32) {
+        return Err(xs);
+    }
+    Ok(xs.map(|x| {
+        x.map(|x| match to_flex(x) {
+            Ok(t) => t,
+            // Checked above: B is Flex and every dtype is f32.
+            Err(_) => unreachable_slot(),
+        })
+    }))
+}
+
+/// `x` as a Flex tensor, for a caller that has checked that `B` is Flex ([`is_flex`]) and
+/// that `x` is float32.
+pub(crate) fn checked_flex<B: Backend, const D: usize>(x: Tensor<B, D>) -> FlexTensor {
+    match to_flex(x) {
+        Ok(t) => t,
+        Err(_) => unreachable_slot(),
+    }
+}
+
+/// The float32 values of a Flex tensor in row-major order, borrowed when its layout is
+/// already contiguous (from offset 0 or any other), copied otherwise.
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.layout().is_contiguous() { t } else { t.to_contiguous() }
+}
+
+/// The elements of a contiguous float32 Flex tensor.
+pub(crate) fn values(t: &FlexTensor) -> &[f32] {
+    let n = t.layout().num_elements();
+    let start = t.layout().start_offset();
+    &t.storage::<f32>()[start..start + n]
+}
+
+/// A fresh, uninitialised-by-contract (zeroed) contiguous float32 Flex tensor.
+pub(crate) fn zeros(shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::zeros(shape.into(), DType::F32)
+}
