@@ -129,11 +129,26 @@ fn gated_residual_flex(
 ) -> FlexTensor {
     let gate = gate.map(contiguous);
     let gates = gate.as_ref().map(values);
-    let r = contiguous(r);
+    let mut r = contiguous(r);
     let y = contiguous(y);
-    let mut out = flex::zeros(vec![batch, tokens, hidden]);
-    let (rv, yv) = (values(&r), values(&y));
     let rows_per_task = (CHUNK / hidden.max(1)).max(1);
+    let yv = values(&y);
+    // In place when the residual stream is not shared (the usual case inside a block): no
+    // fresh buffer, no page faults.
+    let whole =
+        r.layout().start_offset() == 0 && r.storage::<f32>().len() == batch * tokens * hidden;
+    if whole && r.is_unique() {
+        r.storage_mut::<f32>().par_chunks_mut(rows_per_task * hidden).enumerate().for_each(
+            |(task, acc)| {
+                let first = task * rows_per_task;
+                let y = &yv[first * hidden..first * hidden + acc.len()];
+                simd(GatedAccumulate { acc, y, gates, hidden, tokens, first });
+            },
+        );
+        return r;
+    }
+    let mut out = flex::zeros(vec![batch, tokens, hidden]);
+    let rv = values(&r);
     out.storage_mut::<f32>().par_chunks_mut(rows_per_task * hidden).enumerate().for_each(
         |(task, out)| {
             let first = task * rows_per_task;
@@ -174,6 +189,40 @@ impl Kernel for GatedRows<'_> {
                 None => {
                     for ((o, &r), &y) in o.iter_mut().zip(r).zip(y) {
                         *o = r + y;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`GatedRows`] with the residual as the output: `acc ← acc + gate·y`.
+struct GatedAccumulate<'a> {
+    acc: &'a mut [f32],
+    y: &'a [f32],
+    gates: Option<&'a [f32]>,
+    hidden: usize,
+    tokens: usize,
+    first: usize,
+}
+
+impl Kernel for GatedAccumulate<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let h = self.hidden;
+        for (i, (a, y)) in self.acc.chunks_exact_mut(h).zip(self.y.chunks_exact(h)).enumerate() {
+            match self.gates {
+                Some(g) => {
+                    let b = if g.len() == h { 0 } else { (self.first + i) / self.tokens };
+                    let g = &g[b * h..(b + 1) * h];
+                    for ((a, &y), &g) in a.iter_mut().zip(y).zip(g) {
+                        *a = g.mul_add(y, *a);
+                    }
+                }
+                None => {
+                    for (a, &y) in a.iter_mut().zip(y) {
+                        *a += y;
                     }
                 }
             }

@@ -113,10 +113,26 @@ fn gated_residual_matches_burn() {
         let e = err(
             "gated residual",
             kernels::gated_residual(r.clone(), Some(g.clone()), y.clone()),
+            g.clone() * y.clone() + r.clone(),
+        );
+        assert!(e < 1e-6);
+        // A residual nobody else holds is updated in place (a different code path).
+        let unique = randn([2, 300, 96], 4);
+        let e = err(
+            "gated residual in place",
+            kernels::gated_residual(unique, Some(g.clone()), y.clone()),
             g * y.clone() + r.clone(),
         );
         assert!(e < 1e-6);
-        assert_eq!(values(kernels::gated_residual(r.clone(), None, y.clone())), values(y + r));
+        assert_eq!(
+            values(kernels::gated_residual(r.clone(), None, y.clone())),
+            values(y.clone() + r)
+        );
+        let unique = randn([2, 300, 96], 4);
+        assert_eq!(
+            values(kernels::gated_residual(unique, None, y.clone())),
+            values(y + randn([2, 300, 96], 4))
+        );
     });
 }
 
