@@ -17,7 +17,7 @@
 //!   (2 × 1024 token rows × 1152 → 4608), the bulk of a block's FLOPs.
 //!
 //! - `cpu/layer_norm/1024tok`, `cpu/gelu_tanh/1024x4608`: the element-wise passes of a
-//!   block (models-dit's `layer_norm` and feed-forward GELU) at their sizes.
+//!   block (the `kernels` crate's LayerNorm and GELU, as the block runs them) at their sizes.
 //!
 //! Each timed closure ends with `into_data()` on the result, the explicit sync.
 
@@ -78,13 +78,13 @@ fn attention(c: &mut Criterion) {
     });
     let x = randn([BATCH, TOKENS, HEADS * HEAD_DIM]);
     g.bench_function("layer_norm/1024tok", |b| {
-        pool.install(|| b.iter(|| models_dit::layer_norm(x.clone(), 1e-6).into_data()))
+        pool.install(|| {
+            b.iter(|| kernels::layer_norm_modulate(x.clone(), 1e-6, None, None).into_data())
+        })
     });
     let h = randn([BATCH, TOKENS, 4 * HEADS * HEAD_DIM]);
     g.bench_function("gelu_tanh/1024x4608", |b| {
-        pool.install(|| {
-            b.iter(|| burn::tensor::activation::gelu_approximate(h.clone()).into_data())
-        })
+        pool.install(|| b.iter(|| kernels::gelu(h.clone(), true).into_data()))
     });
     g.finish();
 }

@@ -129,74 +129,33 @@ fn gated_residual_flex(
 ) -> FlexTensor {
     let gate = gate.map(contiguous);
     let gates = gate.as_ref().map(values);
-    let mut r = contiguous(r);
     let y = contiguous(y);
-    let rows_per_task = (CHUNK / hidden.max(1)).max(1);
     let yv = values(&y);
-    // In place when the residual stream is not shared (the usual case inside a block): no
-    // fresh buffer, no page faults.
+    // Updated in place when the residual stream is not shared (the usual case inside a
+    // block: no fresh buffer, no page faults), else in a copy of it.
+    let r = contiguous(r);
     let whole =
         r.layout().start_offset() == 0 && r.storage::<f32>().len() == batch * tokens * hidden;
-    if whole && r.is_unique() {
-        r.storage_mut::<f32>().par_chunks_mut(rows_per_task * hidden).enumerate().for_each(
-            |(task, acc)| {
-                let first = task * rows_per_task;
-                let y = &yv[first * hidden..first * hidden + acc.len()];
-                simd(GatedAccumulate { acc, y, gates, hidden, tokens, first });
-            },
-        );
-        return r;
-    }
-    let mut out = flex::zeros(vec![batch, tokens, hidden]);
-    let rv = values(&r);
-    out.storage_mut::<f32>().par_chunks_mut(rows_per_task * hidden).enumerate().for_each(
-        |(task, out)| {
+    let mut acc = if whole && r.is_unique() {
+        r
+    } else {
+        let mut copy = flex::zeros(vec![batch, tokens, hidden]);
+        copy.storage_mut::<f32>().copy_from_slice(values(&r));
+        copy
+    };
+    let rows_per_task = (CHUNK / hidden.max(1)).max(1);
+    acc.storage_mut::<f32>().par_chunks_mut(rows_per_task * hidden).enumerate().for_each(
+        |(task, acc)| {
             let first = task * rows_per_task;
-            let rows = first * hidden..first * hidden + out.len();
-            let (r, y) = (&rv[rows.clone()], &yv[rows]);
-            simd(GatedRows { out, r, y, gates, hidden, tokens, first });
+            let y = &yv[first * hidden..first * hidden + acc.len()];
+            simd(GatedAccumulate { acc, y, gates, hidden, tokens, first });
         },
     );
-    out
+    acc
 }
 
-struct GatedRows<'a> {
-    out: &'a mut [f32],
-    r: &'a [f32],
-    y: &'a [f32],
-    gates: Option<&'a [f32]>,
-    hidden: usize,
-    tokens: usize,
-    first: usize,
-}
-
-impl Kernel for GatedRows<'_> {
-    type Output = ();
-    #[inline(always)]
-    fn run(self) {
-        let h = self.hidden;
-        let rows =
-            self.out.chunks_exact_mut(h).zip(self.r.chunks_exact(h)).zip(self.y.chunks_exact(h));
-        for (i, ((o, r), y)) in rows.enumerate() {
-            match self.gates {
-                Some(g) => {
-                    let b = if g.len() == h { 0 } else { (self.first + i) / self.tokens };
-                    let g = &g[b * h..(b + 1) * h];
-                    for (((o, &r), &y), &g) in o.iter_mut().zip(r).zip(y).zip(g) {
-                        *o = g.mul_add(y, r);
-                    }
-                }
-                None => {
-                    for ((o, &r), &y) in o.iter_mut().zip(r).zip(y) {
-                        *o = r + y;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// [`GatedRows`] with the residual as the output: `acc ← acc + gate·y`.
+/// The gated residual over a task's rows, into the residual: `acc ← acc + gate·y`
+/// (`gate` per batch row, or one for all).
 struct GatedAccumulate<'a> {
     acc: &'a mut [f32],
     y: &'a [f32],

@@ -98,5 +98,5 @@ pub use embeddings::{
 };
 pub use error::{DitError, Result};
 pub use model::{DitModel, WEIGHTS_FILE, load};
-pub use normalization::{AdaLayerNormSingle, AdaLayerNormZero, layer_norm};
+pub use normalization::{AdaLayerNormSingle, AdaLayerNormZero};
 pub use pixart::PixArtTransformer2DModel;

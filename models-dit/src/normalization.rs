@@ -1,5 +1,5 @@
-//! Normalization layers (diffusers `normalization.py`): LayerNorm without learned affine, and
-//! the two adaptive conditionings, adaLN-single (PixArt) and adaLN-Zero (DiT).
+//! Normalization layers (diffusers `normalization.py`; the affine-free LayerNorm itself is
+//! `kernels::layer_norm_modulate`): the two adaptive conditionings, adaLN-single (PixArt) and adaLN-Zero (DiT).
 
 use burn::module::Module;
 use burn::nn::Linear;
@@ -10,19 +10,6 @@ use burn::tensor::{Int, Tensor};
 use crate::embeddings::{
     CombinedTimestepLabelEmbeddings, PixArtAlphaCombinedTimestepSizeEmbeddings,
 };
-
-/// LayerNorm over the last dim with no learned scale or shift
-/// (`nn.LayerNorm(dim, elementwise_affine=False, eps)`): `(x − mean) / √(var + eps)`, biased
-/// variance.
-///
-/// # Shapes
-/// any `[..., dim]`, unchanged.
-pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
-    let mean = x.clone().mean_dim(D - 1);
-    let centered = x - mean;
-    let var = centered.clone().square().mean_dim(D - 1);
-    centered / var.add_scalar(eps).sqrt()
-}
 
 /// adaLN-single of PixArt (diffusers `AdaLayerNormSingle`, key `adaln_single`): one
 /// timestep (and size) embedding shared by all blocks, projected to the six modulation

@@ -1,61 +1,15 @@
 //! Attention kernels shared by models, the serial seams and the strategies, so that every
-//! path computes attention the same way.
+//! path computes attention the same way: the `kernels` crate's (its tiled kernel on Flex/f32,
+//! memory linear in tokens; Burn's ops on every other backend), under the names the
+//! strategies use — `sdpa` ([`kernels::attention`]), `sdpa_with_lse`
+//! ([`kernels::attention_with_lse`]) and [`merge_partial`].
 
-use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
-
-/// Scaled dot-product attention, `softmax(q·kᵀ/√d + bias)·v` ([`kernels::attention`]: the
-/// project's tiled kernel on Flex/f32, memory linear in tokens; Burn's op elsewhere).
-///
-/// # Shapes
-/// - `q`: `[batch, heads, q_tokens, head_dim]`
-/// - `k`, `v`: `[batch, heads, kv_tokens, head_dim]`
-/// - `bias`: broadcastable to `[batch, heads, q_tokens, kv_tokens]` (e.g. `[batch, 1, 1,
-///   kv_tokens]` for a padding mask turned into an additive bias)
-/// - output: `[batch, heads, q_tokens, head_dim]`
-pub fn sdpa<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    bias: Option<Tensor<B, 4>>,
-) -> Tensor<B, 4> {
-    kernels::attention(q, k, v, bias)
-}
-
-/// Attention that also returns the log-sum-exp of the scaled scores, for merging partial
-/// results over blocks of keys (Ring attention). Computed in float32 whatever the input
-/// dtype; the output is cast back to `q`'s dtype ([`kernels::attention_with_lse`]).
-///
-/// # Shapes
-/// - `q`: `[batch, heads, q_tokens, head_dim]`, `k`, `v`: `[batch, heads, kv_tokens, head_dim]`
-/// - output: `([batch, heads, q_tokens, head_dim], lse: [batch, heads, q_tokens, 1])`
-pub fn sdpa_with_lse<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    kernels::attention_with_lse(q, k, v)
-}
-
-/// Merges two partial attention results over disjoint key blocks by their log-sum-exps
-/// (float32): the result equals attention over the union of the blocks
-/// ([`kernels::merge_partial`]).
-///
-/// # Shapes
-/// `out_*`: `[batch, heads, q_tokens, head_dim]`, `lse_*`: `[batch, heads, q_tokens, 1]`.
-pub fn merge_partial<B: Backend>(
-    out_a: Tensor<B, 4>,
-    lse_a: Tensor<B, 4>,
-    out_b: Tensor<B, 4>,
-    lse_b: Tensor<B, 4>,
-) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    kernels::merge_partial(out_a, lse_a, out_b, lse_b)
-}
+pub use kernels::{attention as sdpa, attention_with_lse as sdpa_with_lse, merge_partial};
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tolerance};
+    use burn::tensor::{Distribution, Tensor, Tolerance};
     use burn_flex::Flex;
 
     type B = Flex;
