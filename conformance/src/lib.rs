@@ -171,7 +171,9 @@ pub fn fixture(name: &str) -> Fixture {
 
 /// A case's inputs.
 pub fn read_input(path: &Path) -> DenoiserInput<B> {
-    harness::read_denoiser_input::<B>(path, &Default::default()).expect("fixture case").0
+    harness::read_denoiser_input::<B>(path, parallel_core::ModelFamily::Dit, &Default::default())
+        .expect("fixture case")
+        .0
 }
 
 /// Every strategy of the binary, with the registry it is created from.

@@ -32,6 +32,9 @@ pub enum HarnessError {
     /// The transformer's config or weights.
     #[error(transparent)]
     Model(#[from] models_dit::DitError),
+    /// The U-Net's config or weights.
+    #[error(transparent)]
+    Unet(#[from] models_unet::UnetError),
     /// The tokenizer or the text encoder.
     #[error(transparent)]
     Text(#[from] models_text::TextError),

@@ -1,37 +1,42 @@
-//! `harness forward`: one denoiser evaluation, under any strategy, for checking against
-//! diffusers.
+//! `harness forward`: one denoiser evaluation (a DiT-family transformer or a U-Net), under
+//! any strategy, for checking against diffusers.
 //!
-//! The inputs file holds tensors named like diffusers' forward arguments (`hidden_states`,
-//! `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `class_labels`,
-//! `resolution`, `aspect_ratio`; see [`read_denoiser_input`](crate::inputs::read_denoiser_input)); the output file gets
-//! `sample`. If the inputs file also holds a `sample` (a reference case), the relative L2
-//! error against it is reported.
+//! The inputs file holds tensors named like the model's diffusers forward arguments (see
+//! [`read_denoiser_input`](crate::inputs::read_denoiser_input): `hidden_states`, … for a
+//! transformer; `sample`, `timestep`, `encoder_hidden_states`, `text_embeds`, `time_ids` for
+//! a U-Net); the output file gets `sample`. If the inputs file also holds the reference output
+//! (`sample` for a transformer, `out` for a U-Net), the relative L2 error against it is
+//! reported.
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use models_dit::{DitModel, ModelConfig};
 use parallel_core::{Comm, RequestInfo, StepKind};
 
 use crate::config::{BackendKind, ParallelConfig};
 use crate::error::{HarnessError, Result};
 use crate::launch::{launch_options, launch_ranks};
+use crate::model::DenoiserConfig;
 use crate::run::{HostTensor, RankReport};
 
-/// The transformer folder of `model`: the folder itself if it has a `config.json`, else its
-/// `transformer/` (a pipeline folder).
+/// The denoiser folder of `model`: the folder itself if it has a `config.json`, else its
+/// `transformer/` or `unet/` (a pipeline folder).
 pub fn transformer_folder(model: &Path) -> Result<PathBuf> {
     if model.join("config.json").is_file() {
-        Ok(model.to_path_buf())
-    } else if model.join("transformer").join("config.json").is_file() {
-        Ok(model.join("transformer"))
-    } else if !model.is_dir() {
+        return Ok(model.to_path_buf());
+    }
+    for sub in ["transformer", "unet"] {
+        if model.join(sub).join("config.json").is_file() {
+            return Ok(model.join(sub));
+        }
+    }
+    if !model.is_dir() {
         Err(HarnessError::io(model, "no such model folder (--model)"))
     } else {
         Err(HarnessError::io(
             model,
             "neither a model folder (config.json + weights) nor a pipeline folder with a \
-             transformer/ (--model)",
+             transformer/ or unet/ (--model)",
         ))
     }
 }
@@ -57,7 +62,7 @@ impl ForwardReport {
     /// The line `harness forward` prints.
     pub fn summary(&self) -> String {
         let check = match self.rel_l2 {
-            Some(e) => format!("; relative L2 error vs the inputs' `sample`: {e:.3e}"),
+            Some(e) => format!("; relative L2 error vs the inputs' reference output: {e:.3e}"),
             None => String::new(),
         };
         format!(
@@ -71,7 +76,7 @@ impl ForwardReport {
     }
 }
 
-/// One forward of the transformer at `model` on the inputs file, under `parallel`; writes
+/// One forward of the denoiser at `model` on the inputs file, under `parallel`; writes
 /// `sample` to `output`.
 pub fn forward(
     model: &Path,
@@ -81,7 +86,7 @@ pub fn forward(
 ) -> Result<ForwardReport> {
     parallel.check()?;
     let folder = transformer_folder(model)?;
-    let config = ModelConfig::from_folder(&folder)?;
+    let config = DenoiserConfig::from_folder(&folder)?;
     let options = parallel.strategy_options()?;
     crate::registry::<crate::CpuBackend>().check_options(&parallel.strategy, &options)?;
     if !inputs.is_file() {
@@ -115,7 +120,7 @@ pub fn forward(
 
 struct Job<'a> {
     folder: PathBuf,
-    config: ModelConfig,
+    config: DenoiserConfig,
     options: parallel_core::StrategyOptions,
     inputs: &'a Path,
     output: &'a Path,
@@ -148,13 +153,14 @@ impl Job<'_> {
     fn rank<B: Backend>(&self, comm: Comm<B>) -> Result<RankResult> {
         let device = comm.device();
         let desc = self.config.desc();
-        let (input, reference) = crate::inputs::read_denoiser_input::<B>(self.inputs, &device)?;
+        let (input, reference) =
+            crate::inputs::read_denoiser_input::<B>(self.inputs, desc.family, &device)?;
         let dims = input.hidden_states.dims();
         if dims[1] != desc.in_channels {
             return Err(HarnessError::config(
                 format!("--inputs {}", self.inputs.display()),
                 format!(
-                    "`hidden_states` has shape {dims:?}, but {} takes {} latent channels",
+                    "the latents have shape {dims:?}, but {} takes {} latent channels",
                     desc.class_name, desc.in_channels
                 ),
             ));
@@ -164,7 +170,7 @@ impl Job<'_> {
         let mut strategy = registry.create(&self.parallel.strategy, comm.clone(), &self.options)?;
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
-        let model = DitModel::<B>::load(&self.folder, &plan, &device)?;
+        let model = self.config.load::<B>(&self.folder, &plan, &device)?;
         strategy.begin_request(&desc, &request)?;
         comm.reset_stats();
         let sample = strategy.forward(&model, &input, 0)?;
@@ -187,7 +193,7 @@ impl Job<'_> {
                     return Err(HarnessError::config(
                         format!("--inputs {}", self.inputs.display()),
                         format!(
-                            "its `sample` has shape {:?}, the model's output is {:?}",
+                            "its reference output has shape {:?}, the model's output is {:?}",
                             r.shape, sample.shape
                         ),
                     ));

@@ -1,17 +1,21 @@
 //! Files of diffusers forward arguments: a safetensors file of tensors named like the
-//! model's `forward` arguments (`hidden_states`, `timestep`, `encoder_hidden_states`,
-//! `encoder_attention_mask`, `class_labels`, `resolution`, `aspect_ratio`) read into a
-//! [`DenoiserInput`], with the reference output `sample` when the file has one. `harness
-//! forward` reads them, and so does the conformance suite (the fixtures' cases).
+//! model's `forward` arguments read into a [`DenoiserInput`], with the reference output when
+//! the file has one. `harness forward` reads them, and so does the conformance suite (the
+//! fixtures' cases).
+//!
+//! | family | inputs | reference output |
+//! |---|---|---|
+//! | DiT (`PixArtTransformer2DModel.forward`, `DiTTransformer2DModel.forward`) | `hidden_states`, `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `class_labels`, `resolution`, `aspect_ratio` | `sample` |
+//! | U-Net (`UNet2DConditionModel.forward`) | `sample`, `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `text_embeds`, `time_ids` (SDXL) | `out` |
 
 use std::path::Path;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use parallel_core::DenoiserInput;
+use parallel_core::{DenoiserInput, ModelFamily};
 use weights::{Result, WeightError, read_tensors};
 
-/// The diffusers forward-argument names [`read_denoiser_input`] understands.
+/// The DiT forward-argument names [`read_denoiser_input`] understands.
 pub const INPUT_NAMES: [&str; 7] = [
     "hidden_states",
     "timestep",
@@ -22,23 +26,39 @@ pub const INPUT_NAMES: [&str; 7] = [
     "aspect_ratio",
 ];
 
-/// Reads a file of diffusers forward arguments into a [`DenoiserInput`].
+/// The U-Net forward-argument names [`read_denoiser_input`] understands.
+pub const UNET_INPUT_NAMES: [&str; 6] = [
+    "sample",
+    "timestep",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "text_embeds",
+    "time_ids",
+];
+
+/// Reads a file of diffusers forward arguments of a `family` model into a [`DenoiserInput`].
 ///
-/// `hidden_states` and `timestep` are required; the others are optional. A tensor of another
-/// name is an error (a typo would otherwise be silently ignored), except `sample`, the
-/// expected output of a reference case, which is returned alongside.
+/// The latents (`hidden_states` / `sample`) and `timestep` are required; the others are
+/// optional. A tensor of another name is an error (a typo would otherwise be silently
+/// ignored), except the expected output of a reference case (`sample` / `out`), which is
+/// returned alongside.
 pub fn read_denoiser_input<B: Backend>(
     path: &Path,
+    family: ModelFamily,
     device: &B::Device,
 ) -> Result<(DenoiserInput<B>, Option<Tensor<B, 4>>)> {
     let tensors = read_tensors(path)?;
+    let (names, latents, output): (&[&str], _, _) = match family {
+        ModelFamily::Dit => (&INPUT_NAMES, "hidden_states", "sample"),
+        ModelFamily::Unet => (&UNET_INPUT_NAMES, "sample", "out"),
+    };
     if let Some(unknown) =
-        tensors.keys().find(|k| !INPUT_NAMES.contains(&k.as_str()) && k.as_str() != "sample")
+        tensors.keys().find(|k| !names.contains(&k.as_str()) && k.as_str() != output)
     {
         return Err(WeightError::UnknownInput {
             name: unknown.clone(),
             file: path.to_path_buf(),
-            known: INPUT_NAMES.join(", "),
+            known: names.join(", "),
         });
     }
     let need = |name: &str| {
@@ -48,7 +68,7 @@ pub fn read_denoiser_input<B: Backend>(
         })
     };
     let mut input = DenoiserInput::new(
-        need("hidden_states")?.to_float("hidden_states", path, device)?,
+        need(latents)?.to_float(latents, path, device)?,
         need("timestep")?.to_float("timestep", path, device)?,
     );
     if let Some(t) = tensors.get("encoder_hidden_states") {
@@ -60,11 +80,11 @@ pub fn read_denoiser_input<B: Backend>(
     if let Some(t) = tensors.get("class_labels") {
         input.class_labels = Some(t.to_int("class_labels", path, device)?);
     }
-    for name in ["resolution", "aspect_ratio"] {
+    for name in ["resolution", "aspect_ratio", "text_embeds", "time_ids"] {
         if let Some(t) = tensors.get(name) {
             input.added_cond.insert(name.to_string(), t.to_float(name, path, device)?);
         }
     }
-    let sample = tensors.get("sample").map(|t| t.to_float("sample", path, device)).transpose()?;
-    Ok((input, sample))
+    let reference = tensors.get(output).map(|t| t.to_float(output, path, device)).transpose()?;
+    Ok((input, reference))
 }

@@ -21,15 +21,18 @@ pub fn list_text() -> String {
     let _ = writeln!(s, "           pipelines: {}", classes.join(", "));
     let _ = writeln!(
         s,
-        "  forward  a transformer folder (config.json + diffusion_pytorch_model.safetensors) or a \
-         pipeline folder"
+        "  forward  a transformer or U-Net folder (config.json + \
+         diffusion_pytorch_model.safetensors) or a pipeline folder (its transformer/ or unet/)"
     );
     let _ = writeln!(s, "           transformer classes: {}", models_dit::KNOWN_CLASSES.join(", "));
+    let _ =
+        writeln!(s, "           U-Net classes: {} (SD 1.x, SD 2.x, SDXL)", models_unet::CLASS_NAME);
     let _ = writeln!(s, "  bundled  {BUNDLED_PIPELINE} (tiny random-weight PixArt-α, 128×128)");
     let _ = writeln!(
         s,
-        "  presets  real-size configs with random weights (benchmarks): {}",
-        models_dit::PRESETS.join(", ")
+        "  presets  real-size configs with random weights (benchmarks): {}; U-Nets: {}",
+        models_dit::PRESETS.join(", "),
+        models_unet::PRESETS.join(", ")
     );
     let _ = writeln!(
         s,
@@ -73,5 +76,6 @@ mod tests {
             assert!(text.contains(short) && text.contains(class));
         }
         assert!(text.contains("PixArt-XL-2-512x512"));
+        assert!(text.contains("UNet2DConditionModel") && text.contains("sdxl-base"));
     }
 }

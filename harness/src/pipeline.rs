@@ -33,11 +33,12 @@ pub const PIPELINE_CLASSES: [(&str, usize); 2] = [
 
 /// Scheduler names `--scheduler` accepts besides diffusers' class names, in the order of
 /// [`SchedulerConfig::KNOWN_CLASSES`].
-pub const SCHEDULER_NAMES: [(&str, &str); 4] = [
+pub const SCHEDULER_NAMES: [(&str, &str); 5] = [
     ("dpm_solver_multistep", "DPMSolverMultistepScheduler"),
     ("ddim", "DDIMScheduler"),
     ("euler", "EulerDiscreteScheduler"),
     ("flow_match_euler", "FlowMatchEulerDiscreteScheduler"),
+    ("pndm", "PNDMScheduler"),
 ];
 
 /// The diffusers class of a scheduler name: a short name of [`SCHEDULER_NAMES`] or a class

@@ -298,6 +298,56 @@ fn forward_under_ulysses_equals_the_case() {
 }
 
 #[test]
+fn forward_runs_a_unet_folder_and_refuses_transformer_only_strategies() {
+    let dir = tmp("forward-unet");
+    let out = dir.join("sample.safetensors");
+    let case = "fixtures/unet/sdxl/cases/wide.safetensors";
+    let stdout = succeeds(&[
+        "forward",
+        "--model",
+        "fixtures/unet/sdxl",
+        "--inputs",
+        case,
+        "--output",
+        s(&out),
+    ]);
+    assert!(stdout.contains("relative L2 error"), "{stdout}");
+    let got = weights::read_tensors(&out).unwrap();
+    let want = weights::read_tensors(&repo(case)).unwrap();
+    let rel = metrics::rel_l2(&got["sample"].values, &want["out"].values);
+    // The U-Net's serial-vs-diffusers bar (models-unet/tests/diffusers_parity.rs); measured
+    // 1.04e-6 on this case (AMD EPYC, AVX2).
+    assert!(rel <= 1e-5, "relative L2 {rel:e}");
+    for strategy in ["ulysses", "ring", "pipefusion", "distrifusion", "tensor"] {
+        let err = fails(&[
+            "forward",
+            "--model",
+            "fixtures/unet/sdxl",
+            "--inputs",
+            case,
+            "--output",
+            s(&out),
+            "--strategy",
+            strategy,
+            "--world-size",
+            "2",
+        ]);
+        assert!(err.contains("U-Net") && err.contains(strategy), "{strategy}: {err}");
+    }
+    // DiT inputs given to a U-Net: the unknown tensor is named, with the names a U-Net takes.
+    let err = fails(&[
+        "forward",
+        "--model",
+        "fixtures/unet/sdxl",
+        "--inputs",
+        "fixtures/dit/pixart-alpha/cases/square.safetensors",
+        "--output",
+        s(&out),
+    ]);
+    assert!(err.contains("hidden_states") && err.contains("time_ids"), "{err}");
+}
+
+#[test]
 fn run_writes_a_png_and_latents_that_run_again() {
     let dir = tmp("run");
     let png = dir.join("demo.png");

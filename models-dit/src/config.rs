@@ -497,6 +497,7 @@ impl PixArtConfig {
             cross_attention: self.cross_attention_dim.is_some(),
             row_granularity: self.patch_size,
             sample_size: self.sample_size,
+            heads_per_level: vec![self.num_attention_heads],
         }
     }
 }
@@ -592,6 +593,7 @@ impl DiTConfig {
             cross_attention: false,
             row_granularity: self.patch_size,
             sample_size: self.sample_size,
+            heads_per_level: vec![self.num_attention_heads],
         }
     }
 }

@@ -88,7 +88,7 @@ mod normalization;
 mod pixart;
 mod stages;
 
-pub use attention::{Attention, FeedForward, row_parallel};
+pub use attention::{Attention, FeedForward, linear, row_parallel};
 pub use block::{BasicTransformerBlock, Context};
 pub use config::{DiTConfig, KNOWN_CLASSES, LegacyKeys, ModelConfig, PRESETS, PixArtConfig};
 pub use dit::DiTTransformer2DModel;

@@ -64,12 +64,44 @@ pub struct ModelDesc {
     pub row_granularity: usize,
     /// The default latent height and width (`sample_size`).
     pub sample_size: usize,
+    /// Attention heads at each resolution level, finest first (U-Net: per down block; DiT:
+    /// one entry, `num_heads`). A strategy that splits heads must divide every entry.
+    pub heads_per_level: Vec<usize>,
 }
 
 impl ModelDesc {
     /// The token grid of a latent grid (patch rows × patch columns).
     pub fn tokens(&self, grid: LatentGrid) -> TokenGrid {
         TokenGrid { rows: grid.height / self.patch_size, cols: grid.width / self.patch_size }
+    }
+
+    /// Refuses a model of another family than the strategy `strategy` applies to, naming
+    /// both (Ulysses, Ring and PipeFusion split transformer blocks' tokens or stages, which
+    /// a U-Net does not have).
+    pub fn require_family(&self, strategy: &str, family: ModelFamily, why: &str) -> Result<()> {
+        if self.family == family {
+            return Ok(());
+        }
+        Err(ParallelError::Unsupported {
+            strategy: strategy.to_string(),
+            reason: format!(
+                "{} is a {} model; {strategy} applies to {family} models only ({why})",
+                self.class_name, self.family
+            ),
+        })
+    }
+
+    /// Checks a latent grid for a whole-latent (unsplit) forward: a DiT needs whole patches;
+    /// a U-Net takes any size, forwarding its up-sampling sizes as diffusers does.
+    pub fn check_whole_grid(&self, grid: LatentGrid) -> Result<()> {
+        match self.family {
+            ModelFamily::Dit => self.check_grid(grid),
+            ModelFamily::Unet if grid.height > 0 && grid.width > 0 => Ok(()),
+            ModelFamily::Unet => Err(ParallelError::Model(format!(
+                "latent size {grid} of {} is empty",
+                self.class_name
+            ))),
+        }
     }
 
     /// Checks that the latent grid is made of whole rows of the coarsest feature map.

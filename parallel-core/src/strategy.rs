@@ -317,7 +317,7 @@ impl<B: Backend> ParallelStrategy<B> for SerialStrategy<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
-        model.check_grid(request.grid)
+        model.check_whole_grid(request.grid)
     }
 
     fn begin_request(&mut self, _model: &ModelDesc, _request: &RequestInfo) -> Result<()> {

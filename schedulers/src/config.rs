@@ -18,6 +18,7 @@ use crate::scheduling_ddim::DdimConfig;
 use crate::scheduling_dpmsolver_multistep::DpmSolverMultistepConfig;
 use crate::scheduling_euler_discrete::EulerDiscreteConfig;
 use crate::scheduling_flow_match_euler_discrete::FlowMatchEulerDiscreteConfig;
+use crate::scheduling_pndm::PndmConfig;
 
 /// The parsed config of one scheduler, chosen by the `_class_name` of `scheduler_config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,15 +31,18 @@ pub enum SchedulerConfig {
     EulerDiscrete(EulerDiscreteConfig),
     /// `FlowMatchEulerDiscreteScheduler`.
     FlowMatchEulerDiscrete(FlowMatchEulerDiscreteConfig),
+    /// `PNDMScheduler` (Stable Diffusion 1.5's default).
+    Pndm(PndmConfig),
 }
 
 impl SchedulerConfig {
     /// The diffusers class names this crate implements, in the order of the variants.
-    pub const KNOWN_CLASSES: [&'static str; 4] = [
+    pub const KNOWN_CLASSES: [&'static str; 5] = [
         DpmSolverMultistepConfig::CLASS_NAME,
         DdimConfig::CLASS_NAME,
         EulerDiscreteConfig::CLASS_NAME,
         FlowMatchEulerDiscreteConfig::CLASS_NAME,
+        PndmConfig::CLASS_NAME,
     ];
 
     /// Reads and parses a `scheduler_config.json` (see [`SchedulerConfig::from_json`]).
@@ -91,6 +95,7 @@ impl SchedulerConfig {
                 FlowMatchEulerDiscreteConfig::CLASS_NAME,
                 map,
             )?),
+            PndmConfig::CLASS_NAME => Self::Pndm(parse_fields(PndmConfig::CLASS_NAME, map)?),
             other => {
                 return Err(SchedulerError::UnknownClass {
                     class: other.to_string(),
@@ -109,6 +114,7 @@ impl SchedulerConfig {
             Self::Ddim(_) => DdimConfig::CLASS_NAME,
             Self::EulerDiscrete(_) => EulerDiscreteConfig::CLASS_NAME,
             Self::FlowMatchEulerDiscrete(_) => FlowMatchEulerDiscreteConfig::CLASS_NAME,
+            Self::Pndm(_) => PndmConfig::CLASS_NAME,
         }
     }
 
@@ -120,6 +126,7 @@ impl SchedulerConfig {
             Self::Ddim(c) => c.validate(),
             Self::EulerDiscrete(c) => c.validate(),
             Self::FlowMatchEulerDiscrete(c) => c.validate(),
+            Self::Pndm(c) => c.validate(),
         }
     }
 }

@@ -1,6 +1,13 @@
-//! Diffusion schedulers that equal diffusers' (0.42) for the same config: DPM-Solver++
-//! multistep (PixArt's default), DDIM, Euler discrete and flow-matching Euler, configured from a
-//! `scheduler_config.json`, generic over the Burn backend.
+//! Diffusion schedulers that equal diffusers' (0.42) for the same config, configured from a
+//! `scheduler_config.json`, generic over the Burn backend:
+//!
+//! | `_class_name` | config | notes |
+//! |---|---|---|
+//! | `DPMSolverMultistepScheduler` | [`DpmSolverMultistepConfig`] | DPM-Solver++, order 1 or 2 (PixArt's default) |
+//! | `DDIMScheduler` | [`DdimConfig`] | deterministic (`eta = 0`) |
+//! | `EulerDiscreteScheduler` | [`EulerDiscreteConfig`] | without churn |
+//! | `FlowMatchEulerDiscreteScheduler` | [`FlowMatchEulerDiscreteConfig`] | static shift (SD3) |
+//! | `PNDMScheduler` | [`PndmConfig`] | PLMS, with or without the Runge-Kutta warm-up (Stable Diffusion 1.5's default) |
 //!
 //! # Shape
 //!
@@ -11,7 +18,8 @@
 //! - [`Schedule`]: what diffusers' `set_timesteps(n)` sets — the timesteps (exactly diffusers'
 //!   values), the sigmas, `init_noise_sigma` — and the step rule. Immutable; share it.
 //! - [`SchedulerState`]: what one image, or one region of an image, carries between steps
-//!   (DPM-Solver's previous data predictions, `lower_order_nums`, the next step index). Made by
+//!   (DPM-Solver's previous data predictions and `lower_order_nums`; PNDM's previous model
+//!   outputs `ets`, `counter` and saved sample; the next step index). Made by
 //!   [`Schedule::new_state`], once per request or per region.
 //!
 //! diffusers keeps the multistep history inside the scheduler object; here it is an explicit
@@ -34,14 +42,16 @@
 //!
 //! # Equal to diffusers
 //!
-//! Timesteps are exactly diffusers' and each step's output agrees to float32 rounding: the
-//! tables and per-step scalars are computed on the host in the precision diffusers uses for
-//! each (numpy float64 for timestep layout and `np.interp`; torch float32 for betas,
-//! `alphas_cumprod`, sigmas and every step coefficient), in the same order, and the tensor
-//! operations are applied in diffusers' order. Two torch details matter for bit equality of the
-//! tables: `torch.linspace` in float32 fills each half with one fused rounding from its own end,
-//! and `torch.cumprod` on CPU accumulates in float64. `tests/diffusers_parity.rs` checks all of
-//! it against reference files made by diffusers.
+//! Timesteps are exactly diffusers' (PNDM's repeated ones included) and each step's output
+//! agrees to float32 rounding: the tables and per-step scalars are computed on the host in the
+//! precision diffusers uses for each (numpy float64 for timestep layout and `np.interp`, numpy
+//! int64 for DDIM's and PNDM's integer timesteps; torch float32 for betas, `alphas_cumprod`,
+//! sigmas and every step coefficient), in the same order, and the tensor operations are applied
+//! in diffusers' order. Two torch details matter for bit equality of the tables:
+//! `torch.linspace` in float32 fills each half with one fused rounding from its own end, and
+//! `torch.cumprod` on CPU accumulates in float64. `tests/diffusers_parity.rs` checks all of it
+//! against reference files made by diffusers; `tests/variants.rs` covers the options those
+//! files do not, and `tests/pndm.rs` covers PNDM.
 //!
 //! # Configs
 //!
@@ -64,6 +74,7 @@ pub mod scheduling_ddim;
 pub mod scheduling_dpmsolver_multistep;
 pub mod scheduling_euler_discrete;
 pub mod scheduling_flow_match_euler_discrete;
+pub mod scheduling_pndm;
 
 pub use config::{BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing};
 pub use error::SchedulerError;
@@ -72,3 +83,4 @@ pub use scheduling_ddim::DdimConfig;
 pub use scheduling_dpmsolver_multistep::DpmSolverMultistepConfig;
 pub use scheduling_euler_discrete::EulerDiscreteConfig;
 pub use scheduling_flow_match_euler_discrete::FlowMatchEulerDiscreteConfig;
+pub use scheduling_pndm::PndmConfig;

@@ -13,6 +13,7 @@ use crate::scheduling_ddim::{DdimStep, DdimTables};
 use crate::scheduling_dpmsolver_multistep::{DpmSolverStep, DpmSolverTables};
 use crate::scheduling_euler_discrete::{EulerStep, EulerTables};
 use crate::scheduling_flow_match_euler_discrete::{FlowMatchStep, FlowMatchTables};
+use crate::scheduling_pndm::{PndmStep, PndmTables};
 
 /// A scheduler: its validated config and the training-timestep tables diffusers computes in
 /// `__init__` (betas, `alphas_cumprod`, training sigmas).
@@ -30,6 +31,7 @@ enum Tables {
     Ddim(DdimTables),
     Euler(EulerTables),
     FlowMatch(FlowMatchTables),
+    Pndm(PndmTables),
 }
 
 impl Scheduler {
@@ -43,6 +45,7 @@ impl Scheduler {
             SchedulerConfig::FlowMatchEulerDiscrete(c) => {
                 Tables::FlowMatch(FlowMatchTables::new(c))
             }
+            SchedulerConfig::Pndm(c) => Tables::Pndm(PndmTables::new(c)),
         };
         Ok(Self { config, tables })
     }
@@ -74,6 +77,7 @@ impl Scheduler {
             Tables::DpmSolver(t) => Some(&t.alphas_cumprod),
             Tables::Ddim(t) => Some(&t.alphas_cumprod),
             Tables::Euler(t) => Some(&t.alphas_cumprod),
+            Tables::Pndm(t) => Some(&t.alphas_cumprod),
             Tables::FlowMatch(_) => None,
         }
     }
@@ -99,6 +103,9 @@ impl Scheduler {
             (SchedulerConfig::FlowMatchEulerDiscrete(c), Tables::FlowMatch(t)) => {
                 t.set_timesteps(c, num_inference_steps)
             }
+            (SchedulerConfig::Pndm(c), Tables::Pndm(t)) => {
+                t.set_timesteps(c, num_inference_steps)?
+            }
             _ => unreachable!("tables are built from the config they sit beside"),
         })
     }
@@ -109,6 +116,7 @@ impl Scheduler {
             SchedulerConfig::Ddim(c) => c.num_train_timesteps,
             SchedulerConfig::EulerDiscrete(c) => c.num_train_timesteps,
             SchedulerConfig::FlowMatchEulerDiscrete(c) => c.num_train_timesteps,
+            SchedulerConfig::Pndm(c) => c.num_train_timesteps,
         }
     }
 }
@@ -116,7 +124,7 @@ impl Scheduler {
 /// The element type diffusers gives `scheduler.timesteps`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimestepDType {
-    /// `torch.int64` (DDIM, DPM-Solver): every timestep is an integer.
+    /// `torch.int64` (DDIM, DPM-Solver, PNDM): every timestep is an integer.
     Int64,
     /// `torch.float32` (Euler, flow matching): timesteps may be fractional.
     Float32,
@@ -158,6 +166,7 @@ pub(crate) enum StepRule {
     Ddim(DdimStep),
     Euler(EulerStep),
     FlowMatch(FlowMatchStep),
+    Pndm(PndmStep),
 }
 
 impl Schedule {
@@ -166,7 +175,9 @@ impl Schedule {
         self.class
     }
 
-    /// The number of inference steps.
+    /// The number of steps (diffusers' `len(scheduler.timesteps)`): `num_inference_steps` for
+    /// most schedulers, more for PNDM (`n + 1` with `skip_prk_steps`, `n + 9` with its
+    /// Runge-Kutta warm-up), whose timesteps repeat.
     pub fn len(&self) -> usize {
         self.timesteps.len()
     }
@@ -196,7 +207,7 @@ impl Schedule {
         self.timestep_dtype
     }
 
-    /// The timesteps as integers, where diffusers holds them as `int64` (DDIM, DPM-Solver);
+    /// The timesteps as integers, where diffusers holds them as `int64` (DDIM, DPM-Solver, PNDM);
     /// `None` for float32 timesteps (Euler, flow matching), even when they happen to be whole.
     pub fn timesteps_i64(&self) -> Option<Vec<i64>> {
         match self.timestep_dtype {
@@ -206,14 +217,14 @@ impl Schedule {
     }
 
     /// Diffusers' `scheduler.sigmas` after `set_timesteps`: `len() + 1` float32 values, the last
-    /// one the sigma after the final step. `None` for DDIM, which has none.
+    /// one the sigma after the final step. `None` for DDIM and PNDM, which have none.
     pub fn sigmas(&self) -> Option<&[f32]> {
         self.sigmas.as_deref()
     }
 
     /// The standard deviation of the initial noise: multiply unit Gaussian noise by it.
     ///
-    /// 1 for DDIM and DPM-Solver; for Euler the largest sigma (or `sqrt(σmax² + 1)` with
+    /// 1 for DDIM, DPM-Solver and PNDM; for Euler the largest sigma (or `sqrt(σmax² + 1)` with
     /// `"leading"` spacing), computed in float32 as diffusers does; 1 for flow matching, which
     /// has no such attribute in diffusers (its pipelines do not scale the noise).
     pub fn init_noise_sigma(&self) -> f32 {
@@ -228,6 +239,9 @@ impl Schedule {
             next_step: None,
             model_outputs: Vec::new(),
             lower_order_nums: 0,
+            steps_taken: 0,
+            cur_sample: None,
+            cur_model_output: None,
         }
     }
 
@@ -249,7 +263,10 @@ impl Schedule {
                 let sigma = self.sigma(step_index);
                 EulerStep::scale_model_input(sample, sigma)
             }
-            StepRule::DpmSolver(_) | StepRule::Ddim(_) | StepRule::FlowMatch(_) => sample,
+            StepRule::DpmSolver(_)
+            | StepRule::Ddim(_)
+            | StepRule::FlowMatch(_)
+            | StepRule::Pndm(_) => sample,
         })
     }
 
@@ -257,10 +274,13 @@ impl Schedule {
     /// `model_output` there, the sample at the next timestep (diffusers' `step(...).prev_sample`).
     ///
     /// `state` carries what a multistep solver remembers between steps (DPM-Solver's previous
-    /// data predictions); it must have been made by this schedule, and steps must come in order
-    /// (`step_index` one more than the last one this state took; the first may be any index, as
-    /// with diffusers' `set_begin_index`). Every operation is elementwise, so stepping the rows
-    /// of a region with its own state gives exactly those rows of the whole-image step.
+    /// data predictions, PNDM's previous model outputs, counter and saved sample); it must have
+    /// been made by this schedule, and steps must come in order (`step_index` one more than the
+    /// last one this state took; the first may be any index, as with diffusers'
+    /// `set_begin_index`; PNDM, which has no begin index, counts its steps from the state's
+    /// first one, as diffusers' `counter` does when a pipeline starts part-way). Every
+    /// operation is elementwise, so stepping the rows of a region with its own state gives
+    /// exactly those rows of the whole-image step.
     ///
     /// # Errors
     /// [`SchedulerError::StepOutOfRange`] if `step_index >= self.len()`;
@@ -299,7 +319,12 @@ impl Schedule {
             });
         }
         let shape = sample.dims().to_vec();
-        let history = state.model_outputs.iter().map(|t| ("the state's history", t.dims()));
+        let history = state
+            .model_outputs
+            .iter()
+            .chain(&state.cur_sample)
+            .chain(&state.cur_model_output)
+            .map(|t| ("the state's history", t.dims()));
         for (what, got) in std::iter::once(("model_output", model_output.dims())).chain(history) {
             if got[..] != shape[..] {
                 return Err(SchedulerError::Shape {
@@ -322,8 +347,10 @@ impl Schedule {
             StepRule::FlowMatch(rule) => {
                 rule.step(self.sigma(step_index), self.sigma(step_index + 1), model_output, sample)
             }
+            StepRule::Pndm(rule) => rule.step(state, step_index, model_output, sample)?,
         };
         state.next_step = Some(step_index + 1);
+        state.steps_taken += 1;
         Ok(prev)
     }
 
@@ -345,8 +372,10 @@ impl Schedule {
 }
 
 /// What one image, or one region of an image, carries from step to step: the index of the next
-/// step and, for DPM-Solver, its previous data predictions (`model_outputs`) and how many
-/// lower-order warm-up steps it has taken (`lower_order_nums`).
+/// step, how many steps it has taken and, for DPM-Solver, its previous data predictions
+/// (`model_outputs`) and how many lower-order warm-up steps it has taken (`lower_order_nums`);
+/// for PNDM, its previous model outputs (diffusers' `ets`), the sample it restarts from
+/// (`cur_sample`) and its running Runge-Kutta sum (`cur_model_output`).
 ///
 /// Made by [`Schedule::new_state`]. PipeFusion steps each patch on its last stage with the
 /// patch's own state; cloning a state forks the history.
@@ -354,9 +383,16 @@ impl Schedule {
 pub struct SchedulerState<B: Backend, const D: usize = 4> {
     pub(crate) schedule_len: usize,
     pub(crate) next_step: Option<usize>,
-    /// Previous data predictions, oldest first; at most `solver_order` of them.
+    /// DPM-Solver: previous data predictions, oldest first, at most `solver_order` of them.
+    /// PNDM: diffusers' `ets`, previous model outputs, oldest first, at most 4.
     pub(crate) model_outputs: Vec<Tensor<B, D>>,
     pub(crate) lower_order_nums: usize,
+    /// Steps taken since the state was made or reset: PNDM's `counter`.
+    pub(crate) steps_taken: usize,
+    /// PNDM's `cur_sample`: the sample a Runge-Kutta group, or PLMS's second step, starts from.
+    pub(crate) cur_sample: Option<Tensor<B, D>>,
+    /// PNDM's `cur_model_output`: the Runge-Kutta weighted sum so far (`None` is diffusers' 0).
+    pub(crate) cur_model_output: Option<Tensor<B, D>>,
 }
 
 impl<B: Backend, const D: usize> SchedulerState<B, D> {
@@ -371,7 +407,14 @@ impl<B: Backend, const D: usize> SchedulerState<B, D> {
         self.lower_order_nums
     }
 
-    /// How many previous data predictions the state holds (DPM-Solver; 0 otherwise).
+    /// How many steps this state has taken since it was made or reset (diffusers' `counter`
+    /// for PNDM, whose step rule follows it).
+    pub fn steps_taken(&self) -> usize {
+        self.steps_taken
+    }
+
+    /// How many previous model outputs the state holds: DPM-Solver's data predictions, PNDM's
+    /// `ets`; 0 for the single-step schedulers.
     pub fn history_len(&self) -> usize {
         self.model_outputs.len()
     }
@@ -381,6 +424,9 @@ impl<B: Backend, const D: usize> SchedulerState<B, D> {
     /// rows equals stepping this state on the whole sample — what a pipeline needs when it
     /// moves from whole-latent steps to per-patch steps (PipeFusion after its warmup).
     pub fn narrow(&self, dim: usize, range: std::ops::Range<usize>) -> Self {
+        let narrow_opt = |t: &Option<Tensor<B, D>>| {
+            t.as_ref().map(|t| t.clone().narrow(dim, range.start, range.len()))
+        };
         SchedulerState {
             schedule_len: self.schedule_len,
             next_step: self.next_step,
@@ -390,6 +436,9 @@ impl<B: Backend, const D: usize> SchedulerState<B, D> {
                 .map(|t| t.clone().narrow(dim, range.start, range.len()))
                 .collect(),
             lower_order_nums: self.lower_order_nums,
+            steps_taken: self.steps_taken,
+            cur_sample: narrow_opt(&self.cur_sample),
+            cur_model_output: narrow_opt(&self.cur_model_output),
         }
     }
 
@@ -398,5 +447,8 @@ impl<B: Backend, const D: usize> SchedulerState<B, D> {
         self.next_step = None;
         self.model_outputs.clear();
         self.lower_order_nums = 0;
+        self.steps_taken = 0;
+        self.cur_sample = None;
+        self.cur_model_output = None;
     }
 }

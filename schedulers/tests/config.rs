@@ -146,12 +146,15 @@ fn values_of_the_wrong_type_name_the_key() {
 
 #[test]
 fn unknown_or_missing_class_is_refused() {
-    let e = err(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#);
+    let e = err(r#"{"_class_name": "LMSDiscreteScheduler", "use_karras_sigmas": false}"#);
     assert_eq!(
         e.to_string(),
-        "unknown scheduler class `PNDMScheduler`; known classes: DPMSolverMultistepScheduler, \
-         DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler"
+        "unknown scheduler class `LMSDiscreteScheduler`; known classes: \
+         DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, \
+         FlowMatchEulerDiscreteScheduler, PNDMScheduler"
     );
+    let SchedulerError::UnknownClass { known, .. } = &e else { panic!("{e}") };
+    assert_eq!(*known, SchedulerConfig::KNOWN_CLASSES.join(", "));
     assert!(matches!(err(r#"{"beta_start": 0.1}"#), SchedulerError::MissingClassName { .. }));
     assert!(matches!(err("[1, 2]"), SchedulerError::Json { .. }));
     assert!(matches!(err("{not json"), SchedulerError::Json { .. }));
@@ -195,6 +198,10 @@ fn a_config_of_another_class_can_be_read_as_a_chosen_class() {
     )
     .unwrap();
     assert_eq!(as_ddim, saved);
-    let e = SchedulerConfig::from_json_as("PNDMScheduler", pndm).unwrap_err();
+    // Read as its own class, the config is SD 1.5's PNDM config (`clip_sample` ignored).
+    let as_pndm = SchedulerConfig::from_json_as("PNDMScheduler", pndm).unwrap();
+    assert_eq!(as_pndm, SchedulerConfig::from_json(pndm).unwrap());
+    assert_eq!(as_pndm, SchedulerConfig::Pndm(schedulers::PndmConfig::stable_diffusion_v1_5()));
+    let e = SchedulerConfig::from_json_as("LMSDiscreteScheduler", pndm).unwrap_err();
     assert!(matches!(e, SchedulerError::UnknownClass { .. }), "{e}");
 }

@@ -62,8 +62,8 @@ use parallel_core::attention::sdpa;
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc,
-    NoOptions, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy, Pending,
-    Reference, Registry, RequestInfo, Result, Seams, Serial, StepKind, StrategyConfig,
+    ModelFamily, NoOptions, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy,
+    Pending, Reference, Registry, RequestInfo, Result, Seams, Serial, StepKind, StrategyConfig,
     StrategyInfo, StrategyOptions, SuiteCase,
 };
 
@@ -304,6 +304,11 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        model.require_family(
+            NAME,
+            ModelFamily::Dit,
+            "stale conv halos and group-norm statistics of a U-Net are not implemented yet",
+        )?;
         row_partition(NAME, model, request.grid, self.world.size()).map(|_| ())
     }
 

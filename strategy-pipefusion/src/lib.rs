@@ -63,9 +63,9 @@ use parallel_core::attention::sdpa;
 use parallel_core::split::balanced;
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
-    LoadPlan, ModelDesc, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy,
-    PendingSend, Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser, StepKind,
-    StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag,
+    LoadPlan, ModelDesc, ModelFamily, OpKind, OptionInfo, OptionValue, ParallelError,
+    ParallelStrategy, PendingSend, Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser,
+    StepKind, StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
 
 /// The registered name.
@@ -512,6 +512,11 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        model.require_family(
+            NAME,
+            ModelFamily::Dit,
+            "it pipelines a stack of equal transformer blocks",
+        )?;
         self.stages(model)?;
         self.patch_rows(model, request)?;
         Ok(())
@@ -728,6 +733,7 @@ mod tests {
             cross_attention: true,
             row_granularity: 2,
             sample_size: 16,
+            heads_per_level: vec![4],
         }
     }
 

@@ -82,6 +82,7 @@
 //!     class_name: "Mixer".into(), family: ModelFamily::Dit, num_layers: 1, num_heads: 1,
 //!     head_dim: 4, hidden_size: 4, ff_inner: 4, patch_size: 1, in_channels: 4,
 //!     out_channels: 4, cross_attention: false, row_granularity: 1, sample_size: 8,
+//!     heads_per_level: vec![1],
 //! };
 //! let latents = Tensor::<B, 4>::random([1, 4, 8, 8], Distribution::Normal(0.0, 1.0), &Default::default());
 //! let input = |x: &Tensor<B, 4>| DenoiserInput::new(x.clone(), Tensor::zeros([1], &x.device()));
@@ -121,8 +122,8 @@ use parallel_core::attention::{merge_partial, sdpa_with_lse};
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc,
-    NoOptions, OpKind, ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind,
-    StrategyInfo, StrategyOptions, SuiteCase, Tag,
+    ModelFamily, NoOptions, OpKind, ParallelStrategy, Reference, Registry, RequestInfo, Result,
+    Seams, StepKind, StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
 
 /// The registered name.
@@ -284,6 +285,11 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        model.require_family(
+            NAME,
+            ModelFamily::Dit,
+            "it passes K/V blocks of a stack of transformer blocks round a ring",
+        )?;
         row_partition(NAME, model, request.grid, self.world.size()).map(|_| ())
     }
 

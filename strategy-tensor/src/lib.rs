@@ -106,12 +106,11 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
         let n = self.world.size();
         let unsupported =
             |reason: String| ParallelError::Unsupported { strategy: NAME.into(), reason };
-        if model.family != ModelFamily::Dit {
-            return Err(unsupported(format!(
-                "{} is a {}; tensor parallelism needs a DiT",
-                model.class_name, model.family
-            )));
-        }
+        model.require_family(
+            NAME,
+            ModelFamily::Dit,
+            "U-Net tensor parallelism (sharded convolutions) is not implemented yet",
+        )?;
         if !model.num_heads.is_multiple_of(n) {
             return Err(unsupported(format!(
                 "{} has {} attention heads, not divisible by {n} ranks; use a world size that \

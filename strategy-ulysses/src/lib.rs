@@ -44,9 +44,9 @@ use parallel_core::attention::sdpa;
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
     AttentionSite, Axis, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, Mesh,
-    ModelDesc, NoOptions, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy,
-    Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig, StrategyInfo,
-    StrategyOptions, SuiteCase,
+    ModelDesc, ModelFamily, NoOptions, OpKind, OptionInfo, OptionValue, ParallelError,
+    ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig,
+    StrategyInfo, StrategyOptions, SuiteCase,
 };
 pub use strategy_ring::RingAttention;
 
@@ -295,6 +295,11 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        model.require_family(
+            self.name,
+            ModelFamily::Dit,
+            "it splits the attention heads of a stack of transformer blocks",
+        )?;
         let u = self.ulysses_degree();
         if !model.num_heads.is_multiple_of(u) {
             let divisors: Vec<String> = (1..=model.num_heads)
