@@ -37,16 +37,46 @@ pub enum TextError {
         /// What is supported instead.
         reason: String,
     },
-    /// `tokenizer.json` could not be loaded by the `tokenizers` crate.
+    /// A tokenizer file could not be loaded: malformed JSON or protobuf, a value of the wrong
+    /// type, or a definition the `tokenizers` crate rejects.
     #[error("{path}: cannot load tokenizer: {message}")]
     TokenizerLoad {
         /// The tokenizer file.
         path: PathBuf,
-        /// The `tokenizers` crate's message.
+        /// What is wrong (the `tokenizers` crate's message, or the key or byte at fault).
         message: String,
     },
+    /// A folder holds none of the tokenizer files.
+    #[error("no tokenizer in {dir}: looked for {looked_for}")]
+    NoTokenizer {
+        /// The folder.
+        dir: PathBuf,
+        /// The files looked for.
+        looked_for: &'static str,
+    },
+    /// The folder's tokenizer is of a class this crate does not build.
+    #[error("{path}: unsupported tokenizer {class}: only CLIPTokenizer and T5Tokenizer are built")]
+    UnsupportedTokenizer {
+        /// The file naming the class (`tokenizer_config.json` or `tokenizer.json`).
+        path: PathBuf,
+        /// The class or model found.
+        class: String,
+    },
+    /// A line of `merges.txt` is not a merge of two vocabulary tokens.
+    #[error("{path}, line {line}: bad merge: {reason}")]
+    BadMerges {
+        /// The merges file.
+        path: PathBuf,
+        /// The line, counted from 1 (the `#version` line included).
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The tokenizer lacks a special token the pipeline needs.
-    #[error("the tokenizer has no `{token}` token (T5 tokenizers define `<pad>` and `</s>`)")]
+    #[error(
+        "the tokenizer has no `{token}` token (T5 tokenizers define `<pad>` and `</s>`, CLIP \
+         tokenizers `<|startoftext|>` and `<|endoftext|>`)"
+    )]
     MissingSpecialToken {
         /// The token, e.g. `<pad>`.
         token: String,
@@ -81,9 +111,20 @@ pub enum TextError {
         /// `vocab_size` of the text encoder.
         vocab_size: usize,
     },
+    /// A sequence the text encoder cannot take: empty, or longer than its position table.
+    #[error(
+        "a sequence of {length} tokens: the text encoder takes 1 to {max_position_embeddings} \
+         (`max_position_embeddings`)"
+    )]
+    SequenceLength {
+        /// The sequence length given.
+        length: usize,
+        /// The encoder's `max_position_embeddings`.
+        max_position_embeddings: usize,
+    },
     /// Loading the weights failed (missing or unused key, wrong shape, unreadable or pickle
     /// file); the inner error names the key or the file.
-    #[error("loading T5 weights: {0}")]
+    #[error("loading text-encoder weights: {0}")]
     Weights(#[from] weights::WeightError),
 }
 

@@ -1,22 +1,36 @@
-//! The tokenization step of the PixArt pipelines: preprocess, tokenize, truncate and pad
-//! (see [`PromptTokenizer`]).
+//! The tokenization step of the PixArt and Stable Diffusion pipelines: preprocess, tokenize,
+//! truncate and pad (see [`PromptTokenizer`]), with the tokenizer built from whatever files the
+//! folder holds.
 
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
 use tokenizers::{
     PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
     TruncationParams, TruncationStrategy,
 };
 
 use crate::error::{Result, TextError};
+use crate::sentencepiece_model::SentencePieceModel;
+use crate::tokenization_clip::{ClipBpe, build_clip_tokenizer, clip_decoded_text};
+use crate::tokenization_t5::{T5Source, build_t5_tokenizer};
+use crate::tokenizer_config::{SpecialTokens, TokenizerConfigFiles};
 
 /// Maximum sequence length of PixArt-α's text encoding (`max_sequence_length` default).
 pub const PIXART_ALPHA_MAX_LENGTH: usize = 120;
 /// Maximum sequence length of PixArt-Σ's text encoding (`max_sequence_length` default).
 pub const PIXART_SIGMA_MAX_LENGTH: usize = 300;
 
+/// The sequence length of the SD pipelines' CLIP tokenizers (`model_max_length` in their
+/// `tokenizer_config.json`; CLIP's position table has 77 rows).
+pub const CLIP_MAX_LENGTH: usize = 77;
+
 /// T5's padding token.
 pub const PAD_TOKEN: &str = "<pad>";
+
+/// The files [`PromptTokenizer::from_dir`] looks for, in its order of preference.
+pub const TOKENIZER_FILES: &str =
+    "tokenizer.json, or vocab.json + merges.txt (CLIP), or spiece.model (T5)";
 
 /// PixArt's `_text_preprocessing(text, clean_caption=False)`: Python's `text.lower().strip()`.
 ///
@@ -46,19 +60,45 @@ pub fn clean_up_tokenization(text: &str) -> String {
         .replace(" 're", "'re")
 }
 
+/// Which tokenizer a folder holds, and so which pipeline's conventions
+/// [`PromptTokenizer::tokenize`] follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// T5 (`T5Tokenizer`, a SentencePiece Unigram), as the PixArt pipelines call it: the prompt
+    /// lowercased and stripped first, `</s>` appended, padded with `<pad>`.
+    T5,
+    /// CLIP (`CLIPTokenizer`, a byte-level BPE), as the Stable Diffusion pipelines call it: the
+    /// prompt as it is, `<|startoftext|> … <|endoftext|>`, padded with the folder's pad token to
+    /// `model_max_length` (77).
+    Clip,
+}
+
+impl TokenizerKind {
+    /// The encoder's name as diffusers writes it in its truncation warning.
+    pub fn encoder_name(self) -> &'static str {
+        match self {
+            TokenizerKind::T5 => "T5",
+            TokenizerKind::Clip => "CLIP",
+        }
+    }
+}
+
 /// What was cut from one prompt that did not fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Truncation {
     /// Index of the prompt in the batch.
     pub index: usize,
-    /// Number of tokens (with `</s>`) before truncation.
+    /// Number of tokens (with the special tokens) before truncation.
     pub num_tokens_untruncated: usize,
     /// The cut-off tokens decoded, as diffusers logs them: ids
-    /// `untruncated[max_length − 1 .. len − 1]` (the final `</s>` excluded), decoded with
-    /// special tokens kept and tokenization spaces cleaned up.
+    /// `untruncated[max_length − 1 .. len − 1]` (the final eos excluded), decoded with
+    /// special tokens kept, as the tokenizer decodes (T5: tokenization spaces cleaned up when
+    /// `clean_up_tokenization_spaces`; CLIP: `</w>` as spaces, stripped).
     pub removed_text: String,
     /// The maximum length that was applied.
     pub max_length: usize,
+    /// The tokenizer's kind (the warning names the encoder).
+    pub kind: TokenizerKind,
 }
 
 impl Truncation {
@@ -66,8 +106,9 @@ impl Truncation {
     /// part in a Python list repr).
     pub fn message(&self) -> String {
         format!(
-            "The following part of your input was truncated because T5 can only handle \
+            "The following part of your input was truncated because {} can only handle \
              sequences up to {} tokens: [{}]",
+            self.kind.encoder_name(),
             self.max_length,
             python_str_repr(&self.removed_text)
         )
@@ -105,7 +146,7 @@ fn python_str_repr(s: &str) -> String {
 pub struct TokenizedPrompts {
     /// `[batch][max_length]` token ids.
     pub input_ids: Vec<Vec<u32>>,
-    /// `[batch][max_length]`: 1 on real tokens (including a `<pad>` or `</s>` typed in the
+    /// `[batch][max_length]`: 1 on real tokens (including special tokens typed in the
     /// prompt), 0 on padding.
     pub attention_mask: Vec<Vec<u32>>,
     /// One entry per prompt that was longer than `max_length`.
@@ -131,8 +172,10 @@ impl TokenizedPrompts {
     }
 }
 
-/// A T5 tokenizer (`tokenizer.json`) set up the way the PixArt pipelines call it: padding
-/// and truncation to a fixed `max_length`, `</s>` appended by the file's post-processor.
+/// A tokenizer set up the way the diffusion pipelines call it: padding and truncation to a
+/// fixed `max_length`, the special tokens added by the post-processor.
+///
+/// # T5 (PixArt)
 ///
 /// `PixArtAlphaPipeline.encode_prompt` (and PixArt-Σ's, which is the same) does, with
 /// `clean_caption=False`:
@@ -144,34 +187,57 @@ impl TokenizedPrompts {
 ///    real tokens ([`PromptTokenizer::tokenize`]); `L` = 120 for PixArt-α, 300 for PixArt-Σ;
 /// 3. a warning naming the cut-off text when a prompt was longer than `L`.
 ///
-/// # Which tokenizer definition is used
+/// # CLIP (Stable Diffusion 1.x/2.x, SDXL)
 ///
-/// transformers 5's `T5Tokenizer` ignores the normalizer, pre-tokenizer and decoder stored in
-/// `tokenizer.json` and rebuilds them from the vocabulary (a `Precompiled` charsmap if there
-/// is one, `WhitespaceSplit` + `Metaspace`). This crate loads `tokenizer.json` with the
-/// `tokenizers` crate as it is, so it agrees with transformers only for files whose stored
-/// pipeline is the rebuilt one — true for the fixture, whose file was built to match and is
-/// checked id for id (`tests/tokenizer.rs`), and for the `tokenizer.json` that transformers 5
-/// writes when it saves a T5 tokenizer (it saves its rebuilt backend). A checkpoint that ships
-/// only `spiece.model` needs a `tokenizer.json` made once that way.
+/// `StableDiffusionPipeline.encode_prompt` (SDXL's, for each of its two tokenizers) does
+/// `tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+/// truncation=True)`: no preprocessing, `<|startoftext|>` first and `<|endoftext|>` last (kept
+/// when cut: 75 text tokens at most), padded with the folder's pad token (`<|endoftext|>` in SD
+/// 1.5, `!` = id 0 in SD 2.x and SDXL's `tokenizer_2`); the same warning when a prompt was cut.
+/// [`PromptTokenizer::clip_from_dir`] takes `max_length` from the folder.
+///
+/// # Which files, and which tokenizer definition
+///
+/// [`PromptTokenizer::from_dir`] reads the folder as transformers 5.24's
+/// `AutoTokenizer.from_pretrained` does: `tokenizer_config.json`'s `tokenizer_class` picks
+/// CLIP or T5 (without it, the files do: a BPE `tokenizer.json` or `vocab.json` + `merges.txt`
+/// mean CLIP, a Unigram `tokenizer.json` or `spiece.model` mean T5); the vocabulary comes from
+/// `tokenizer.json` when there is one, else from the slow files; and the normalizer,
+/// pre-tokenizer, post-processor and decoder are **rebuilt** as transformers' `CLIPTokenizer` /
+/// `T5Tokenizer` build them (see `tokenization_clip.rs`, `tokenization_t5.rs`), ignoring those
+/// stored in `tokenizer.json`, with the special and added tokens of the configuration files
+/// resolved as transformers resolves them (`tokenizer_config.rs`). So any folder that loads in
+/// transformers gives its ids. Checked id for id against transformers 5.24 on the fixtures
+/// (`tests/tokenizer.rs`, `tests/tokenizer_files.rs`).
+///
+/// [`PromptTokenizer::from_file`] loads one `tokenizer.json` as it is (T5, for files whose
+/// stored pipeline is transformers' own, such as those transformers 5 writes).
 ///
 /// # The truncation warning
 ///
 /// diffusers logs `"The following part of your input was truncated because T5 can only
-/// handle sequences up to {L} tokens: {removed}"`. Here the tokenizer **returns** what was cut
-/// ([`Truncation`], in [`TokenizedPrompts::truncations`]) so that the pipeline or a test can
-/// see it, and [`encode_prompts`](crate::encode_prompts) emits it with `log::warn!` (target
-/// `models_text::encode`), one line per truncated prompt. diffusers decodes the cut-off part of the
-/// whole batch at once (so a shorter prompt in the same batch shows as a run of `<pad>`);
-/// here each prompt reports its own part only.
+/// handle sequences up to {L} tokens: {removed}"` (`CLIP` for the SD pipelines). Here the
+/// tokenizer **returns** what was cut ([`Truncation`], in [`TokenizedPrompts::truncations`]) so
+/// that the pipeline or a test can see it, and [`encode_prompts`](crate::encode_prompts) emits
+/// it with `log::warn!` (target `models_text::encode`), one line per truncated prompt. diffusers
+/// decodes the cut-off part of the whole batch at once (so a shorter prompt in the same batch
+/// shows as a run of padding); here each prompt reports its own part only.
 #[derive(Clone)]
 pub struct PromptTokenizer {
-    /// The file as loaded, with no truncation or padding (to measure what gets cut).
+    /// The tokenizer as built, with no truncation or padding (to measure what gets cut).
     plain: Tokenizer,
     /// The same with truncation and padding to `max_length`.
     fixed: Tokenizer,
     max_length: usize,
+    kind: TokenizerKind,
+    pad_token: String,
     pad_id: u32,
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+    model_max_length: Option<usize>,
+    /// Whether the removed text is cleaned up (`clean_up_tokenization_spaces`, and for CLIP
+    /// also transformers' BPE override).
+    clean_up: bool,
     path: PathBuf,
 }
 
@@ -179,15 +245,47 @@ impl std::fmt::Debug for PromptTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PromptTokenizer")
             .field("path", &self.path)
+            .field("kind", &self.kind)
             .field("max_length", &self.max_length)
+            .field("pad_token", &self.pad_token)
             .field("pad_id", &self.pad_id)
             .finish_non_exhaustive()
     }
 }
 
+/// The settings a tokenizer is wrapped with, besides the tokenizer itself.
+struct Settings {
+    kind: TokenizerKind,
+    pad_token: String,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    model_max_length: Option<usize>,
+    clean_up: bool,
+}
+
+fn read_tokenizer_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| TextError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| TextError::TokenizerLoad { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// `tokenizer_class` → kind (`…Fast` names the same class in transformers 5).
+fn kind_of_class(class: &str, path: &Path) -> Result<TokenizerKind> {
+    match class.strip_suffix("Fast").unwrap_or(class) {
+        "CLIPTokenizer" => Ok(TokenizerKind::Clip),
+        "T5Tokenizer" => Ok(TokenizerKind::T5),
+        other => Err(TextError::UnsupportedTokenizer {
+            path: path.to_path_buf(),
+            class: other.to_string(),
+        }),
+    }
+}
+
 impl PromptTokenizer {
-    /// Loads `tokenizer.json` and pads/truncates to `max_length`
-    /// ([`PIXART_ALPHA_MAX_LENGTH`] or [`PIXART_SIGMA_MAX_LENGTH`]).
+    /// Loads one `tokenizer.json` as it is, as a T5 tokenizer, and pads/truncates to
+    /// `max_length` ([`PIXART_ALPHA_MAX_LENGTH`] or [`PIXART_SIGMA_MAX_LENGTH`]); the removed
+    /// text of a truncation is cleaned up as T5's configuration asks.
     ///
     /// Errors: the file is missing or unreadable ([`TextError::Io`]), the `tokenizers` crate
     /// rejects it ([`TextError::TokenizerLoad`]), it has no `<pad>` token
@@ -201,24 +299,153 @@ impl PromptTokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Self::from_tokenizer(plain, max_length, path.to_path_buf())
+        let settings = Settings {
+            kind: TokenizerKind::T5,
+            pad_token: PAD_TOKEN.into(),
+            bos_token: None,
+            eos_token: Some("</s>".into()),
+            model_max_length: None,
+            clean_up: true,
+        };
+        Self::from_tokenizer(plain, max_length, path.to_path_buf(), settings)
     }
 
-    /// Loads `<dir>/tokenizer.json`, e.g. the `tokenizer/` folder of a diffusers pipeline.
+    /// Loads the tokenizer of a folder (e.g. a diffusers pipeline's `tokenizer/`), CLIP or
+    /// T5, from `tokenizer.json` or the slow files, exactly as transformers 5.24 would (see
+    /// [`PromptTokenizer`]), padded and cut to `max_length`.
+    ///
+    /// # Errors
+    /// [`TextError::NoTokenizer`] naming the folder and the files looked for when it has none
+    /// of them; [`TextError::UnsupportedTokenizer`] for a `tokenizer_class` other than CLIP's
+    /// or T5's; [`TextError::Io`] naming a missing half (`merges.txt` beside `vocab.json`);
+    /// [`TextError::BadMerges`] naming the line of a bad merge; [`TextError::TokenizerLoad`]
+    /// naming the file for anything else malformed; `max_length` 0.
     pub fn from_dir(dir: impl AsRef<Path>, max_length: usize) -> Result<Self> {
-        Self::from_file(dir.as_ref().join("tokenizer.json"), max_length)
+        let dir = dir.as_ref();
+        let files = TokenizerConfigFiles::read(dir)?;
+        let json_path = dir.join("tokenizer.json");
+        let (vocab_path, merges_path) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let spiece_path = dir.join("spiece.model");
+        let json = if json_path.is_file() { Some(read_tokenizer_json(&json_path)?) } else { None };
+        let kind = match files.tokenizer_class() {
+            Some(class) => kind_of_class(class, &files.config_path)?,
+            None => match &json {
+                Some(j) => match j.pointer("/model/type").and_then(Value::as_str) {
+                    Some("BPE") => TokenizerKind::Clip,
+                    Some("Unigram") => TokenizerKind::T5,
+                    other => {
+                        return Err(TextError::UnsupportedTokenizer {
+                            path: json_path,
+                            class: format!("a {} model", other.unwrap_or("model without type")),
+                        });
+                    }
+                },
+                None if vocab_path.is_file() || merges_path.is_file() => TokenizerKind::Clip,
+                None if spiece_path.is_file() => TokenizerKind::T5,
+                None => {
+                    return Err(TextError::NoTokenizer {
+                        dir: dir.to_path_buf(),
+                        looked_for: TOKENIZER_FILES,
+                    });
+                }
+            },
+        };
+        let added = json.as_ref().and_then(|j| j.get("added_tokens")).and_then(Value::as_array);
+        let mut specials =
+            SpecialTokens::resolve(&files, added.map(|a| (json_path.as_path(), a.as_slice())))?;
+        let (tokenizer, source) = match kind {
+            TokenizerKind::Clip => {
+                let (bpe, source) = match &json {
+                    Some(j) => (ClipBpe::from_tokenizer_json(j, &json_path)?, json_path.clone()),
+                    None if vocab_path.is_file() || merges_path.is_file() => {
+                        (ClipBpe::from_files(&vocab_path, &merges_path)?, vocab_path.clone())
+                    }
+                    None => {
+                        return Err(TextError::NoTokenizer {
+                            dir: dir.to_path_buf(),
+                            looked_for: "tokenizer.json, or vocab.json + merges.txt (CLIP)",
+                        });
+                    }
+                };
+                (build_clip_tokenizer(bpe, &mut specials, &source)?, source)
+            }
+            TokenizerKind::T5 => {
+                let extra_ids = files.integer("extra_ids")?.unwrap_or(100);
+                let (t5, source) = match &json {
+                    Some(j) => (
+                        T5Source::from_tokenizer_json(j, &json_path, &specials)?,
+                        json_path.clone(),
+                    ),
+                    None if spiece_path.is_file() => {
+                        let model = SentencePieceModel::from_file(&spiece_path)?;
+                        (
+                            T5Source::from_spiece(&model, extra_ids, &spiece_path)?,
+                            spiece_path.clone(),
+                        )
+                    }
+                    None => {
+                        return Err(TextError::NoTokenizer {
+                            dir: dir.to_path_buf(),
+                            looked_for: "tokenizer.json, or spiece.model (T5)",
+                        });
+                    }
+                };
+                (build_t5_tokenizer(t5, &mut specials, extra_ids, &source)?, source)
+            }
+        };
+        let content = |key: &str| specials.get(key).map(|t| t.content().to_string());
+        let clean_up = files.clean_up_tokenization_spaces()
+            && (kind == TokenizerKind::T5 || files.clean_up_for_bpe());
+        let settings = Settings {
+            kind,
+            pad_token: content("pad_token").unwrap_or_else(|| PAD_TOKEN.into()),
+            bos_token: content("bos_token"),
+            eos_token: content("eos_token"),
+            model_max_length: files.model_max_length(),
+            clean_up,
+        };
+        Self::from_tokenizer(tokenizer, max_length, source, settings)
     }
 
-    fn from_tokenizer(mut plain: Tokenizer, max_length: usize, path: PathBuf) -> Result<Self> {
+    /// A CLIP tokenizer folder (SD's `tokenizer/`, SDXL's `tokenizer_2/`) padded and cut to its
+    /// `model_max_length` ([`CLIP_MAX_LENGTH`] when the folder does not say), as the SD
+    /// pipelines call it.
+    ///
+    /// # Errors
+    /// As [`PromptTokenizer::from_dir`]; [`TextError::UnsupportedTokenizer`] when the folder
+    /// holds a T5 tokenizer.
+    pub fn clip_from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let tok = Self::from_dir(dir, CLIP_MAX_LENGTH)?;
+        if tok.kind != TokenizerKind::Clip {
+            return Err(TextError::UnsupportedTokenizer {
+                path: dir.to_path_buf(),
+                class: "T5Tokenizer (a CLIP tokenizer was expected)".into(),
+            });
+        }
+        match tok.model_max_length {
+            Some(n) if n != CLIP_MAX_LENGTH => tok.with_max_length(n),
+            _ => Ok(tok),
+        }
+    }
+
+    fn from_tokenizer(
+        mut plain: Tokenizer,
+        max_length: usize,
+        path: PathBuf,
+        settings: Settings,
+    ) -> Result<Self> {
         if max_length == 0 {
             return Err(TextError::InvalidTokenizerSetting {
                 key: "max_length",
-                reason: "must be at least 1 (room for `</s>`)".into(),
+                reason: "must be at least 1 (room for the end-of-sequence token)".into(),
             });
         }
         let pad_id = plain
-            .token_to_id(PAD_TOKEN)
-            .ok_or_else(|| TextError::MissingSpecialToken { token: PAD_TOKEN.into() })?;
+            .token_to_id(&settings.pad_token)
+            .ok_or_else(|| TextError::MissingSpecialToken { token: settings.pad_token.clone() })?;
+        let bos_id = settings.bos_token.as_deref().and_then(|t| plain.token_to_id(t));
+        let eos_id = settings.eos_token.as_deref().and_then(|t| plain.token_to_id(t));
         // Whatever the file says about truncation and padding, the pipeline's call decides.
         plain.with_padding(None);
         plain
@@ -242,14 +469,38 @@ impl PromptTokenizer {
             pad_to_multiple_of: None,
             pad_id,
             pad_type_id: 0,
-            pad_token: PAD_TOKEN.into(),
+            pad_token: settings.pad_token.clone(),
         }));
-        Ok(Self { plain, fixed, max_length, pad_id, path })
+        Ok(Self {
+            plain,
+            fixed,
+            max_length,
+            kind: settings.kind,
+            pad_token: settings.pad_token,
+            pad_id,
+            bos_id,
+            eos_id,
+            model_max_length: settings.model_max_length,
+            clean_up: settings.clean_up,
+            path,
+        })
     }
 
     /// Returns the same tokenizer with another `max_length`.
     pub fn with_max_length(&self, max_length: usize) -> Result<Self> {
-        Self::from_tokenizer(self.plain.clone(), max_length, self.path.clone())
+        let settings = Settings {
+            kind: self.kind,
+            pad_token: self.pad_token.clone(),
+            bos_token: None,
+            eos_token: None,
+            model_max_length: self.model_max_length,
+            clean_up: self.clean_up,
+        };
+        let mut out =
+            Self::from_tokenizer(self.plain.clone(), max_length, self.path.clone(), settings)?;
+        out.bos_id = self.bos_id;
+        out.eos_id = self.eos_id;
+        Ok(out)
     }
 
     /// The length every tokenized row has.
@@ -257,18 +508,58 @@ impl PromptTokenizer {
         self.max_length
     }
 
-    /// The id of `<pad>`.
+    /// CLIP or T5.
+    pub fn kind(&self) -> TokenizerKind {
+        self.kind
+    }
+
+    /// `model_max_length` of `tokenizer_config.json`, if the folder has one (77 for SD's CLIP
+    /// tokenizers).
+    pub fn model_max_length(&self) -> Option<usize> {
+        self.model_max_length
+    }
+
+    /// The padding token (`<pad>` for T5; `<|endoftext|>` or `!` for CLIP).
+    pub fn pad_token(&self) -> &str {
+        &self.pad_token
+    }
+
+    /// The id of the padding token.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }
 
-    /// The underlying `tokenizers` tokenizer, as loaded (no padding, no truncation).
+    /// The id of the beginning-of-sequence token (`<|startoftext|>`; T5 has none).
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    /// The id of the end-of-sequence token (`</s>`, `<|endoftext|>`).
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
+    }
+
+    /// The file the vocabulary was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying `tokenizers` tokenizer, as built (no padding, no truncation).
     pub fn inner(&self) -> &Tokenizer {
         &self.plain
     }
 
-    /// Preprocesses ([`preprocess_prompt`]) and tokenizes each prompt, padded and cut to
-    /// `max_length`, and reports what was cut (see [`PromptTokenizer`]).
+    /// The pipeline's preprocessing of a prompt: [`preprocess_prompt`] for T5 (PixArt), none
+    /// for CLIP (the SD pipelines tokenize the prompt as given).
+    pub fn preprocess(&self, prompt: &str) -> String {
+        match self.kind {
+            TokenizerKind::T5 => preprocess_prompt(prompt),
+            TokenizerKind::Clip => prompt.to_string(),
+        }
+    }
+
+    /// Preprocesses ([`PromptTokenizer::preprocess`]) and tokenizes each prompt, padded and
+    /// cut to `max_length`, and reports what was cut (see [`PromptTokenizer`]).
     pub fn tokenize<S: AsRef<str>>(&self, prompts: &[S]) -> Result<TokenizedPrompts> {
         let mut out = TokenizedPrompts {
             input_ids: Vec::with_capacity(prompts.len()),
@@ -277,7 +568,7 @@ impl PromptTokenizer {
             max_length: self.max_length,
         };
         for (index, prompt) in prompts.iter().enumerate() {
-            let text = preprocess_prompt(prompt.as_ref());
+            let text = self.preprocess(prompt.as_ref());
             let err = |e: tokenizers::Error| TextError::Tokenize { index, message: e.to_string() };
             let enc = self.fixed.encode(text.as_str(), true).map_err(err)?;
             debug_assert_eq!(enc.get_ids().len(), self.max_length);
@@ -288,12 +579,19 @@ impl PromptTokenizer {
             // diffusers: warn when the untruncated ids are at least as long and differ.
             if ids.len() > self.max_length {
                 let removed = &ids[self.max_length - 1..ids.len() - 1];
-                let removed_text = self.plain.decode(removed, false).map_err(err)?;
+                let decoded = self.plain.decode(removed, false).map_err(err)?;
+                let decoded = match self.kind {
+                    TokenizerKind::T5 => decoded,
+                    TokenizerKind::Clip => clip_decoded_text(&decoded),
+                };
+                let removed_text =
+                    if self.clean_up { clean_up_tokenization(&decoded) } else { decoded };
                 out.truncations.push(Truncation {
                     index,
                     num_tokens_untruncated: ids.len(),
-                    removed_text: clean_up_tokenization(&removed_text),
+                    removed_text,
                     max_length: self.max_length,
+                    kind: self.kind,
                 });
             }
         }

@@ -112,10 +112,15 @@ fn sigma_length_pads_to_300() {
 #[test]
 fn missing_tokenizer_json_names_the_file() {
     let dir = common::scratch_dir("no-tokenizer");
-    let err = PromptTokenizer::from_dir(&dir, 120).unwrap_err();
+    let err = PromptTokenizer::from_file(dir.join("tokenizer.json"), 120).unwrap_err();
     assert!(matches!(err, TextError::Io { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("tokenizer.json") && msg.contains("cannot read"), "{msg}");
+    // A folder without any tokenizer file names the folder and what was looked for.
+    let err = PromptTokenizer::from_dir(&dir, 120).unwrap_err();
+    assert!(matches!(err, TextError::NoTokenizer { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("tokenizer.json") && msg.contains("spiece.model"), "{msg}");
 }
 
 #[test]

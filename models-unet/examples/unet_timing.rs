@@ -23,16 +23,16 @@ fn tensor<const D: usize>(t: &weights::HostTensor) -> Tensor<Flex, D> {
     Tensor::from_data(TensorData::new(values, t.shape.clone()), &Default::default())
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
     let folder = PathBuf::from(args.next().ok_or("usage: unet_timing FOLDER [THREADS] [REPS]")?);
     let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let reps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    pool.install(|| -> Result<(), Box<dyn std::error::Error>> {
+    pool.install(|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let device = Default::default();
         let model = UnetModel::<Flex>::load(&folder, &LoadPlan::full(), &device)?;
-        let inputs = weights::read_tensors(folder.join("inputs.safetensors"))?;
+        let inputs = weights::read_tensors(&folder.join("inputs.safetensors"))?;
         let mut input = DenoiserInput::new(tensor(&inputs["sample"]), tensor(&inputs["timestep"]));
         input.encoder_hidden_states = Some(tensor(&inputs["encoder_hidden_states"]));
         let mut times = Vec::new();

@@ -25,6 +25,17 @@ pub fn reference(name: &str) -> PathBuf {
     pipeline_dir().join("reference").join(name)
 }
 
+/// `fixtures/text` at the workspace root (CLIP encoders and tokenizer folders,
+/// `tools/fixtures/clip_models.py`).
+pub fn text_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/text")
+}
+
+/// A tokenizer folder under `fixtures/text/tokenizers`.
+pub fn tokenizer_dir(name: &str) -> PathBuf {
+    text_dir().join("tokenizers").join(name)
+}
+
 /// A reference safetensors file, read whole.
 pub struct Reference {
     bytes: Vec<u8>,
@@ -33,9 +44,23 @@ pub struct Reference {
 impl Reference {
     /// Reads `fixtures/pipeline/reference/{name}`.
     pub fn open(name: &str) -> Self {
-        let path = reference(name);
+        Self::open_path(reference(name))
+    }
+
+    /// Reads `fixtures/text/reference/{name}`.
+    pub fn open_text(name: &str) -> Self {
+        Self::open_path(text_dir().join("reference").join(name))
+    }
+
+    /// Reads a safetensors file.
+    pub fn open_path(path: PathBuf) -> Self {
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Self { bytes }
+    }
+
+    /// Whether the file holds `key`.
+    pub fn has(&self, key: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes).expect("valid safetensors").tensor(key).is_ok()
     }
 
     fn view(&self, key: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
