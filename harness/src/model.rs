@@ -14,11 +14,12 @@ use crate::error::{HarnessError, Result};
 
 /// A denoiser's configuration, by family.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // one per launch; boxing would only add noise
 pub enum DenoiserConfig {
     /// `PixArtTransformer2DModel`, `DiTTransformer2DModel` (or legacy `Transformer2DModel`).
     Dit(ModelConfig),
     /// `UNet2DConditionModel`.
-    Unet(Box<UNet2DConditionConfig>),
+    Unet(UNet2DConditionConfig),
 }
 
 impl DenoiserConfig {
@@ -34,9 +35,9 @@ impl DenoiserConfig {
             .ok()
             .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(str::to_string));
         match class.as_deref() {
-            Some(models_unet::CLASS_NAME) => Ok(DenoiserConfig::Unet(Box::new(
+            Some(models_unet::CLASS_NAME) => Ok(DenoiserConfig::Unet(
                 UNet2DConditionConfig::from_json(&text, &path.display().to_string())?,
-            ))),
+            )),
             Some(c) if !models_dit::KNOWN_CLASSES.contains(&c) => Err(HarnessError::config(
                 path.display().to_string(),
                 format!(
@@ -66,7 +67,9 @@ impl DenoiserConfig {
     ) -> Result<AnyDenoiser<B>> {
         Ok(match self {
             DenoiserConfig::Dit(_) => AnyDenoiser::Dit(DitModel::load(folder, plan, device)?),
-            DenoiserConfig::Unet(_) => AnyDenoiser::Unet(UnetModel::load(folder, plan, device)?),
+            DenoiserConfig::Unet(_) => {
+                AnyDenoiser::Unet(Box::new(UnetModel::load(folder, plan, device)?))
+            }
         })
     }
 }
@@ -76,8 +79,8 @@ impl DenoiserConfig {
 pub enum AnyDenoiser<B: Backend> {
     /// A DiT-family transformer.
     Dit(DitModel<B>),
-    /// A U-Net.
-    Unet(UnetModel<B>),
+    /// A U-Net (boxed: its module tree is far larger than the DiT enum's boxes).
+    Unet(Box<UnetModel<B>>),
 }
 
 impl<B: Backend> Denoiser<B> for AnyDenoiser<B> {

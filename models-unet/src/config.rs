@@ -249,13 +249,13 @@ impl UNet2DConditionConfig {
 
     fn from_map(map: &Map<String, Value>, location: &str) -> Result<Self> {
         let k = Keys { map, location };
-        if let Some(class) = k.get("_class_name") {
-            if class.as_str() != Some(CLASS_NAME) {
-                return Err(cfg_err(
-                    location,
-                    format!("`_class_name` = {class}: this crate implements {CLASS_NAME}"),
-                ));
-            }
+        if let Some(class) = k.get("_class_name")
+            && class.as_str() != Some(CLASS_NAME)
+        {
+            return Err(cfg_err(
+                location,
+                format!("`_class_name` = {class}: this crate implements {CLASS_NAME}"),
+            ));
         }
         // Architectures this crate does not implement: refuse, naming the key.
         k.refuse_set("class_embed_type", "class embeddings")?;
@@ -489,22 +489,23 @@ impl UNet2DConditionConfig {
     /// Transformer blocks over the whole U-Net (down, mid, up), each with one self-attention.
     pub fn num_transformer_blocks(&self) -> usize {
         let n = self.down_block_types.len();
-        let mut total = 0;
-        for i in 0..n {
-            if self.down_block_types[i] == BlockKind::CrossAttn {
-                total += self.layers_per_block[i] * self.transformer_layers_per_block[i];
-            }
-        }
-        if self.mid_block {
-            total += self.transformer_layers_per_block[n - 1];
-        }
-        let rev_layers: Vec<usize> = self.layers_per_block.iter().rev().copied().collect();
-        for i in 0..n {
-            if self.up_block_types[i] == BlockKind::CrossAttn {
-                total += (rev_layers[i] + 1) * self.reverse_transformer_layers_per_block[i];
-            }
-        }
-        total
+        let cross = |kind: &BlockKind| *kind == BlockKind::CrossAttn;
+        let down: usize = self
+            .down_block_types
+            .iter()
+            .zip(self.layers_per_block.iter().zip(&self.transformer_layers_per_block))
+            .filter(|(kind, _)| cross(kind))
+            .map(|(_, (resnets, layers))| resnets * layers)
+            .sum();
+        let mid = if self.mid_block { self.transformer_layers_per_block[n - 1] } else { 0 };
+        let up: usize = self
+            .up_block_types
+            .iter()
+            .zip(self.layers_per_block.iter().rev().zip(&self.reverse_transformer_layers_per_block))
+            .filter(|(kind, _)| cross(kind))
+            .map(|(_, (resnets, layers))| (resnets + 1) * layers)
+            .sum();
+        down + mid + up
     }
 
     /// What strategies validate against.

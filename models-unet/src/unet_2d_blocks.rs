@@ -30,6 +30,9 @@ pub struct BlockInputs<'t, B: Backend> {
 /// A feature map with the band it covers.
 pub type Banded<B> = (Tensor<B, 4>, Band);
 
+/// A block's resnets, transformers (none for a plain block) and samplers.
+type Parts<'a, B, S> = (&'a [ResnetBlock2D<B>], &'a [Transformer2DModel<B>], &'a [S]);
+
 /// `DownBlock2D`: resnets, then a down-sampler (all but the last block).
 /// Keys: `resnets.{j}`, `downsamplers.0`.
 #[derive(Module, Debug)]
@@ -141,7 +144,7 @@ impl<B: Backend> DownBlock<B> {
         })
     }
 
-    fn parts(&self) -> (&[ResnetBlock2D<B>], &[Transformer2DModel<B>], &[Downsample2D<B>]) {
+    fn parts(&self) -> Parts<'_, B, Downsample2D<B>> {
         match self {
             DownBlock::Plain(b) => (&b.resnets, &[], &b.downsamplers),
             DownBlock::CrossAttn(b) => (&b.resnets, &b.attentions, &b.downsamplers),
@@ -272,7 +275,7 @@ impl<B: Backend> UpBlock<B> {
         })
     }
 
-    fn parts(&self) -> (&[ResnetBlock2D<B>], &[Transformer2DModel<B>], &[Upsample2D<B>]) {
+    fn parts(&self) -> Parts<'_, B, Upsample2D<B>> {
         match self {
             UpBlock::Plain(b) => (&b.resnets, &[], &b.upsamplers),
             UpBlock::CrossAttn(b) => (&b.resnets, &b.attentions, &b.upsamplers),

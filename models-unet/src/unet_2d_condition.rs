@@ -110,6 +110,16 @@ pub struct UnetModel<B: Backend> {
     params: Vec<ParamInfo>,
 }
 
+/// What one forward computes once from the timestep, added conditions and text.
+struct Embedded<B: Backend> {
+    /// `silu(temb)`, what every resnet's `time_emb_proj` reads.
+    temb_act: Tensor<B, 2>,
+    /// The text embeddings.
+    text: Tensor<B, 3>,
+    /// The text-padding bias, if a mask was given.
+    text_bias: Option<Tensor<B, 4>>,
+}
+
 fn check_plan(plan: &LoadPlan) -> Result<()> {
     if plan.tensor_shard.is_some() {
         return Err(UnetError::Plan(
@@ -147,9 +157,9 @@ impl<B: Backend> UNet2DConditionModel<B> {
         };
         let mut down_blocks = Vec::with_capacity(n);
         let mut out = ch[0];
-        for i in 0..n {
+        for (i, &channels) in ch.iter().enumerate() {
             let input = out;
-            out = ch[i];
+            out = channels;
             let spec = BlockSpec {
                 in_channels: input,
                 out_channels: out,
@@ -194,9 +204,9 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let rev_layers: Vec<usize> = c.layers_per_block.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
         let mut out = rev_ch[0];
-        for i in 0..n {
+        for (i, &channels) in rev_ch.iter().enumerate() {
             let prev = out;
-            out = rev_ch[i];
+            out = channels;
             let spec = BlockSpec {
                 in_channels: rev_ch[(i + 1).min(n - 1)],
                 out_channels: out,
@@ -306,10 +316,7 @@ impl<B: Backend> UnetModel<B> {
     }
 
     /// The conditioning inputs: `silu(temb)` and the text (with its padding bias).
-    fn embed(
-        &self,
-        input: &DenoiserInput<B>,
-    ) -> parallel_core::Result<(Tensor<B, 2>, Tensor<B, 3>, Option<Tensor<B, 4>>)> {
+    fn embed(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Embedded<B>> {
         let c = &self.config;
         let [batch, channels, _, _] = input.hidden_states.dims();
         if channels != c.in_channels {
@@ -382,7 +389,7 @@ impl<B: Backend> UnetModel<B> {
                 Some(bias.reshape([batch, 1, 1, tokens]))
             }
         };
-        Ok((silu(emb), text, bias))
+        Ok(Embedded { temb_act: silu(emb), text, text_bias: bias })
     }
 
     /// The forward of latent rows `rows` (all of them for the plain forward).
@@ -409,7 +416,7 @@ impl<B: Backend> UnetModel<B> {
                 )));
             }
         }
-        let (temb_act, text, text_bias) = self.embed(input)?;
+        let Embedded { temb_act, text, text_bias } = self.embed(input)?;
         let inputs = BlockInputs { temb_act, text: &text, text_bias: text_bias.as_ref() };
         let mut fwd = Fwd::new(seams);
         let sample = input.hidden_states.clone();
