@@ -180,17 +180,21 @@ pub fn option_value(v: &toml::Value) -> Option<OptionValue> {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
-    /// A diffusers pipeline folder (`model_index.json`, `transformer/`, `text_encoder/`,
-    /// `tokenizer/`, `vae/`, `scheduler/`). Relative paths are relative to the config file.
+    /// A diffusers pipeline folder (`model_index.json` and its class's components, see
+    /// [`PIPELINE_CLASSES`](crate::pipeline::PIPELINE_CLASSES)). Relative paths are relative
+    /// to the config file.
     pub model: PathBuf,
     /// The prompt.
     pub prompt: String,
-    /// The negative prompt (classifier-free guidance's unconditional half).
-    pub negative_prompt: String,
+    /// The negative prompt (classifier-free guidance's unconditional half). Absent: `""`,
+    /// except for SDXL with `force_zeros_for_empty_prompt`, whose unconditional embeddings
+    /// are then zeros (as diffusers' `negative_prompt=None`).
+    pub negative_prompt: Option<String>,
     /// Denoising steps.
     pub steps: usize,
-    /// Classifier-free guidance scale (≤ 1 turns guidance off).
-    pub guidance_scale: f64,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off); absent: the pipeline
+    /// class's diffusers default (PixArt 4.5, SD 7.5, SDXL 5.0).
+    pub guidance_scale: Option<f64>,
     /// Seed of the initial noise.
     pub seed: u64,
     /// Image height in pixels (default: the transformer's sample size × 8).
@@ -217,9 +221,9 @@ impl Default for RunConfig {
         RunConfig {
             model: PathBuf::new(),
             prompt: String::new(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
             steps: 20,
-            guidance_scale: 4.5,
+            guidance_scale: None,
             seed: 0,
             height: None,
             width: None,
@@ -304,7 +308,7 @@ impl RunConfig {
             return Err(bad("steps", "must be at least 1".into()));
         }
         self.parallel.check()?;
-        if !self.guidance_scale.is_finite() {
+        if self.guidance_scale.is_some_and(|g| !g.is_finite()) {
             return Err(bad("guidance_scale", "must be a finite number".into()));
         }
         Ok(())

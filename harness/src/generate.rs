@@ -59,7 +59,7 @@ impl Prompt {
             negative_prompt: String::new(),
             seed: d.seed,
             steps: d.steps,
-            guidance_scale: d.guidance_scale,
+            guidance_scale: 4.5,
             size: None,
         }
     }
@@ -168,10 +168,10 @@ impl PixArtPipeline {
     pub fn generate(&self, prompt: &Prompt) -> Result<Generated> {
         let mut cfg = self.config.clone();
         cfg.prompt = prompt.prompt.clone();
-        cfg.negative_prompt = prompt.negative_prompt.clone();
+        cfg.negative_prompt = Some(prompt.negative_prompt.clone());
         cfg.seed = prompt.seed;
         cfg.steps = prompt.steps;
-        cfg.guidance_scale = prompt.guidance_scale;
+        cfg.guidance_scale = Some(prompt.guidance_scale);
         if let Some((h, w)) = prompt.size {
             cfg.height = Some(h);
             cfg.width = Some(w);

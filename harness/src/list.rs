@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::pipeline::{COMPONENTS, PIPELINE_CLASSES, SCHEDULER_NAMES};
+use crate::pipeline::{PIPELINE_CLASSES, SCHEDULER_NAMES};
 
 /// The bundled tiny pipeline, relative to the repository root.
 pub const BUNDLED_PIPELINE: &str = "fixtures/pipeline/pixart-alpha-tiny";
@@ -11,14 +11,18 @@ pub const BUNDLED_PIPELINE: &str = "fixtures/pipeline/pixart-alpha-tiny";
 pub fn list_text() -> String {
     let mut s = String::new();
     let _ = writeln!(s, "Models (--model takes a diffusers folder; nothing is downloaded):");
-    let _ = writeln!(
-        s,
-        "  run      a pipeline folder: model_index.json, {}",
-        COMPONENTS.map(|c| format!("{c}/")).join(", ")
-    );
-    let classes: Vec<String> =
-        PIPELINE_CLASSES.iter().map(|(c, n)| format!("{c} ({n} text tokens)")).collect();
-    let _ = writeln!(s, "           pipelines: {}", classes.join(", "));
+    let _ =
+        writeln!(s, "  run      a pipeline folder: model_index.json and the class's components:");
+    for c in PIPELINE_CLASSES {
+        let _ = writeln!(
+            s,
+            "           {} ({} text tokens, guidance {}): {}",
+            c.name,
+            c.text_tokens,
+            c.guidance_scale,
+            c.components.iter().map(|c| format!("{c}/")).collect::<Vec<_>>().join(", ")
+        );
+    }
     let _ = writeln!(
         s,
         "  forward  a transformer or U-Net folder (config.json + \
@@ -30,8 +34,12 @@ pub fn list_text() -> String {
     let _ = writeln!(s, "  bundled  {BUNDLED_PIPELINE} (tiny random-weight PixArt-α, 128×128)");
     let _ = writeln!(
         s,
-        "  presets  real-size configs with random weights (benchmarks): {}; U-Nets: {}",
-        models_dit::PRESETS.join(", "),
+        "  presets  real-size configs with random weights (harness bench): {}",
+        models_dit::PRESETS.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "           U-Net configs {} (models_unet::UnetModel::preset; not in harness bench yet)",
         models_unet::PRESETS.join(", ")
     );
     let _ = writeln!(

@@ -175,7 +175,7 @@ impl RunArgs {
                 }
             )*};
         }
-        set!(model, prompt, negative_prompt, steps, guidance_scale, seed, output);
+        set!(model, prompt, steps, seed, output);
         macro_rules! set_opt {
             ($($f:ident),*) => {$(
                 if let Some(v) = &self.$f {
@@ -183,7 +183,16 @@ impl RunArgs {
                 }
             )*};
         }
-        set_opt!(height, width, scheduler, latents, save_latents, max_sequence_length);
+        set_opt!(
+            negative_prompt,
+            guidance_scale,
+            height,
+            width,
+            scheduler,
+            latents,
+            save_latents,
+            max_sequence_length
+        );
         self.parallel.apply(&mut c.parallel)?;
         Ok(c)
     }
@@ -191,10 +200,11 @@ impl RunArgs {
 
 #[derive(Debug, Args)]
 struct ForwardArgs {
-    /// A transformer folder, or a pipeline folder (its `transformer/` is used).
+    /// A transformer or U-Net folder, or a pipeline folder (its `transformer/` or `unet/`).
     #[arg(long)]
     model: PathBuf,
-    /// Safetensors file of diffusers forward inputs (`hidden_states`, `timestep`, …).
+    /// Safetensors file of diffusers forward inputs (`hidden_states`, `timestep`, … for a
+    /// transformer; `sample`, `timestep`, `encoder_hidden_states`, … for a U-Net).
     #[arg(long, value_name = "FILE.safetensors")]
     inputs: PathBuf,
     /// Where `sample` is written.

@@ -1,34 +1,99 @@
-//! A diffusers PixArt pipeline folder and its components: what each rank loads, and the
+//! A diffusers pipeline folder and its components: what each rank loads, and the
 //! text-encoding step.
 //!
-//! [`PipelineFolder::open`] checks the folder's layout (`model_index.json` and the
-//! `transformer/`, `text_encoder/`, `tokenizer/`, `vae/` and `scheduler/` folders) and reads the
-//! small configs that decide the request before any weight is read: the transformer's
-//! [`ModelConfig`] (what strategies validate against), the VAE's up-sampling factor, and the
-//! pipeline class (PixArt-α or -Σ, which sets the text length). The heavy parts are loaded
-//! separately, where a rank needs them: [`PipelineFolder::load_transformer`] under a
-//! strategy's [`LoadPlan`], [`PipelineFolder::load_text`] and [`PipelineFolder::load_vae`] on
-//! rank 0 only.
+//! [`PipelineFolder::open`] reads `model_index.json`'s `_class_name` (one of
+//! [`PIPELINE_CLASSES`]), checks that the class's component folders exist, and reads the small
+//! configs that decide the request before any weight is read: the denoiser's
+//! ([`DenoiserConfig`]: what strategies validate against), the VAE's up-sampling factor, and
+//! that the text encoders' widths fit the denoiser's. The heavy parts are loaded separately,
+//! where a rank needs them: [`PipelineFolder::load_denoiser`] under a strategy's [`LoadPlan`],
+//! [`PipelineFolder::load_text`] and [`PipelineFolder::load_vae`] on rank 0 only.
+//!
+//! | class | denoiser | text | components |
+//! |---|---|---|---|
+//! | `PixArtAlphaPipeline`, `PixArtSigmaPipeline` | `transformer/` | T5 (`text_encoder/`, `tokenizer/`), 120 / 300 tokens, with mask | + `vae/`, `scheduler/` |
+//! | `StableDiffusionPipeline` | `unet/` | CLIP (`text_encoder/`, `tokenizer/`), 77 tokens, last hidden state | + `vae/`, `scheduler/` |
+//! | `StableDiffusionXLPipeline` | `unet/` | two CLIPs (`text_encoder/` + `tokenizer/`, `text_encoder_2/` + `tokenizer_2/`): penultimate hidden states concatenated, the second's `text_embeds` pooled, `time_ids` | + `vae/`, `scheduler/` |
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use models_dit::{DitModel, ModelConfig};
-use models_text::{PromptTokenizer, T5EncoderModel};
+use burn::tensor::{Tensor, TensorData};
+use models_dit::ModelConfig;
+use models_text::{
+    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PromptTokenizer, T5EncoderModel,
+};
 use models_vae::{AutoencoderKL, AutoencoderKLConfig, VaeParts};
 use parallel_core::LoadPlan;
 use schedulers::{Scheduler, SchedulerConfig, SchedulerError};
 
 use crate::error::{HarnessError, Result};
+use crate::model::{AnyDenoiser, DenoiserConfig};
 
-/// The component folders a text-to-image pipeline folder must have.
-pub const COMPONENTS: [&str; 5] = ["transformer", "text_encoder", "tokenizer", "vae", "scheduler"];
+/// The pipeline families `harness run` implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// PixArt-α / -Σ: a DiT transformer and T5.
+    PixArt,
+    /// Stable Diffusion 1.x / 2.x: a U-Net and one CLIP encoder.
+    StableDiffusion,
+    /// SDXL: a U-Net with text/time conditioning and two CLIP encoders.
+    StableDiffusionXl,
+}
 
-/// The pipeline classes `harness run` implements, with their default text length.
-pub const PIPELINE_CLASSES: [(&str, usize); 2] = [
-    ("PixArtAlphaPipeline", models_text::PIXART_ALPHA_MAX_LENGTH),
-    ("PixArtSigmaPipeline", models_text::PIXART_SIGMA_MAX_LENGTH),
+/// One pipeline class `harness run` implements.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PipelineClass {
+    /// `model_index.json`'s `_class_name`.
+    pub name: &'static str,
+    /// Its family.
+    pub kind: PipelineKind,
+    /// The component folders it needs.
+    pub components: &'static [&'static str],
+    /// Text tokens per prompt by default (PixArt: `max_sequence_length`; SD: CLIP's 77,
+    /// the tokenizer's `model_max_length` when it says otherwise).
+    pub text_tokens: usize,
+    /// diffusers' default `guidance_scale` of the class.
+    pub guidance_scale: f64,
+}
+
+const PIXART_COMPONENTS: &[&str] =
+    &["transformer", "text_encoder", "tokenizer", "vae", "scheduler"];
+const SD_COMPONENTS: &[&str] = &["unet", "text_encoder", "tokenizer", "vae", "scheduler"];
+const SDXL_COMPONENTS: &[&str] =
+    &["unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"];
+
+/// The pipeline classes `harness run` implements.
+pub const PIPELINE_CLASSES: [PipelineClass; 4] = [
+    PipelineClass {
+        name: "PixArtAlphaPipeline",
+        kind: PipelineKind::PixArt,
+        components: PIXART_COMPONENTS,
+        text_tokens: models_text::PIXART_ALPHA_MAX_LENGTH,
+        guidance_scale: 4.5,
+    },
+    PipelineClass {
+        name: "PixArtSigmaPipeline",
+        kind: PipelineKind::PixArt,
+        components: PIXART_COMPONENTS,
+        text_tokens: models_text::PIXART_SIGMA_MAX_LENGTH,
+        guidance_scale: 4.5,
+    },
+    PipelineClass {
+        name: "StableDiffusionPipeline",
+        kind: PipelineKind::StableDiffusion,
+        components: SD_COMPONENTS,
+        text_tokens: models_text::CLIP_MAX_LENGTH,
+        guidance_scale: 7.5,
+    },
+    PipelineClass {
+        name: "StableDiffusionXLPipeline",
+        kind: PipelineKind::StableDiffusionXl,
+        components: SDXL_COMPONENTS,
+        text_tokens: models_text::CLIP_MAX_LENGTH,
+        guidance_scale: 5.0,
+    },
 ];
 
 /// Scheduler names `--scheduler` accepts besides diffusers' class names, in the order of
@@ -58,26 +123,34 @@ pub fn scheduler_class(name: &str) -> Result<&'static str> {
         })
 }
 
-/// A diffusers PixArt pipeline folder, checked and with its small configs read.
+/// A diffusers pipeline folder, checked and with its small configs read.
 #[derive(Debug, Clone)]
 pub struct PipelineFolder {
     /// The folder.
     pub root: PathBuf,
-    /// `model_index.json`'s `_class_name` (`PixArtAlphaPipeline`, `PixArtSigmaPipeline`).
-    pub class_name: String,
-    /// The transformer's configuration.
-    pub transformer_config: ModelConfig,
+    /// `model_index.json`'s class.
+    pub class: PipelineClass,
+    /// The denoiser's configuration (`transformer/` or `unet/`).
+    pub denoiser_config: DenoiserConfig,
     /// The VAE's configuration.
     pub vae_config: AutoencoderKLConfig,
+    /// `force_zeros_for_empty_prompt` of an SDXL `model_index.json` (true when absent, as
+    /// diffusers' default): with no negative prompt, the unconditional embeddings are zeros.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+fn cfg_error(path: &Path, reason: impl Into<String>) -> HarnessError {
+    HarnessError::config(path.display().to_string(), reason)
 }
 
 impl PipelineFolder {
     /// Opens a pipeline folder: `model_index.json` must name a supported pipeline, every
-    /// component folder must exist, and the transformer and VAE configs must parse.
+    /// component folder of that class must exist, and the denoiser, VAE and text-encoder
+    /// configs must parse and fit each other.
     ///
     /// # Errors
-    /// A missing folder or file (named), an unsupported pipeline class, a transformer that is
-    /// not a PixArt model, or a bad config (naming the file and key).
+    /// A missing folder or file (named), an unsupported pipeline class, a denoiser of the
+    /// wrong family, or a bad config (naming the file and key).
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         if !root.is_dir() {
@@ -93,17 +166,14 @@ impl PipelineFolder {
                 format!("cannot read it ({e}): not a diffusers pipeline folder"),
             )
         })?;
-        let index: serde_json::Value = serde_json::from_str(&index_text)
-            .map_err(|e| HarnessError::config(index_path.display().to_string(), e.to_string()))?;
+        let index: serde_json::Value =
+            serde_json::from_str(&index_text).map_err(|e| cfg_error(&index_path, e.to_string()))?;
         let class_name = index
             .get("_class_name")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| {
-                HarnessError::config(index_path.display().to_string(), "no `_class_name` string")
-            })?
-            .to_string();
-        if !PIPELINE_CLASSES.iter().any(|(c, _)| *c == class_name) {
-            let known: Vec<&str> = PIPELINE_CLASSES.iter().map(|(c, _)| *c).collect();
+            .ok_or_else(|| cfg_error(&index_path, "no `_class_name` string"))?;
+        let Some(class) = PIPELINE_CLASSES.iter().find(|c| c.name == class_name).copied() else {
+            let known: Vec<&str> = PIPELINE_CLASSES.iter().map(|c| c.name).collect();
             return Err(HarnessError::config(
                 format!("{}: `_class_name`", index_path.display()),
                 format!(
@@ -111,60 +181,137 @@ impl PipelineFolder {
                     known.join(", ")
                 ),
             ));
-        }
-        for component in COMPONENTS {
+        };
+        for component in class.components {
             let dir = root.join(component);
             if !dir.is_dir() {
                 return Err(HarnessError::io(
                     &dir,
                     format!(
-                        "missing component folder `{component}/` of the pipeline (a PixArt \
-                         pipeline folder has {})",
-                        COMPONENTS.map(|c| format!("{c}/")).join(", ")
+                        "missing component folder `{component}/` of the pipeline (a {} folder \
+                         has {})",
+                        class.name,
+                        class
+                            .components
+                            .iter()
+                            .map(|c| format!("{c}/"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
         }
-        let transformer_config = ModelConfig::from_folder(root.join("transformer"))?;
-        if !matches!(transformer_config, ModelConfig::PixArt(_)) {
-            return Err(HarnessError::config(
-                root.join("transformer/config.json").display().to_string(),
-                format!(
-                    "`harness run` needs a PixArt transformer, this is {}",
-                    transformer_config.class_name()
-                ),
-            ));
-        }
-        let t5 = models_text::T5Config::from_file(root.join("text_encoder/config.json"))?;
-        if let ModelConfig::PixArt(c) = &transformer_config
-            && let Some(caption) = c.caption_channels
-            && caption != t5.d_model
-        {
-            return Err(HarnessError::config(
-                root.join("transformer/config.json").display().to_string(),
-                format!(
-                    "`caption_channels` is {caption} but the text encoder's `d_model` is {} \
-                     ({}): the transformer and the text encoder do not belong together",
-                    t5.d_model,
-                    root.join("text_encoder/config.json").display()
-                ),
-            ));
+        let denoiser_dir = root.join(class.components[0]);
+        let denoiser_config = DenoiserConfig::from_folder(&denoiser_dir)?;
+        let denoiser_json = denoiser_dir.join("config.json");
+        let force_zeros_for_empty_prompt =
+            index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
+        match (class.kind, &denoiser_config) {
+            (PipelineKind::PixArt, DenoiserConfig::Dit(ModelConfig::PixArt(c))) => {
+                let t5 = models_text::T5Config::from_file(root.join("text_encoder/config.json"))?;
+                if let Some(caption) = c.caption_channels
+                    && caption != t5.d_model
+                {
+                    return Err(cfg_error(
+                        &denoiser_json,
+                        format!(
+                            "`caption_channels` is {caption} but the text encoder's `d_model` \
+                             is {} ({}): the transformer and the text encoder do not belong \
+                             together",
+                            t5.d_model,
+                            root.join("text_encoder/config.json").display()
+                        ),
+                    ));
+                }
+            }
+            (PipelineKind::PixArt, other) => {
+                return Err(cfg_error(
+                    &denoiser_json,
+                    format!(
+                        "`{}` needs a PixArt transformer, this is {}",
+                        class.name,
+                        other.desc().class_name
+                    ),
+                ));
+            }
+            (
+                PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl,
+                DenoiserConfig::Unet(u),
+            ) => {
+                let clip =
+                    |name: &str| CLIPTextConfig::from_file(root.join(name).join("config.json"));
+                let first = clip("text_encoder")?;
+                let (width, text_embeds) = if class.kind == PipelineKind::StableDiffusionXl {
+                    let second = clip("text_encoder_2")?;
+                    (first.hidden_size + second.hidden_size, second.projection_dim)
+                } else {
+                    (first.hidden_size, None)
+                };
+                if width != u.cross_attention_dim {
+                    return Err(cfg_error(
+                        &denoiser_json,
+                        format!(
+                            "`cross_attention_dim` is {} but the text encoder{} give{} {width} \
+                             channels: the U-Net and the text encoders do not belong together",
+                            u.cross_attention_dim,
+                            if text_embeds.is_some() { "s" } else { "" },
+                            if text_embeds.is_some() { "" } else { "s" },
+                        ),
+                    ));
+                }
+                match (class.kind, &u.addition, text_embeds) {
+                    (PipelineKind::StableDiffusion, None, _) => {}
+                    (PipelineKind::StableDiffusionXl, Some(a), Some(p))
+                        if a.text_embeds_dim() == p => {}
+                    (PipelineKind::StableDiffusion, Some(_), _) => {
+                        return Err(cfg_error(
+                            &denoiser_json,
+                            "this U-Net takes SDXL's text/time conditioning \
+                             (`addition_embed_type`); a StableDiffusionPipeline gives none",
+                        ));
+                    }
+                    (_, a, p) => {
+                        return Err(cfg_error(
+                            &denoiser_json,
+                            format!(
+                                "an SDXL U-Net needs `addition_embed_type` \"text_time\" with \
+                                 text embeddings as wide as `text_encoder_2`'s \
+                                 `projection_dim` ({p:?}); the U-Net takes {:?}",
+                                a.map(|a| a.text_embeds_dim())
+                            ),
+                        ));
+                    }
+                }
+            }
+            (_, other) => {
+                return Err(cfg_error(
+                    &denoiser_json,
+                    format!(
+                        "`{}` needs a UNet2DConditionModel, this is {}",
+                        class.name,
+                        other.desc().class_name
+                    ),
+                ));
+            }
         }
         let vae_config = AutoencoderKLConfig::from_file(root.join("vae/config.json"))?;
-        Ok(PipelineFolder { root, class_name, transformer_config, vae_config })
+        Ok(PipelineFolder {
+            root,
+            class,
+            denoiser_config,
+            vae_config,
+            force_zeros_for_empty_prompt,
+        })
     }
 
-    /// The folder of a component (`transformer`, `vae`, …).
+    /// The folder of a component (`transformer`, `unet`, `vae`, …).
     pub fn component(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 
-    /// The pipeline's text length: 120 tokens for PixArt-α, 300 for PixArt-Σ.
+    /// The pipeline's text length: 120 tokens for PixArt-α, 300 for PixArt-Σ, 77 for CLIP.
     pub fn default_max_sequence_length(&self) -> usize {
-        PIPELINE_CLASSES
-            .iter()
-            .find(|(c, _)| *c == self.class_name)
-            .map_or(models_text::PIXART_ALPHA_MAX_LENGTH, |(_, n)| *n)
+        self.class.text_tokens
     }
 
     /// Pixels per latent pixel: `2^(len(vae.block_out_channels) − 1)`, as diffusers'
@@ -173,16 +320,16 @@ impl PipelineFolder {
         self.vae_config.spatial_scale()
     }
 
-    /// The default image size: the transformer's `sample_size` × the VAE scale factor.
+    /// The default image size: the denoiser's `sample_size` × the VAE scale factor.
     pub fn default_image_size(&self) -> usize {
-        self.transformer_config.desc().sample_size * self.vae_scale_factor()
+        self.denoiser_config.desc().sample_size * self.vae_scale_factor()
     }
 
     /// Whether the transformer takes PixArt-α 1024's resolution and aspect-ratio conditions.
     pub fn uses_additional_conditions(&self) -> bool {
-        match &self.transformer_config {
-            ModelConfig::PixArt(c) => c.use_additional_conditions(),
-            ModelConfig::DiT(_) => false,
+        match &self.denoiser_config {
+            DenoiserConfig::Dit(ModelConfig::PixArt(c)) => c.use_additional_conditions(),
+            _ => false,
         }
     }
 
@@ -205,25 +352,46 @@ impl PipelineFolder {
         Scheduler::new(config).map_err(located)
     }
 
-    /// Loads the transformer as this rank's part under `plan`.
-    pub fn load_transformer<B: Backend>(
+    /// Loads the denoiser as this rank's part under `plan`.
+    pub fn load_denoiser<B: Backend>(
         &self,
         plan: &LoadPlan,
         device: &B::Device,
-    ) -> Result<DitModel<B>> {
-        Ok(DitModel::load(self.component("transformer"), plan, device)?)
+    ) -> Result<AnyDenoiser<B>> {
+        self.denoiser_config.load(&self.component(self.class.components[0]), plan, device)
     }
 
-    /// Loads the tokenizer and the T5 encoder.
+    /// Loads the tokenizer(s) and text encoder(s) of the pipeline.
     pub fn load_text<B: Backend>(
         &self,
         max_sequence_length: usize,
         device: &B::Device,
     ) -> Result<TextEncoder<B>> {
-        let tokenizer =
-            PromptTokenizer::from_dir(self.component("tokenizer"), max_sequence_length)?;
-        let encoder = T5EncoderModel::from_pretrained(self.component("text_encoder"), device)?;
-        Ok(TextEncoder { tokenizer, encoder, max_sequence_length })
+        let tokenizer = |name: &str| PromptTokenizer::clip_from_dir(self.component(name));
+        Ok(match self.class.kind {
+            PipelineKind::PixArt => TextEncoder::T5 {
+                tokenizer: PromptTokenizer::from_dir(
+                    self.component("tokenizer"),
+                    max_sequence_length,
+                )?,
+                encoder: T5EncoderModel::from_pretrained(self.component("text_encoder"), device)?,
+                max_sequence_length,
+            },
+            PipelineKind::StableDiffusion => TextEncoder::Clip {
+                tokenizer: tokenizer("tokenizer")?,
+                encoder: CLIPTextModel::from_pretrained(self.component("text_encoder"), device)?,
+            },
+            PipelineKind::StableDiffusionXl => TextEncoder::ClipXl {
+                tokenizer: tokenizer("tokenizer")?,
+                encoder: CLIPTextModel::from_pretrained(self.component("text_encoder"), device)?,
+                tokenizer_2: tokenizer("tokenizer_2")?,
+                encoder_2: CLIPTextModelWithProjection::from_pretrained(
+                    self.component("text_encoder_2"),
+                    device,
+                )?,
+                force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
+            },
+        })
     }
 
     /// Loads the VAE's decoder.
@@ -236,49 +404,162 @@ impl PipelineFolder {
 /// `[negative, positive]` with classifier-free guidance, `[positive]` without.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds<B: Backend> {
-    /// T5 outputs, `[batch, text_tokens, d_model]`.
+    /// Text-encoder outputs, `[batch, text_tokens, width]`.
     pub embeds: Tensor<B, 3>,
-    /// 1 on real tokens, 0 on padding, `[batch, text_tokens]`.
-    pub mask: Tensor<B, 2>,
+    /// 1 on real tokens, 0 on padding, `[batch, text_tokens]` (PixArt; the SD pipelines
+    /// pass no mask).
+    pub mask: Option<Tensor<B, 2>>,
+    /// Added conditions by name, each `[batch, k]` (SDXL: `text_embeds`, `time_ids`).
+    pub added_cond: BTreeMap<String, Tensor<B, 2>>,
 }
 
-/// The tokenizer and T5 encoder of a pipeline.
+/// The tokenizer(s) and text encoder(s) of a pipeline.
 #[derive(Debug)]
-pub struct TextEncoder<B: Backend> {
-    /// The tokenizer (`lower().strip()`, padded and cut to the text length).
-    pub tokenizer: PromptTokenizer,
-    /// The encoder.
-    pub encoder: T5EncoderModel<B>,
-    /// Text tokens per prompt.
-    pub max_sequence_length: usize,
+#[allow(clippy::large_enum_variant)] // one per request, on rank 0; boxing would only add noise
+pub enum TextEncoder<B: Backend> {
+    /// PixArt's T5.
+    T5 {
+        /// `lower().strip()`, padded and cut to the text length.
+        tokenizer: PromptTokenizer,
+        /// The encoder.
+        encoder: T5EncoderModel<B>,
+        /// Text tokens per prompt.
+        max_sequence_length: usize,
+    },
+    /// Stable Diffusion 1.x/2.x's CLIP.
+    Clip {
+        /// Padded and cut to 77 tokens.
+        tokenizer: PromptTokenizer,
+        /// The encoder.
+        encoder: CLIPTextModel<B>,
+    },
+    /// SDXL's two CLIPs.
+    ClipXl {
+        /// The first tokenizer.
+        tokenizer: PromptTokenizer,
+        /// The first encoder.
+        encoder: CLIPTextModel<B>,
+        /// The second tokenizer.
+        tokenizer_2: PromptTokenizer,
+        /// The second encoder, with the projection of its pooled output.
+        encoder_2: CLIPTextModelWithProjection<B>,
+        /// Zeros for the unconditional embeddings when there is no negative prompt.
+        force_zeros_for_empty_prompt: bool,
+    },
+}
+
+/// Width of the penultimate hidden state: a model with one layer has none.
+fn penultimate<B: Backend>(state: Option<Tensor<B, 3>>, which: &str) -> Result<Tensor<B, 3>> {
+    state.ok_or_else(|| {
+        HarnessError::config(which, "the text encoder has no penultimate hidden state (one layer)")
+    })
 }
 
 impl<B: Backend> TextEncoder<B> {
-    /// `PixArtAlphaPipeline.encode_prompt`: the prompt, and with guidance the negative prompt
+    /// The pipeline's `encode_prompt`: the prompt and, with guidance, the negative prompt
     /// (each encoded on its own, as diffusers does), concatenated `[negative, positive]`.
+    ///
+    /// - PixArt: T5 embeddings and mask; no negative prompt encodes `""`.
+    /// - SD: CLIP's last hidden state (after the final LayerNorm); no negative prompt
+    ///   encodes `""`.
+    /// - SDXL: both encoders' `hidden_states[-2]` concatenated, `text_embeds` of the second,
+    ///   and `time_ids = [h, w, 0, 0, h, w]` (original size, crop top-left, target size) for
+    ///   `image_size`; with no negative prompt and `force_zeros_for_empty_prompt`, zeros for
+    ///   the unconditional embeddings and `text_embeds`.
     pub fn encode(
         &self,
         prompt: &str,
-        negative_prompt: &str,
+        negative_prompt: Option<&str>,
         guidance: bool,
+        image_size: (usize, usize),
     ) -> Result<PromptEmbeds<B>> {
-        let one = |text: &str| -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
-            let (e, m) = models_text::encode_prompts(
-                &self.tokenizer,
-                &self.encoder,
-                &[text.to_string()],
-                self.max_sequence_length,
-            )?;
-            Ok((e, m.float()))
-        };
-        let (pos, pos_mask) = one(prompt)?;
-        if !guidance {
-            return Ok(PromptEmbeds { embeds: pos, mask: pos_mask });
+        match self {
+            TextEncoder::T5 { tokenizer, encoder, max_sequence_length } => {
+                let one = |text: &str| -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+                    let (e, m) = models_text::encode_prompts(
+                        tokenizer,
+                        encoder,
+                        &[text.to_string()],
+                        *max_sequence_length,
+                    )?;
+                    Ok((e, m.float()))
+                };
+                let (pos, pos_mask) = one(prompt)?;
+                if !guidance {
+                    return Ok(PromptEmbeds {
+                        embeds: pos,
+                        mask: Some(pos_mask),
+                        added_cond: BTreeMap::new(),
+                    });
+                }
+                let (neg, neg_mask) = one(negative_prompt.unwrap_or(""))?;
+                Ok(PromptEmbeds {
+                    embeds: Tensor::cat(vec![neg, pos], 0),
+                    mask: Some(Tensor::cat(vec![neg_mask, pos_mask], 0)),
+                    added_cond: BTreeMap::new(),
+                })
+            }
+            TextEncoder::Clip { tokenizer, encoder } => {
+                let one = |text: &str| -> Result<Tensor<B, 3>> {
+                    let tokens = tokenizer.tokenize(&[text])?;
+                    for t in &tokens.truncations {
+                        log::warn!("{}", t.message());
+                    }
+                    Ok(encoder.forward_tokens(&tokens, false)?.last_hidden_state)
+                };
+                let pos = one(prompt)?;
+                let embeds = if guidance {
+                    Tensor::cat(vec![one(negative_prompt.unwrap_or(""))?, pos], 0)
+                } else {
+                    pos
+                };
+                Ok(PromptEmbeds { embeds, mask: None, added_cond: BTreeMap::new() })
+            }
+            TextEncoder::ClipXl {
+                tokenizer,
+                encoder,
+                tokenizer_2,
+                encoder_2,
+                force_zeros_for_empty_prompt,
+            } => {
+                let one = |text: &str| -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+                    let t1 = tokenizer.tokenize(&[text])?;
+                    let t2 = tokenizer_2.tokenize(&[text])?;
+                    for t in t1.truncations.iter().chain(&t2.truncations) {
+                        log::warn!("{}", t.message());
+                    }
+                    let h1 = penultimate(
+                        encoder.forward_tokens(&t1, false)?.hidden_state_from_end(2),
+                        "text_encoder",
+                    )?;
+                    let out2 = encoder_2.forward_tokens(&t2, false)?;
+                    let h2 = penultimate(out2.hidden_state_from_end(2), "text_encoder_2")?;
+                    Ok((Tensor::cat(vec![h1, h2], 2), out2.text_embeds))
+                };
+                let (pos, pooled) = one(prompt)?;
+                let (h, w) = image_size;
+                let ids = [h as f32, w as f32, 0.0, 0.0, h as f32, w as f32];
+                let device = pos.device();
+                let (embeds, pooled, batch) = if guidance {
+                    let (neg, neg_pooled) = match negative_prompt {
+                        None if *force_zeros_for_empty_prompt => {
+                            (pos.zeros_like(), pooled.zeros_like())
+                        }
+                        other => one(other.unwrap_or(""))?,
+                    };
+                    (Tensor::cat(vec![neg, pos], 0), Tensor::cat(vec![neg_pooled, pooled], 0), 2)
+                } else {
+                    (pos, pooled, 1)
+                };
+                let time_ids: Vec<f32> = (0..batch).flat_map(|_| ids).collect();
+                let mut added_cond = BTreeMap::new();
+                added_cond.insert("text_embeds".to_string(), pooled);
+                added_cond.insert(
+                    "time_ids".to_string(),
+                    Tensor::from_data(TensorData::new(time_ids, [batch, 6]), &device),
+                );
+                Ok(PromptEmbeds { embeds, mask: None, added_cond })
+            }
         }
-        let (neg, neg_mask) = one(negative_prompt)?;
-        Ok(PromptEmbeds {
-            embeds: Tensor::cat(vec![neg, pos], 0),
-            mask: Tensor::cat(vec![neg_mask, pos_mask], 0),
-        })
     }
 }

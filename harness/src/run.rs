@@ -36,7 +36,7 @@ use schedulers::Schedule;
 use crate::config::{BackendKind, RunConfig};
 use crate::error::{HarnessError, Result};
 use crate::launch::{launch_options, launch_ranks};
-use crate::pipeline::{PipelineFolder, PromptEmbeds};
+use crate::pipeline::{PipelineFolder, PipelineKind, PromptEmbeds};
 use crate::sampler::{Sampler, SamplerSettings};
 use crate::shared::SharedModels;
 
@@ -217,7 +217,7 @@ impl RunPlan {
         let strategy_options = config.parallel.strategy_options()?;
         registry.check_options(&config.parallel.strategy, &strategy_options)?;
         let folder = PipelineFolder::open(&config.model)?;
-        let desc = folder.transformer_config.desc();
+        let desc = folder.denoiser_config.desc();
         let default = folder.default_image_size();
         let height = config.height.unwrap_or(default);
         let width = config.width.unwrap_or(default);
@@ -228,7 +228,7 @@ impl RunPlan {
                     key,
                     format!(
                         "{v} px is not a positive multiple of {unit} (the VAE's {}× up-sampling \
-                         × the transformer's patch size {}); try {}",
+                         × the denoiser's patch size {}); try {}",
                         folder.vae_scale_factor(),
                         desc.patch_size,
                         (v / unit).max(1) * unit
@@ -240,13 +240,25 @@ impl RunPlan {
         let grid = LatentGrid { height: height / scale, width: width / scale };
         let schedule =
             folder.scheduler(config.scheduler.as_deref())?.set_timesteps(config.steps)?;
-        let max_sequence_length =
-            config.max_sequence_length.unwrap_or(folder.default_max_sequence_length());
+        let max_sequence_length = match (folder.class.kind, config.max_sequence_length) {
+            (PipelineKind::PixArt, n) => n.unwrap_or(folder.default_max_sequence_length()),
+            (_, None) => folder.default_max_sequence_length(),
+            (_, Some(_)) => {
+                return Err(HarnessError::config(
+                    "max_sequence_length",
+                    format!(
+                        "applies to the PixArt pipelines; a {} takes its CLIP tokenizer's \
+                         length (77)",
+                        folder.class.name
+                    ),
+                ));
+            }
+        };
         if max_sequence_length == 0 {
             return Err(HarnessError::config("max_sequence_length", "must be at least 1"));
         }
         let settings = SamplerSettings {
-            guidance_scale: config.guidance_scale,
+            guidance_scale: config.guidance_scale.unwrap_or(folder.class.guidance_scale),
             images: 1,
             latent_channels: desc.in_channels,
             out_channels: desc.out_channels,
@@ -317,7 +329,7 @@ impl RunPlan {
                 "rank 0 returned no result".into(),
             ))
         })?;
-        let desc = self.folder.transformer_config.desc();
+        let desc = self.folder.denoiser_config.desc();
         Ok(RunReport {
             strategy: parallel.strategy.clone(),
             world_size: parallel.world_size,
@@ -406,20 +418,24 @@ fn rank_main<B: Backend>(
     let rank = comm.rank();
     let device = comm.device();
     let cfg = &plan.config;
-    let desc = plan.folder.transformer_config.desc();
+    let desc = plan.folder.denoiser_config.desc();
     let registry = crate::registry::<B>();
     let mut strategy =
         registry.create(&cfg.parallel.strategy, comm.clone(), &plan.strategy_options)?;
     strategy.validate(&desc, &plan.request)?;
     let load_plan = strategy.load_plan(&desc)?;
-    let model = models.get_or_load(&load_plan, &device, || {
-        plan.folder.load_transformer::<B>(&load_plan, &device)
-    })?;
+    let model = models
+        .get_or_load(&load_plan, &device, || plan.folder.load_denoiser::<B>(&load_plan, &device))?;
 
     let (text, vae) = if rank == 0 {
         let vae = if options.decode { Some(plan.folder.load_vae::<B>(&device)?) } else { None };
         let encoder = plan.folder.load_text::<B>(plan.max_sequence_length, &device)?;
-        let text = encoder.encode(&cfg.prompt, &cfg.negative_prompt, plan.settings.guidance())?;
+        let text = encoder.encode(
+            &cfg.prompt,
+            cfg.negative_prompt.as_deref(),
+            plan.settings.guidance(),
+            plan.image_size,
+        )?;
         drop(encoder);
         (Some(text), vae)
     } else {
@@ -502,33 +518,51 @@ pub fn progress_bar(steps: usize) -> ProgressBar {
     bar
 }
 
-/// Rank 0's prompt embeddings on every rank: the shape first (others do not know the text
-/// encoder's width), then the embeddings and the mask.
+/// Rank 0's prompt embeddings on every rank. First a header the other ranks cannot know:
+/// the embeddings' shape, whether there is a mask, and the width of each added condition
+/// (in name order; 0 when absent); then the tensors.
 fn share_text<B: Backend>(
     comm: &Comm<B>,
     text: Option<PromptEmbeds<B>>,
 ) -> Result<PromptEmbeds<B>> {
+    /// The added conditions a pipeline may carry, in a fixed order.
+    const ADDED: [&str; 2] = ["text_embeds", "time_ids"];
     if comm.size() == 1 {
         return text.ok_or_else(|| HarnessError::config("prompt", "rank 0 encoded no text"));
     }
     let device = comm.device();
-    let dims: Tensor<B, 1> = match &text {
+    let header: Tensor<B, 1> = match &text {
         Some(t) => {
             let d = t.embeds.dims();
-            Tensor::from_data(
-                TensorData::new(vec![d[0] as f32, d[1] as f32, d[2] as f32], [3]),
-                &device,
-            )
+            let mut h = vec![d[0] as f32, d[1] as f32, d[2] as f32, t.mask.is_some() as u8 as f32];
+            h.extend(
+                ADDED.iter().map(|k| t.added_cond.get(*k).map_or(0.0, |v| v.dims()[1] as f32)),
+            );
+            Tensor::from_data(TensorData::new(h, [4 + ADDED.len()]), &device)
         }
-        None => Tensor::zeros([3], &device),
+        None => Tensor::zeros([4 + ADDED.len()], &device),
     };
-    let dims = HostTensor::from_tensor(comm.broadcast(dims, 0)?)?.values;
-    let [b, l, d] = [dims[0] as usize, dims[1] as usize, dims[2] as usize];
-    let (embeds, mask) = match text {
-        Some(t) => (t.embeds, t.mask),
-        None => (Tensor::zeros([b, l, d], &device), Tensor::zeros([b, l], &device)),
+    let h = HostTensor::from_tensor(comm.broadcast(header, 0)?)?.values;
+    let [b, l, d] = [h[0] as usize, h[1] as usize, h[2] as usize];
+    let (embeds, mask, mut added) = match text {
+        Some(t) => (t.embeds, t.mask, t.added_cond),
+        None => (Tensor::zeros([b, l, d], &device), None, Default::default()),
     };
-    Ok(PromptEmbeds { embeds: comm.broadcast(embeds, 0)?, mask: comm.broadcast(mask, 0)? })
+    let embeds = comm.broadcast(embeds, 0)?;
+    let mask = if h[3] > 0.0 {
+        Some(comm.broadcast(mask.unwrap_or_else(|| Tensor::zeros([b, l], &device)), 0)?)
+    } else {
+        None
+    };
+    let mut added_cond = std::collections::BTreeMap::new();
+    for (i, key) in ADDED.iter().enumerate() {
+        let width = h[4 + i] as usize;
+        if width > 0 {
+            let t = added.remove(*key).unwrap_or_else(|| Tensor::zeros([b, width], &device));
+            added_cond.insert(key.to_string(), comm.broadcast(t, 0)?);
+        }
+    }
+    Ok(PromptEmbeds { embeds, mask, added_cond })
 }
 
 /// Runs `config` on the backend it names; see the [module docs](self).

@@ -119,7 +119,8 @@ impl<B: Backend> Sampler<B> {
         );
         if let Some(t) = text {
             conditioning.encoder_hidden_states = Some(t.embeds);
-            conditioning.encoder_attention_mask = Some(t.mask);
+            conditioning.encoder_attention_mask = t.mask;
+            conditioning.added_cond.extend(t.added_cond);
         }
         Self::with_conditioning(schedule, settings, conditioning)
     }

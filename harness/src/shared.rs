@@ -12,10 +12,11 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use burn::tensor::backend::Backend;
-use models_dit::DitModel;
 use parallel_core::LoadPlan;
 
-type Slot<B> = Arc<Mutex<Option<DitModel<B>>>>;
+use crate::model::AnyDenoiser;
+
+type Slot<B> = Arc<Mutex<Option<AnyDenoiser<B>>>>;
 
 /// A loaded (or loading) model and the plan and device it was loaded for.
 type Entry<B> = (LoadPlan, burn::tensor::Device<B>, Slot<B>);
@@ -47,8 +48,8 @@ impl<B: Backend> SharedModels<B> {
         &self,
         plan: &LoadPlan,
         device: &B::Device,
-        load: impl FnOnce() -> Result<DitModel<B>, E>,
-    ) -> Result<DitModel<B>, E> {
+        load: impl FnOnce() -> Result<AnyDenoiser<B>, E>,
+    ) -> Result<AnyDenoiser<B>, E> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
             match slots.iter().find(|(p, d, _)| p == plan && d == device) {
@@ -74,6 +75,7 @@ impl<B: Backend> SharedModels<B> {
 mod tests {
     use super::*;
     use crate::CpuBackend as B;
+    use models_dit::DitModel;
     use parallel_core::Shard;
 
     #[test]
@@ -87,7 +89,7 @@ mod tests {
             shared
                 .get_or_load(plan, &device, || {
                     loads += 1;
-                    DitModel::<B>::load(&dir, plan, &device)
+                    DitModel::<B>::load(&dir, plan, &device).map(AnyDenoiser::Dit)
                 })
                 .expect("load")
         };
@@ -96,8 +98,8 @@ mod tests {
             LoadPlan { tensor_shard: Some(Shard { rank: 0, world: 2 }), ..LoadPlan::full() };
         let (a, b, c) = (get(&full), get(&full), get(&shard));
         assert_eq!(loads, 2, "the second full load must be served from the first");
-        let first_weight = |m: &DitModel<B>| -> Vec<f32> {
-            let DitModel::PixArt(m) = m else { unreachable!("a PixArt fixture") };
+        let first_weight = |m: &AnyDenoiser<B>| -> Vec<f32> {
+            let AnyDenoiser::Dit(DitModel::PixArt(m)) = m else { unreachable!("a PixArt fixture") };
             m.transformer_blocks[0].attn1.to_q.weight.val().into_data().to_vec().expect("f32")
         };
         assert_eq!(first_weight(&a), first_weight(&b));

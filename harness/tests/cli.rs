@@ -63,7 +63,12 @@ fn a_typo_in_the_config_names_the_key_file_and_line() {
 
 /// A copy of the tiny pipeline in `dir`, without the component `skip`.
 fn copy_pipeline(dir: &Path, skip: &str) {
-    let src = repo("fixtures/pipeline/pixart-alpha-tiny");
+    copy_pipeline_from("fixtures/pipeline/pixart-alpha-tiny", dir, skip);
+}
+
+/// A copy of the pipeline folder `src` in `dir`, without the component `skip`.
+fn copy_pipeline_from(src: &str, dir: &Path, skip: &str) {
+    let src = repo(src);
     for entry in std::fs::read_dir(&src).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name();
@@ -89,6 +94,75 @@ fn a_missing_component_folder_is_named() {
     copy_pipeline(&dir, "vae");
     let err = fails(&["run", "configs/demo.toml", "--model", s(&dir), "--steps", "2"]);
     assert!(err.contains("missing component folder `vae/`"), "{err}");
+}
+
+#[test]
+fn stable_diffusion_pipelines_run_and_name_what_is_missing() {
+    for (pipeline, size) in
+        [("fixtures/pipeline/sd15-tiny", "128"), ("fixtures/pipeline/sdxl-tiny", "192")]
+    {
+        let dir = tmp(&format!("sd-run-{size}"));
+        let png = dir.join("sd.png");
+        let stdout = succeeds(&[
+            "run",
+            "--model",
+            pipeline,
+            "--prompt",
+            "a photo of a cat",
+            "--steps",
+            "2",
+            "--height",
+            size,
+            "--output",
+            s(&png),
+        ]);
+        assert!(stdout.contains("steps/s"), "{stdout}");
+        assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    }
+    // naive_patch splits a U-Net's rows (the other strategies refuse it, naming the family).
+    let dir = tmp("sd-naive");
+    succeeds(&[
+        "run",
+        "--model",
+        "fixtures/pipeline/sd15-tiny",
+        "--steps",
+        "1",
+        "--strategy",
+        "naive_patch",
+        "--world-size",
+        "2",
+        "--output",
+        s(&dir.join("naive.png")),
+    ]);
+    let err = fails(&[
+        "run",
+        "--model",
+        "fixtures/pipeline/sd15-tiny",
+        "--steps",
+        "1",
+        "--strategy",
+        "ulysses",
+        "--world-size",
+        "2",
+    ]);
+    assert!(err.contains("U-Net"), "{err}");
+    let err = fails(&[
+        "run",
+        "--model",
+        "fixtures/pipeline/sd15-tiny",
+        "--steps",
+        "1",
+        "--max-sequence-length",
+        "100",
+    ]);
+    assert!(
+        err.contains("max_sequence_length") && err.contains("StableDiffusionPipeline"),
+        "{err}"
+    );
+    let dir = tmp("sdxl-missing");
+    copy_pipeline_from("fixtures/pipeline/sdxl-tiny", &dir, "tokenizer_2");
+    let err = fails(&["run", "--model", s(&dir), "--steps", "1"]);
+    assert!(err.contains("missing component folder `tokenizer_2/`"), "{err}");
 }
 
 #[test]

@@ -134,7 +134,7 @@ fn four_steps_match_diffusers_step_by_step() {
 
     // Prompt encoding: [negative, positive].
     let text = folder.load_text::<B>(120, &device).unwrap();
-    let embeds = text.encode("a photo of a cat", "", true).unwrap();
+    let embeds = text.encode("a photo of a cat", Some(""), true, (128, 128)).unwrap();
     let e = host(embeds.embeds.clone());
     let half = e.values.len() / 2;
     let neg = HostTensor { shape: vec![1, 120, 32], values: e.values[..half].to_vec() };
@@ -143,7 +143,7 @@ fn four_steps_match_diffusers_step_by_step() {
     let pos_err = pos.rel_l2_error(&f32s(&r["prompt_embeds"]));
     println!("prompt embeds rel L2: negative {neg_err:.2e}, positive {pos_err:.2e}");
     assert!(neg_err <= TEXT && pos_err <= TEXT);
-    let mask = host(embeds.mask.clone()).values;
+    let mask = host(embeds.mask.clone().expect("T5 embeddings have a mask")).values;
     let want_mask: Vec<f32> =
         [f32s(&r["negative_prompt_attention_mask"]), f32s(&r["prompt_attention_mask"])].concat();
     assert_eq!(mask, want_mask);
@@ -159,7 +159,7 @@ fn four_steps_match_diffusers_step_by_step() {
         additional_conditions: None,
     };
     let mut sampler = Sampler::new(schedule, settings, Some(embeds), &device).unwrap();
-    let model = folder.load_transformer::<B>(&LoadPlan::full(), &device).unwrap();
+    let model = folder.load_denoiser::<B>(&LoadPlan::full(), &device).unwrap();
     let latents = sampler.initial_latents(tensor(&r["initial_latents"]));
     let mut rec = Recorder {
         inner: &mut sampler,
@@ -213,9 +213,9 @@ fn run_with_reference_latents(steps: usize, file: &str, strategy: &str, world: u
     let mut cfg = RunConfig {
         model: pipeline(),
         prompt: "a photo of a cat".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         steps,
-        guidance_scale: 4.5,
+        guidance_scale: Some(4.5),
         height: Some(128),
         width: Some(128),
         latents: Some(latents),

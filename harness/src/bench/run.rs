@@ -124,7 +124,9 @@ pub fn run_configuration(
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
         let model = models
-            .get_or_load(&plan, &comm.device(), || DitModel::<B>::load(dir, &plan, &comm.device()))
+            .get_or_load(&plan, &comm.device(), || {
+                DitModel::<B>::load(dir, &plan, &comm.device()).map(crate::model::AnyDenoiser::Dit)
+            })
             .map_err(|e| ParallelError::Model(e.to_string()))?;
         let inputs = BenchInputs::new(config, spec, &comm.device());
         let mut outcome = RankOutcome {
