@@ -342,6 +342,10 @@ impl PipelineFolder {
             SchedulerError::Json { message } => {
                 HarnessError::config(path.display().to_string(), message)
             }
+            e @ SchedulerError::UnknownClass { .. } => HarnessError::config(
+                path.display().to_string(),
+                format!("{e}; run it with one of them: --scheduler NAME (`harness list`)"),
+            ),
             other => other.into(),
         };
         let config = match name {

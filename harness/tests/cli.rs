@@ -159,6 +159,32 @@ fn stable_diffusion_pipelines_run_and_name_what_is_missing() {
         err.contains("max_sequence_length") && err.contains("StableDiffusionPipeline"),
         "{err}"
     );
+    // A scheduler class this toolkit does not implement: named, with the known ones and the
+    // flag that overrides it.
+    let dir = tmp("sd-lms");
+    copy_pipeline_from("fixtures/pipeline/sd15-tiny", &dir, "");
+    let config = dir.join("scheduler/scheduler_config.json");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("PNDMScheduler", "LMSDiscreteScheduler");
+    std::fs::write(&config, text).unwrap();
+    let err = fails(&["run", "--model", s(&dir), "--steps", "1"]);
+    assert!(
+        err.contains("LMSDiscreteScheduler")
+            && err.contains("PNDMScheduler")
+            && err.contains("--scheduler"),
+        "{err}"
+    );
+    succeeds(&[
+        "run",
+        "--model",
+        s(&dir),
+        "--steps",
+        "1",
+        "--scheduler",
+        "ddim",
+        "--output",
+        s(&dir.join("x.png")),
+    ]);
     let dir = tmp("sdxl-missing");
     copy_pipeline_from("fixtures/pipeline/sdxl-tiny", &dir, "tokenizer_2");
     let err = fails(&["run", "--model", s(&dir), "--steps", "1"]);
