@@ -6,9 +6,10 @@
 //! and the [`Reference`] its output must equal, so a strategy joins the suite by registering —
 //! nothing here names one.
 //!
-//! For every declared case ([`runs`]) and every DiT fixture ([`fixtures`]: PixArt-α, PixArt-α
-//! 1024-MS with added conditions, PixArt-Σ, DiT, and PixArt-α as float16, bfloat16 and a
-//! sharded checkpoint; square, wide, tall, uneven-row and class-label cases):
+//! For every declared case ([`runs`]) and every fixture ([`fixtures`]: the DiT models PixArt-α,
+//! PixArt-α 1024-MS with added conditions, PixArt-Σ, DiT, and PixArt-α as float16, bfloat16
+//! and a sharded checkpoint; the U-Nets SD 1.5-, SD 2.1- and SDXL-style and SD 1.5 stored as
+//! float16 and bfloat16; square, wide, tall, uneven-row, class-label and SDXL cases):
 //!
 //! - [`check_forward`]: one lone forward equals the reference's on every rank, and every rank
 //!   sends exactly what the strategy's formula says for a forward
@@ -19,7 +20,15 @@
 //!
 //! The references ([`reference`]) are independent single-rank implementations of each
 //! definition on the serial model through its seams — whose equality to diffusers is
-//! `models-dit`'s own test — never a number a strategy produced.
+//! `models-dit`'s and `models-unet`'s own test — never a number a strategy produced.
+//!
+//! A run does not apply to a fixture where its case is declared for the other family only
+//! (options that act on a U-Net's group norms), or where the strategy says so in `validate`
+//! for one of three reasons the suite accepts ([`not_applicable`]): a strategy for transformers
+//! refusing a U-Net (the message names the family), a row split with more ranks than the
+//! latent has rows of the model's row granularity, or a row split of a U-Net latent that is
+//! not made of whole rows of its coarsest map (a U-Net's whole forward takes any size). Any
+//! other refusal is a failure.
 
 pub mod reference;
 
@@ -30,9 +39,9 @@ use std::time::Duration;
 use burn::tensor::{DType, Tensor};
 use harness::{Sampler, SamplerSettings};
 use parallel_core::{
-    CommStats, Denoiser, DenoiserInput, ExpectedComm, LaunchOptions, LoadPlan, ModelDesc, OpKind,
-    ParallelError, ParallelStrategy, Reference, Registry, RequestInfo, Result, StepKind,
-    StrategyOptions, launch,
+    CommStats, Denoiser, DenoiserInput, ExpectedComm, LaunchOptions, LoadPlan, ModelDesc,
+    ModelFamily, OpKind, ParallelError, ParallelStrategy, Reference, Registry, RequestInfo, Result,
+    StepKind, StrategyOptions, launch,
 };
 use schedulers::Scheduler;
 
@@ -46,11 +55,13 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
 
-/// A DiT fixture model: a diffusers transformer folder with reference cases.
+/// A fixture model: a diffusers transformer or U-Net folder with reference cases.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fixture {
-    /// Its folder name under `fixtures/dit/`.
+    /// Its folder name under `fixtures/dit/` or `fixtures/unet/`.
     pub name: String,
+    /// DiT or U-Net.
+    pub family: ModelFamily,
     /// The folder.
     pub dir: PathBuf,
     /// The dtype of its weights on disk, which strategies compute in.
@@ -75,15 +86,40 @@ impl Fixture {
     }
 
     /// The case a loop runs on: `rows10` (10 token rows: uneven bands over 4 ranks) where the
-    /// fixture has it, else `square`.
+    /// fixture has it, else `tall` for a U-Net (24 rows: 3 bands of 8 for SD, 6 of 4 for
+    /// SDXL), else `square`.
     pub fn loop_case(&self) -> PathBuf {
         let rows10 = self.case("rows10");
-        if rows10.is_file() { rows10 } else { self.case("square") }
+        let tall = self.case("tall");
+        if rows10.is_file() {
+            rows10
+        } else if self.family == ModelFamily::Unet && tall.is_file() {
+            tall
+        } else {
+            self.case("square")
+        }
+    }
+
+    fn config(&self) -> harness::DenoiserConfig {
+        harness::DenoiserConfig::from_folder(&self.dir).expect("fixture config")
     }
 
     /// What strategies validate against.
     pub fn desc(&self) -> ModelDesc {
-        models_dit::ModelConfig::from_folder(&self.dir).expect("fixture config").desc()
+        self.config().desc()
+    }
+
+    /// A case's inputs.
+    pub fn read(&self, path: &Path) -> DenoiserInput<B> {
+        harness::read_denoiser_input::<B>(path, self.family, &Default::default())
+            .expect("fixture case")
+            .0
+    }
+
+    /// Row bands of a latent `grid` over `parts`, in units of the model's row granularity
+    /// (token rows for a DiT): what a reference plan splits.
+    pub fn units(&self, grid: parallel_core::LatentGrid) -> usize {
+        grid.height / self.desc().row_granularity
     }
 
     /// The model as rank `plan` loads it, computing in `dtype`.
@@ -92,13 +128,9 @@ impl Fixture {
         plan: &LoadPlan,
         dtype: DType,
         device: &<B as burn::tensor::backend::BackendTypes>::Device,
-    ) -> Result<models_dit::DitModel<B>> {
-        let config = models_dit::ModelConfig::from_folder(&self.dir)
-            .map_err(|e| ParallelError::Model(e.to_string()))?;
-        let store = weights::WeightStore::open(&self.dir, models_dit::WEIGHTS_FILE)
-            .map_err(|e| ParallelError::Model(e.to_string()))?
-            .with_dtype(dtype);
-        models_dit::DitModel::from_store(&config, store, plan, device)
+    ) -> Result<harness::AnyDenoiser<B>> {
+        self.config()
+            .load_as(&self.dir, plan, dtype, device)
             .map_err(|e| ParallelError::Model(e.to_string()))
     }
 
@@ -106,11 +138,14 @@ impl Fixture {
     /// computed in float32 on the same weights, in relative L2: one forward (`loop_ = false`)
     /// or a 6-step loop's final latents. Measured on an AMD EPYC (AVX2), worst over the suite:
     ///
-    /// | dtype | forward bound (measured) | loop bound (measured) |
+    /// | dtype | forward bound (measured DiT; U-Net) | loop bound (measured DiT; U-Net) |
     /// |---|---|---|
-    /// | float32 | 1e-5 (3.5e-7) | 1e-5 (7.2e-7) |
-    /// | float16 | 5e-3 (1.5e-3) | 3e-2 (1.0e-2) |
-    /// | bfloat16 | 3e-2 (1.1e-2) | 6e-2 (2.1e-2) |
+    /// | float32 | 1e-5 (3.5e-7; 8.9e-7) | 1e-5 (7.2e-7; 1.6e-6) |
+    /// | float16 | 5e-3 (1.5e-3; 2.5e-3) | 3e-2 (1.0e-2; 4.1e-3) |
+    /// | bfloat16 | 3e-2 (1.1e-2; 1.6e-2) | 6e-2 (2.1e-2; 2.9e-2) |
+    ///
+    /// (U-Net numbers on an Intel Xeon with AVX-512: the tiny SD 1.5 fixture's serial
+    /// float16 forward is itself 2.4e-3 from float32, bfloat16 1.6e-2; ~2× margin.)
     ///
     /// - float32: strategies reorder float32 sums (log-sum-exp merges, all-reduces of partial
     ///   products, attention over spliced K/V), ~1e-7 relative per forward; a loop's
@@ -140,11 +175,18 @@ impl fmt::Display for Fixture {
     }
 }
 
-/// Every DiT fixture under `fixtures/dit/` (a folder with a `config.json`), sorted by name.
+/// Every fixture under `fixtures/dit/` and `fixtures/unet/` (a folder with a `config.json`),
+/// DiTs first, each family sorted by name.
 pub fn fixtures() -> Vec<Fixture> {
-    let root = fixtures_dir().join("dit");
+    let mut all = family_fixtures("dit", ModelFamily::Dit);
+    all.extend(family_fixtures("unet", ModelFamily::Unet));
+    all
+}
+
+fn family_fixtures(folder: &str, family: ModelFamily) -> Vec<Fixture> {
+    let root = fixtures_dir().join(folder);
     let mut out: Vec<Fixture> = std::fs::read_dir(&root)
-        .expect("fixtures/dit")
+        .expect("fixtures folder")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.join("config.json").is_file())
         .map(|dir| {
@@ -157,7 +199,7 @@ pub fn fixtures() -> Vec<Fixture> {
                 _ => DType::F32,
             };
             let name = dir.file_name().expect("name").to_string_lossy().to_string();
-            Fixture { name, dir, dtype }
+            Fixture { name, family, dir, dtype }
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -169,11 +211,52 @@ pub fn fixture(name: &str) -> Fixture {
     fixtures().into_iter().find(|f| f.name == name).unwrap_or_else(|| panic!("no fixture {name}"))
 }
 
-/// A case's inputs.
+/// A case's inputs (a DiT case holds `hidden_states`, a U-Net case `sample`).
 pub fn read_input(path: &Path) -> DenoiserInput<B> {
-    harness::read_denoiser_input::<B>(path, parallel_core::ModelFamily::Dit, &Default::default())
-        .expect("fixture case")
-        .0
+    let tensors = weights::read_tensors(path).expect("fixture case");
+    let family =
+        if tensors.contains_key("hidden_states") { ModelFamily::Dit } else { ModelFamily::Unet };
+    harness::read_denoiser_input::<B>(path, family, &Default::default()).expect("fixture case").0
+}
+
+/// Why `run` does not apply to `fixture` on a latent `grid`, if it does not: every rank's
+/// `validate` refuses, for a reason the suite accepts (see the [crate docs](crate)). `None`
+/// when the strategy validates (the run must then equal its reference).
+///
+/// # Errors
+/// A refusal the suite does not accept, in words.
+pub fn not_applicable(
+    registry: &Registry<B>,
+    run: &SuiteRun,
+    fixture: &Fixture,
+    grid: parallel_core::LatentGrid,
+) -> std::result::Result<Option<String>, String> {
+    if let Some(family) = run.family.filter(|f| *f != fixture.family) {
+        return Ok(Some(format!("the case is declared for {family} models only")));
+    }
+    let d = fixture.desc();
+    let request = RequestInfo { steps: 1, grid, batch: 2, images: 1, text_tokens: 0 };
+    let results = launch(run.world_size, &launch_options(), |comm| {
+        let strategy = registry.create(run.strategy, comm, &run.options)?;
+        strategy.validate(&d, &request)
+    });
+    let errors: Vec<String> =
+        results.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()).collect();
+    let Some(first) = errors.first() else { return Ok(None) };
+    let family = fixture.family == ModelFamily::Unet
+        && first.contains("U-Net model")
+        && first.contains("applies to DiT models only");
+    let rows = first.contains(&format!("fewer than the {} ranks", run.world_size));
+    // A U-Net takes any latent size whole (diffusers forwards its up-sampling sizes); a row
+    // split needs whole rows of the coarsest map.
+    let grid = fixture.family == ModelFamily::Unet && first.contains("must be a positive multiple");
+    if (family || rows || grid) && errors.len() == run.world_size {
+        Ok(Some(first.clone()))
+    } else {
+        Err(format!(
+            "{run} {fixture}: refused by validate, for no reason the suite accepts: {first}"
+        ))
+    }
 }
 
 /// Every strategy of the binary, with the registry it is created from.
@@ -192,6 +275,8 @@ pub struct SuiteRun {
     pub world_size: usize,
     /// What it must equal.
     pub reference: Reference,
+    /// Run on fixtures of this family only (`None`: every fixture).
+    pub family: Option<ModelFamily>,
 }
 
 impl fmt::Display for SuiteRun {
@@ -213,6 +298,7 @@ pub fn runs(registry: &Registry<B>) -> Vec<SuiteRun> {
                     options: case.strategy_options(info.name),
                     world_size: n,
                     reference: case.reference.clone(),
+                    family: case.family,
                 });
             }
         }
@@ -246,7 +332,7 @@ pub fn setup(
     comm: parallel_core::Comm<B>,
     fixture: &Fixture,
     request: &RequestInfo,
-) -> Result<(Box<dyn ParallelStrategy<B>>, models_dit::DitModel<B>)> {
+) -> Result<(Box<dyn ParallelStrategy<B>>, harness::AnyDenoiser<B>)> {
     let strategy = registry.create(run.strategy, comm.clone(), &run.options)?;
     let d = fixture.desc();
     strategy.validate(&d, request)?;
@@ -281,8 +367,8 @@ pub fn forward_on_ranks(
 
 /// The guided sampler of a loop over a fixture case: the case's batch of two is the guidance
 /// pair (entry 0 unconditional, entry 1 conditional) at scale 4.5; DPM-Solver++ as the tiny
-/// pipeline's `scheduler_config.json` sets it up; the latent is the case's first
-/// `hidden_states` entry.
+/// pipeline's `scheduler_config.json` sets it up; the latent is the case's first latent
+/// entry.
 pub fn sampler(case: &DenoiserInput<B>, desc: &ModelDesc, steps: usize) -> Result<Sampler<B>> {
     let config = fixtures_dir().join("pipeline/pixart-alpha-tiny/scheduler/scheduler_config.json");
     let schedule = Scheduler::from_file(&config)
@@ -406,6 +492,25 @@ pub struct Worst {
     pub rel_l2: f64,
     /// Where.
     pub at: String,
+    /// Cases run.
+    pub applied: usize,
+    /// Cases the run does not apply to, with the strategy's reason (see [`not_applicable`]).
+    pub not_applicable: Vec<String>,
+}
+
+impl Worst {
+    /// What a test prints: the worst error, or why no case applied.
+    pub fn summary(&self) -> String {
+        match (self.applied == 0, self.not_applicable.first()) {
+            (true, Some(why)) => format!("not applicable: {why}"),
+            (_, Some(_)) => format!(
+                "worst rel L2 {:.2e} ({} case(s) not applicable)",
+                self.rel_l2,
+                self.not_applicable.len()
+            ),
+            _ => format!("worst rel L2 {:.2e}", self.rel_l2),
+        }
+    }
 }
 
 /// One forward of `run` on every case of `fixture`: each rank equals the reference forward
@@ -418,11 +523,16 @@ pub fn check_forward(
     run: &SuiteRun,
     fixture: &Fixture,
 ) -> std::result::Result<Worst, String> {
-    let mut worst = Worst { rel_l2: 0.0, at: String::new() };
-    let d = fixture.desc();
+    let mut worst =
+        Worst { rel_l2: 0.0, at: String::new(), applied: 0, not_applicable: Vec::new() };
     for case in fixture.cases() {
-        let input = read_input(&case);
-        let plan = Plan::of(&run.reference, d.tokens(input.grid()).rows, run.world_size);
+        let input = fixture.read(&case);
+        if let Some(reason) = not_applicable(registry, run, fixture, input.grid())? {
+            worst.not_applicable.push(reason);
+            continue;
+        }
+        worst.applied += 1;
+        let plan = Plan::of(&run.reference, fixture.units(input.grid()), run.world_size);
         let want = reference_forward(&plan, fixture, &input);
         let label =
             format!("{run} {fixture}/{}", case.file_stem().expect("stem").to_string_lossy());
@@ -435,7 +545,8 @@ pub fn check_forward(
                 return Err(format!("{label} rank {r}: {c} against the reference (bound {tol:e})"));
             }
             if c.rel_l2 > worst.rel_l2 {
-                worst = Worst { rel_l2: c.rel_l2, at: format!("{label} rank {r}") };
+                worst.rel_l2 = c.rel_l2;
+                worst.at = format!("{label} rank {r}");
             }
             if let Some(m) = comm_mismatch(&rep) {
                 return Err(format!("{label} rank {r}: {m}"));
@@ -456,6 +567,9 @@ pub struct LoopReport {
     pub rel_l2: f64,
     /// PSNR of the final latents against the serial loop, dB.
     pub psnr_vs_serial: f64,
+    /// Why the run does not apply to the fixture's loop case, if it does not
+    /// ([`not_applicable`]); the errors are then 0.
+    pub not_applicable: Option<String>,
 }
 
 /// `steps` steps of `run` on `fixture`'s loop case, twice on the same instances: the final
@@ -472,9 +586,14 @@ pub fn check_denoise(
     steps: usize,
 ) -> std::result::Result<LoopReport, String> {
     let case_path = fixture.loop_case();
-    let case = read_input(&case_path);
-    let d = fixture.desc();
-    let rows = d.tokens(case.grid()).rows;
+    let case = fixture.read(&case_path);
+    let mut report =
+        LoopReport { rel_l2: 0.0, psnr_vs_serial: f64::INFINITY, not_applicable: None };
+    if let Some(why) = not_applicable(registry, run, fixture, case.grid())? {
+        report.not_applicable = Some(why);
+        return Ok(report);
+    }
+    let rows = fixture.units(case.grid());
     let want =
         reference_denoise(&Plan::of(&run.reference, rows, run.world_size), fixture, &case, steps);
     let serial = reference_denoise(&Plan::Serial, fixture, &case, steps);
@@ -483,7 +602,6 @@ pub fn check_denoise(
         case_path.file_stem().expect("stem").to_string_lossy()
     );
     let tol = fixture.tolerance(true);
-    let mut report = LoopReport { rel_l2: 0.0, psnr_vs_serial: f64::INFINITY };
     let mut first: Option<Tensor<B, 4>> = None;
     for (r, reps) in
         denoise_on_ranks(registry, run, fixture, &case, steps, 2).into_iter().enumerate()

@@ -1,4 +1,4 @@
-//! One lone forward: every registered strategy × its declared cases × every DiT fixture ×
+//! One lone forward: every registered strategy × its declared cases × every fixture (DiT and U-Net) ×
 //! every case equals its reference, and sends exactly what its formula says.
 
 use conformance::{check_forward, fixture, fixtures, read_input, registry, runs};
@@ -9,14 +9,14 @@ fn every_strategy_equals_its_reference_on_every_fixture() {
     let registry = registry();
     let runs = runs(&registry);
     let fixtures = fixtures();
-    assert!(fixtures.len() >= 7, "fixtures/dit has {} models", fixtures.len());
+    assert!(fixtures.len() >= 12, "fixtures/dit and fixtures/unet have {} models", fixtures.len());
     let mut failures = Vec::new();
     let mut count = 0;
     for run in &runs {
         for f in &fixtures {
             count += 1;
             match check_forward(&registry, run, f) {
-                Ok(w) => eprintln!("{run:<44} {f:<22} worst rel L2 {:.2e}", w.rel_l2),
+                Ok(w) => eprintln!("{run:<44} {f:<22} {}", w.summary()),
                 Err(e) => failures.push(e),
             }
         }
@@ -54,6 +54,7 @@ fn refusal(name: &str, n: usize, model: &str) -> Vec<String> {
         options: StrategyOptions::new(name),
         world_size: n,
         reference: parallel_core::Reference::Serial,
+        family: None,
     };
     conformance::forward_on_ranks(&registry, &run, &f, &input)
         .into_iter()
@@ -113,6 +114,7 @@ fn tensor_parallel_parameter_bytes_are_sharded_over_n_plus_replicated() {
             options: StrategyOptions::new("tensor"),
             world_size: n,
             reference: parallel_core::Reference::Serial,
+            family: None,
         };
         for rep in conformance::forward_on_ranks(&registry, &run, &f, &input) {
             assert_eq!(rep.unwrap().param_bytes, sharded / n as u64 + replicated, "n={n}");

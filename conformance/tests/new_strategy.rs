@@ -130,9 +130,16 @@ fn a_formula_that_undercounts_by_one_element_fails() {
 fn a_strategy_that_is_not_what_it_declares_fails() {
     // naive patch's behaviour under a name that claims DistriFusion's definition.
     let mut registry: Registry<B> = Registry::new();
-    registry.register(info("liar", Reference::DisplacedPatches { warmup_steps: 1 }), |comm, _| {
-        Ok(Box::new(strategy_distrifusion::NaivePatch::new(comm)))
-    });
+    registry.register(
+        info(
+            "liar",
+            Reference::DisplacedPatches {
+                warmup_steps: 1,
+                norm: parallel_core::GroupNormMode::CorrectedAsync,
+            },
+        ),
+        |comm, _| Ok(Box::new(strategy_distrifusion::NaivePatch::new(comm))),
+    );
     let run = runs(&registry).into_iter().find(|r| r.world_size == 2).unwrap();
     let e = check_forward(&registry, &run, &fixture("pixart-alpha")).unwrap_err();
     assert!(e.contains("against the reference"), "{e}");

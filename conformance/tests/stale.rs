@@ -5,17 +5,18 @@
 //! nothing about their bookkeeping. The suite instead requires them to equal an exact
 //! single-rank reference of their definition (`conformance::reference`). This test shows that
 //! requirement has teeth: a strategy whose K/V were one step too old, whose own band were
-//! stale, whose earlier patches were stale (or fresh when they must not be), or whose bands
-//! were cut one patch off, would be far outside the suite's bound.
+//! stale, whose earlier patches were stale (or fresh when they must not be), whose bands
+//! were cut one patch off, or — on a U-Net, whose halo rows and statistics are stale too —
+//! whose group norms used another mode's statistics, would be far outside the suite's bound.
 
 use std::collections::BTreeMap;
 
 use conformance::reference::bands;
 use conformance::{
-    Plan, Variant, compare, denoise_on_ranks, fixture, read_input, reference_denoise, registry,
+    Plan, Variant, compare, denoise_on_ranks, fixture, not_applicable, reference_denoise, registry,
     runs,
 };
-use parallel_core::Reference;
+use parallel_core::{GroupNormMode, ModelFamily, Reference};
 
 const STEPS: usize = 6;
 
@@ -28,7 +29,13 @@ const STEPS: usize = 6;
 /// also declares warmup 1 and 2.
 const MUTANT_MIN: f64 = 2e-4;
 
-fn mutants(plan: &Plan, reference: &Reference, rows: usize, n: usize) -> Vec<(String, Plan)> {
+fn mutants(
+    plan: &Plan,
+    reference: &Reference,
+    rows: usize,
+    n: usize,
+    family: ModelFamily,
+) -> Vec<(String, Plan)> {
     let Plan::Stale { variant, .. } = plan.clone() else { return Vec::new() };
     let mut out = vec![
         (
@@ -50,13 +57,27 @@ fn mutants(plan: &Plan, reference: &Reference, rows: usize, n: usize) -> Vec<(St
         Reference::DisplacedPatches { .. } => Some(n + 1),
         _ => None,
     };
-    if let (Some(m), Plan::Stale { warmup_steps, variant, step_bands, .. }) =
+    if let (Some(m), Plan::Stale { warmup_steps, variant, step_bands, norm, .. }) =
         (shifted, plan.clone())
     {
         out.push((
             format!("cut into {m} bands"),
-            Plan::Stale { bands: bands(rows, m), warmup_steps, variant, step_bands },
+            Plan::Stale { bands: bands(rows, m), warmup_steps, variant, step_bands, norm },
         ));
+    }
+    // A U-Net's group norms with another mode's statistics (sync has no sequential
+    // definition after warmup).
+    if let (ModelFamily::Unet, Plan::Stale { norm, .. }) = (family, plan) {
+        for other in [GroupNormMode::Stale, GroupNormMode::CorrectedAsync, GroupNormMode::Separate]
+        {
+            if other != *norm {
+                let mut mutant = plan.clone();
+                if let Plan::Stale { norm, .. } = &mut mutant {
+                    *norm = other;
+                }
+                out.push((format!("gn_mode {other}"), mutant));
+            }
+        }
     }
     out
 }
@@ -66,13 +87,16 @@ fn a_one_step_or_one_patch_mistake_is_far_outside_the_bound() {
     let registry = registry();
     // (strategy, mutation) → the largest distance over the strategy's cases, and where.
     let mut caught: BTreeMap<(String, String), (f64, String)> = BTreeMap::new();
-    for model in ["pixart-alpha", "dit"] {
+    for model in ["pixart-alpha", "dit", "sd15", "sdxl"] {
         let f = fixture(model);
-        let case = read_input(&f.loop_case());
-        let rows = f.desc().tokens(case.grid()).rows;
+        let case = f.read(&f.loop_case());
+        let rows = f.units(case.grid());
         for run in runs(&registry) {
             let plan = Plan::of(&run.reference, rows, run.world_size);
-            if !matches!(plan, Plan::Stale { .. }) || run.world_size < 2 {
+            if !matches!(plan, Plan::Stale { .. })
+                || run.world_size < 2
+                || not_applicable(&registry, &run, &f, case.grid()).unwrap().is_some()
+            {
                 continue;
             }
             let ours = denoise_on_ranks(&registry, &run, &f, &case, STEPS, 1)
@@ -82,7 +106,7 @@ fn a_one_step_or_one_patch_mistake_is_far_outside_the_bound() {
                 .output;
             let exact = compare(&ours, &reference_denoise(&plan, &f, &case, STEPS));
             assert!(exact.rel_l2 <= f.tolerance(true), "{run} {f}: {exact}");
-            for (what, mutant) in mutants(&plan, &run.reference, rows, run.world_size) {
+            for (what, mutant) in mutants(&plan, &run.reference, rows, run.world_size, f.family) {
                 if mutant == plan {
                     continue;
                 }

@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use models_dit::{DitModel, ModelConfig};
 use models_unet::{UNet2DConditionConfig, UnetModel};
 use parallel_core::{Denoiser, DenoiserInput, LoadPlan, ModelDesc, Seams, StagedDenoiser};
+use weights::WeightStore;
 
 use crate::error::{HarnessError, Result};
 
@@ -56,6 +57,26 @@ impl DenoiserConfig {
             DenoiserConfig::Dit(c) => c.desc(),
             DenoiserConfig::Unet(c) => c.desc(),
         }
+    }
+
+    /// Loads the folder's weights as this rank's part under `plan`, computing in `dtype`.
+    pub fn load_as<B: Backend>(
+        &self,
+        folder: &Path,
+        plan: &LoadPlan,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Result<AnyDenoiser<B>> {
+        Ok(match self {
+            DenoiserConfig::Dit(c) => {
+                let store = WeightStore::open(folder, models_dit::WEIGHTS_FILE)?.with_dtype(dtype);
+                AnyDenoiser::Dit(DitModel::from_store(c, store, plan, device)?)
+            }
+            DenoiserConfig::Unet(c) => {
+                let store = WeightStore::open(folder, models_unet::WEIGHTS_FILE)?.with_dtype(dtype);
+                AnyDenoiser::Unet(Box::new(UnetModel::from_store(c, store, plan, device)?))
+            }
+        })
     }
 
     /// Loads the folder's weights as this rank's part under `plan`.

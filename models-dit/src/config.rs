@@ -498,6 +498,7 @@ impl PixArtConfig {
             row_granularity: self.patch_size,
             sample_size: self.sample_size,
             heads_per_level: vec![self.num_attention_heads],
+            feature_sites: Vec::new(),
         }
     }
 }
@@ -594,6 +595,7 @@ impl DiTConfig {
             row_granularity: self.patch_size,
             sample_size: self.sample_size,
             heads_per_level: vec![self.num_attention_heads],
+            feature_sites: Vec::new(),
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use parallel_core::{ModelDesc, ModelFamily};
+use parallel_core::{FeatureSite, ModelDesc, ModelFamily};
 use serde_json::{Map, Value};
 
 use crate::error::{Result, UnetError};
@@ -508,6 +508,83 @@ impl UNet2DConditionConfig {
         down + mid + up
     }
 
+    /// The seam sites of a forward, in order ([`ModelDesc::feature_sites`]): per resnet
+    /// `norm1`, `conv1`, `norm2`, `conv2` (its 1×1 shortcut has none); per transformer its
+    /// GroupNorm and one self-attention per layer; each down-sampler's conv at its input
+    /// resolution and each up-sampler's after the interpolation; `conv_norm_out`, `conv_out`.
+    /// `conv_in` reads the whole latent and is no site. `models-unet`'s tests hold this
+    /// list against the sites a forward passes.
+    pub fn feature_sites(&self) -> Vec<FeatureSite> {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let groups = self.norm_num_groups;
+        let mut sites = Vec::new();
+        let resnet = |sites: &mut Vec<FeatureSite>, c_in: usize, c_out: usize, scale: usize| {
+            sites.push(FeatureSite::GroupNorm { channels: c_in, groups, scale });
+            sites.push(FeatureSite::Conv { channels: c_in, halo: 1, scale });
+            sites.push(FeatureSite::GroupNorm { channels: c_out, groups, scale });
+            sites.push(FeatureSite::Conv { channels: c_out, halo: 1, scale });
+        };
+        let transformer =
+            |sites: &mut Vec<FeatureSite>, channels: usize, heads: usize, layers, scale| {
+                sites.push(FeatureSite::GroupNorm { channels, groups, scale });
+                for _ in 0..layers {
+                    sites.push(FeatureSite::SelfAttention { channels, heads, scale });
+                }
+            };
+        let mut scale = 1;
+        let mut out = ch[0];
+        for (i, &channels) in ch.iter().enumerate() {
+            let input = out;
+            out = channels;
+            for j in 0..self.layers_per_block[i] {
+                resnet(&mut sites, if j == 0 { input } else { out }, out, scale);
+                if self.down_block_types[i] == BlockKind::CrossAttn {
+                    let layers = self.transformer_layers_per_block[i];
+                    transformer(&mut sites, out, self.num_attention_heads[i], layers, scale);
+                }
+            }
+            if i + 1 < n {
+                sites.push(FeatureSite::Conv { channels: out, halo: 1, scale });
+                scale *= 2;
+            }
+        }
+        if self.mid_block {
+            let c = ch[n - 1];
+            resnet(&mut sites, c, c, scale);
+            let layers = self.transformer_layers_per_block[n - 1];
+            transformer(&mut sites, c, self.num_attention_heads[n - 1], layers, scale);
+            resnet(&mut sites, c, c, scale);
+        }
+        let mut out = ch[n - 1];
+        for i in 0..n {
+            let level = n - 1 - i;
+            let prev = out;
+            out = ch[level];
+            let skip_last = ch[level.saturating_sub(1)];
+            let layers = self.layers_per_block[level] + 1;
+            for j in 0..layers {
+                let skip = if j == layers - 1 { skip_last } else { out };
+                let c_in = if j == 0 { prev } else { out };
+                resnet(&mut sites, c_in + skip, out, scale);
+                if self.up_block_types[i] == BlockKind::CrossAttn {
+                    let t = self.reverse_transformer_layers_per_block[i];
+                    transformer(&mut sites, out, self.num_attention_heads[level], t, scale);
+                }
+            }
+            if i + 1 < n {
+                scale /= 2;
+                sites.push(FeatureSite::Conv { channels: out, halo: 1, scale });
+            }
+        }
+        sites.push(FeatureSite::GroupNorm { channels: ch[0], groups, scale });
+        if self.conv_out_kernel > 1 {
+            let halo = self.conv_out_kernel / 2;
+            sites.push(FeatureSite::Conv { channels: ch[0], halo, scale });
+        }
+        sites
+    }
+
     /// What strategies validate against.
     pub fn desc(&self) -> ModelDesc {
         let last = self.block_out_channels.len() - 1;
@@ -528,6 +605,7 @@ impl UNet2DConditionConfig {
             row_granularity: self.row_granularity(),
             sample_size: self.sample_size,
             heads_per_level: self.num_attention_heads.clone(),
+            feature_sites: self.feature_sites(),
         }
     }
 

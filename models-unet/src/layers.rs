@@ -6,7 +6,7 @@ use std::ops::Range;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::conv2d;
-use burn::tensor::ops::PaddedConvOptions;
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor};
 use parallel_core::{AttentionSite, GroupNormStats, ParallelError, RowSite, Seams};
 
@@ -112,8 +112,25 @@ impl<B: Backend> Conv2d<B> {
     fn conv(&self, x: Tensor<B, 4>, top: usize, bottom: usize) -> Tensor<B, 4> {
         let p = self.kernel / 2;
         let s = self.stride;
-        let options = PaddedConvOptions::asymmetric([s, s], [top, p], [bottom, p], [1, 1], 1);
-        conv2d(x, self.weight.val(), Some(self.bias.val()), options)
+        if top == bottom {
+            let options = ConvOptions::new([s, s], [top, p], [1, 1], 1);
+            return conv2d(x, self.weight.val(), Some(self.bias.val()), options);
+        }
+        // Uneven row padding, written out: Burn 0.21's asymmetric conv pads with a tensor of
+        // the default float dtype, which a float16/bfloat16 map cannot be assigned into.
+        let [b, c, _, w] = x.dims();
+        let (device, dtype) = (x.device(), x.dtype());
+        let zeros = |rows: usize| Tensor::<B, 4>::zeros([b, c, rows, w], (&device, dtype));
+        let mut parts = Vec::with_capacity(3);
+        if top > 0 {
+            parts.push(zeros(top));
+        }
+        parts.push(x);
+        if bottom > 0 {
+            parts.push(zeros(bottom));
+        }
+        let options = ConvOptions::new([s, s], [0, p], [1, 1], 1);
+        conv2d(Tensor::cat(parts, 2), self.weight.val(), Some(self.bias.val()), options)
     }
 
     /// The band's output rows, with halo rows from the seam.

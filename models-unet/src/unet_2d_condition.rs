@@ -389,7 +389,7 @@ impl<B: Backend> UnetModel<B> {
                 Some(bias.reshape([batch, 1, 1, tokens]))
             }
         };
-        Ok(Embedded { temb_act: silu(emb), text, text_bias: bias })
+        Ok(Embedded { temb_act: silu(emb), text: text.cast(dtype), text_bias: bias })
     }
 
     /// The forward of latent rows `rows` (all of them for the plain forward).
@@ -419,7 +419,8 @@ impl<B: Backend> UnetModel<B> {
         let Embedded { temb_act, text, text_bias } = self.embed(input)?;
         let inputs = BlockInputs { temb_act, text: &text, text_bias: text_bias.as_ref() };
         let mut fwd = Fwd::new(seams);
-        let sample = input.hidden_states.clone();
+        // Latents in the compute dtype (a float32 latent into a half-precision model).
+        let sample = input.hidden_states.clone().cast(self.unet.conv_in.weight.val().dtype());
         let sample =
             if c.center_input_sample { sample.mul_scalar(2.0).sub_scalar(1.0) } else { sample };
         let h = self.unet.conv_in.forward_input(sample, &band);

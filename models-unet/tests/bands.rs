@@ -172,3 +172,81 @@ fn a_band_off_the_row_granularity_is_refused() {
     let err = m.forward_rows(&odd.input, 0..8, &mut Serial).unwrap_err().to_string();
     assert!(err.contains("multiple of 8"), "{err}");
 }
+
+/// Records every site a forward passes, as the description would name it.
+struct Sites {
+    latent: [usize; 2],
+    seen: Vec<parallel_core::FeatureSite>,
+}
+
+impl Sites {
+    fn scale(&self, total_rows: usize) -> usize {
+        assert_eq!(self.latent[0] % total_rows, 0, "a map of {total_rows} rows");
+        self.latent[0] / total_rows
+    }
+}
+
+impl Seams<B> for Sites {
+    fn self_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        let [_, heads, _, d] = q.dims();
+        let pixels = self.latent[0] * self.latent[1];
+        let scale = (1..=64).find(|s| s * s * site.total_tokens == pixels).expect("a scale");
+        self.seen.push(parallel_core::FeatureSite::SelfAttention {
+            channels: heads * d,
+            heads,
+            scale,
+        });
+        Ok(sdpa(q, k, v, None))
+    }
+
+    fn conv_halo(
+        &mut self,
+        site: &RowSite,
+        x: Tensor<B, 4>,
+        halo: usize,
+    ) -> parallel_core::Result<Halo<B>> {
+        let scale = self.scale(site.total_rows);
+        self.seen.push(parallel_core::FeatureSite::Conv { channels: x.dims()[1], halo, scale });
+        Ok(Halo { tensor: x, top: 0, bottom: 0 })
+    }
+
+    fn group_norm_stats(
+        &mut self,
+        site: &RowSite,
+        local: GroupNormStats<B>,
+    ) -> parallel_core::Result<GroupNormStats<B>> {
+        let scale = self.scale(site.total_rows);
+        let groups = local.mean.dims()[1];
+        let pixels = site.rows.len() * self.latent[1] / scale;
+        let channels = local.count * groups / pixels;
+        self.seen.push(parallel_core::FeatureSite::GroupNorm { channels, groups, scale });
+        Ok(local)
+    }
+}
+
+/// `ModelDesc::feature_sites` (what strategies count their exchanges from) is the list of
+/// sites a forward passes, kind, channels, heads, groups and resolution, in order.
+#[test]
+fn the_described_sites_are_the_sites_a_forward_passes() {
+    for model in ["sd15", "sd2", "sdxl"] {
+        let dir = fixtures().join(model);
+        let unet = UnetModel::<B>::load(&dir, &LoadPlan::full(), &Default::default()).unwrap();
+        let case = read_case(&fixtures().join(model).join("cases/wide.safetensors"));
+        let [_, _, h, w] = case.input.hidden_states.dims();
+        let mut sites = Sites { latent: [h, w], seen: Vec::new() };
+        unet.forward_rows(&case.input, 0..h, &mut sites).unwrap();
+        let described = &unet.desc().feature_sites;
+        assert_eq!(&sites.seen, described, "{model}: the forward's sites, then the description's");
+        let attention = described
+            .iter()
+            .filter(|s| matches!(s, parallel_core::FeatureSite::SelfAttention { .. }))
+            .count();
+        assert_eq!(attention, unet.desc().num_layers, "{model}");
+    }
+}

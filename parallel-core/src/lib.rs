@@ -79,15 +79,16 @@ pub use comm::{
 pub use error::{CommError, ParallelError, Result};
 pub use mesh::{Axis, Mesh};
 pub use model::{
-    Conditioning, Denoiser, DenoiserInput, LatentGrid, LoadPlan, ModelDesc, ModelFamily, ParamInfo,
-    Shard, Sharding, StagedDenoiser, TokenGrid,
+    Conditioning, Denoiser, DenoiserInput, FeatureSite, LatentGrid, LoadPlan, ModelDesc,
+    ModelFamily, ParamInfo, Shard, Sharding, StagedDenoiser, TokenGrid,
 };
 pub use registry::{
     NoOptions, OptionInfo, OptionValue, Reference, Registry, StrategyConfig, StrategyCtor,
     StrategyInfo, StrategyOptions, SuiteCase,
 };
 pub use seams::{
-    AttentionSite, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams, Serial,
+    AttentionSite, GroupNormMode, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams,
+    Serial,
 };
 pub use strategy::{
     CurrentRequest, DenoiseLoop, ExpectedComm, MemoryReport, ParallelStrategy, RequestInfo,

@@ -67,6 +67,48 @@ pub struct ModelDesc {
     /// Attention heads at each resolution level, finest first (U-Net: per down block; DiT:
     /// one entry, `num_heads`). A strategy that splits heads must divide every entry.
     pub heads_per_level: Vec<usize>,
+    /// A U-Net's seam sites, in forward order (each kind's sites in the order of their seam
+    /// indices): what a row-split strategy counts its exchanges from. Empty for a DiT, whose
+    /// only sites are its `num_layers` self-attentions over `hidden_size`-wide tokens.
+    pub feature_sites: Vec<FeatureSite>,
+}
+
+/// A place in a U-Net's forward where a band of rows needs what other rows hold
+/// ([`ModelDesc::feature_sites`]). `scale` is the latent rows (and columns) per row of the
+/// feature map the site reads: 1 at the latent's resolution, 2 after one down-sampler, ….
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureSite {
+    /// A `k × k` convolution (`k > 1`, not `conv_in`, which reads the whole latent) of a
+    /// `channels`-channel map: `halo = (k − 1)/2` rows above and below a band, through
+    /// [`conv_halo`](crate::Seams::conv_halo).
+    Conv {
+        /// Input channels.
+        channels: usize,
+        /// Rows needed on each side.
+        halo: usize,
+        /// Latent rows per map row.
+        scale: usize,
+    },
+    /// A GroupNorm of `channels` channels in `groups` groups, through
+    /// [`group_norm_stats`](crate::Seams::group_norm_stats).
+    GroupNorm {
+        /// Channels normalised.
+        channels: usize,
+        /// Groups (statistics per batch entry and group).
+        groups: usize,
+        /// Latent rows per map row.
+        scale: usize,
+    },
+    /// A self-attention over the map's pixels as `channels`-wide tokens in `heads` heads,
+    /// through [`self_attention`](crate::Seams::self_attention).
+    SelfAttention {
+        /// Token width (`heads · head_dim`).
+        channels: usize,
+        /// Heads.
+        heads: usize,
+        /// Latent rows per map row.
+        scale: usize,
+    },
 }
 
 impl ModelDesc {

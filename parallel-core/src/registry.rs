@@ -11,6 +11,8 @@ use burn::tensor::backend::Backend;
 
 use crate::comm::Comm;
 use crate::error::{ParallelError, Result};
+use crate::model::ModelFamily;
+use crate::seams::GroupNormMode;
 use crate::strategy::{ParallelStrategy, SerialStrategy};
 
 /// A strategy option's value, as it comes from a TOML file or a command-line flag.
@@ -98,12 +100,26 @@ pub struct SuiteCase {
     pub world_sizes: Vec<usize>,
     /// What the output must equal, at every step of a denoising loop and in a lone forward.
     pub reference: Reference,
+    /// The family of models the case is run on, where its options act on one family only
+    /// (`None`: every fixture).
+    pub family: Option<ModelFamily>,
 }
 
 impl SuiteCase {
     /// A case with the default options at `world_sizes`, equal to `reference`.
     pub fn new(world_sizes: &[usize], reference: Reference) -> Self {
-        SuiteCase { options: Vec::new(), world_sizes: world_sizes.to_vec(), reference }
+        SuiteCase {
+            options: Vec::new(),
+            world_sizes: world_sizes.to_vec(),
+            reference,
+            family: None,
+        }
+    }
+
+    /// This case run on models of `family` only.
+    pub fn only(mut self, family: ModelFamily) -> Self {
+        self.family = Some(family);
+        self
     }
 
     /// This case with option `key = value`.
@@ -132,10 +148,15 @@ pub enum Reference {
     Serial,
     /// Displaced patch parallelism (DistriFusion): steps `< warmup_steps` equal serial;
     /// after them band `r`, run on its own, attends in every self-attention to its own
-    /// fresh K/V and to the other bands' K/V of the previous step at that layer.
+    /// fresh K/V and to the other bands' K/V of the previous step at that layer. On a U-Net
+    /// it also reads, at every `k × k` convolution, the neighbouring bands' boundary rows of
+    /// the previous step at that convolution, and normalises every GroupNorm with the
+    /// statistics `norm` names (a DiT has neither, and ignores `norm`).
     DisplacedPatches {
         /// Synchronous (exact) steps first.
         warmup_steps: usize,
+        /// The group-norm statistics after warmup.
+        norm: GroupNormMode,
     },
     /// Naive patch parallelism: every band runs on its own and attends to its own tokens.
     LocalPatches,
@@ -158,7 +179,7 @@ impl Reference {
     pub fn is_serial_through(&self, step: usize) -> bool {
         match self {
             Reference::Serial => true,
-            Reference::DisplacedPatches { warmup_steps }
+            Reference::DisplacedPatches { warmup_steps, .. }
             | Reference::PipelinedPatches { warmup_steps, .. } => step < *warmup_steps,
             Reference::LocalPatches => false,
         }

@@ -122,6 +122,59 @@ impl<B: Backend> GroupNormStats<B> {
     }
 }
 
+/// Which group-norm statistics a displaced-patch step (after warmup) normalises a band with —
+/// DistriFusion's `gn_mode`, a definition shared by the strategy and its reference. Warmup
+/// steps use the exact statistics (every band's fresh ones, merged) whatever the mode.
+///
+/// With `n_j`, `mean_j`, `var_j` the statistics of band `j`, "fresh" this step's and "stale"
+/// the previous step's at the same norm, and `r` the band being normalised:
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupNormMode {
+    /// Every band's fresh statistics, merged: exact, and a synchronous exchange at every
+    /// norm of every step.
+    Sync,
+    /// Band `r`'s fresh statistics merged with the other bands' stale ones.
+    Stale,
+    /// DistriFusion's default: the stale statistics of the whole map corrected by band `r`'s
+    /// change, in moments: `E[x] = E_stale[x] + (mean_r − mean_r,stale)`, `E[x²] =
+    /// E_stale[x²] + (E_r[x²] − E_r,stale[x²])`, `var = E[x²] − E[x]²`, and band `r`'s own
+    /// fresh variance where that is negative.
+    CorrectedAsync,
+    /// Band `r`'s fresh statistics only (no exchange after warmup).
+    Separate,
+}
+
+impl GroupNormMode {
+    /// Every mode, as [`name`](Self::name)s them.
+    pub const ALL: [GroupNormMode; 4] = [
+        GroupNormMode::Sync,
+        GroupNormMode::Stale,
+        GroupNormMode::CorrectedAsync,
+        GroupNormMode::Separate,
+    ];
+
+    /// The option value: `sync`, `stale`, `corrected_async`, `separate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupNormMode::Sync => "sync",
+            GroupNormMode::Stale => "stale",
+            GroupNormMode::CorrectedAsync => "corrected_async",
+            GroupNormMode::Separate => "separate",
+        }
+    }
+
+    /// The mode named `name`, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+impl std::fmt::Display for GroupNormMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The seams a model calls; every method has the serial behaviour as its default.
 pub trait Seams<B: Backend> {
     /// Self-attention of this rank's image tokens.

@@ -734,6 +734,7 @@ mod tests {
             row_granularity: 2,
             sample_size: 16,
             heads_per_level: vec![4],
+            feature_sites: Vec::new(),
         }
     }
 
