@@ -24,11 +24,12 @@
 //!
 //! A run does not apply to a fixture where its case is declared for the other family only
 //! (options that act on a U-Net's group norms), or where the strategy says so in `validate`
-//! for one of three reasons the suite accepts ([`not_applicable`]): a strategy for transformers
+//! for one of four reasons the suite accepts ([`not_applicable`]): a strategy for transformers
 //! refusing a U-Net (the message names the family), a row split with more ranks than the
-//! latent has rows of the model's row granularity, or a row split of a U-Net latent that is
-//! not made of whole rows of its coarsest map (a U-Net's whole forward takes any size). Any
-//! other refusal is a failure.
+//! latent has rows of the model's row granularity, a row split of a U-Net latent that is
+//! not made of whole rows of its coarsest map (a U-Net's whole forward takes any size), or a
+//! tiny U-Net's two heads per level that four tensor-parallel ranks cannot split. Any other
+//! refusal is a failure.
 
 pub mod reference;
 
@@ -249,8 +250,12 @@ pub fn not_applicable(
     let rows = first.contains(&format!("fewer than the {} ranks", run.world_size));
     // A U-Net takes any latent size whole (diffusers forwards its up-sampling sizes); a row
     // split needs whole rows of the coarsest map.
-    let grid = fixture.family == ModelFamily::Unet && first.contains("must be a positive multiple");
-    if (family || rows || grid) && errors.len() == run.world_size {
+    let unet = fixture.family == ModelFamily::Unet;
+    let grid = unet && first.contains("must be a positive multiple");
+    // The tiny U-Nets have two heads per level (tensor parallelism over 4 ranks cannot split
+    // them); the DiT fixtures' four heads take every declared degree.
+    let heads = unet && first.contains("attention heads") && first.contains("not divisible by");
+    if (family || rows || grid || heads) && errors.len() == run.world_size {
         Ok(Some(first.clone()))
     } else {
         Err(format!(

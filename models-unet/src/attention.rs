@@ -27,7 +27,7 @@ pub struct FeedForward<B: Backend> {
     pub net_0_proj: Linear<B>,
     /// `ff.net.2`: inner → dim.
     pub net_2: Linear<B>,
-    /// Inner width (4 · dim).
+    /// Inner width (4 · dim; this rank's part under tensor parallelism).
     #[module(skip)]
     pub inner: usize,
 }
@@ -68,6 +68,8 @@ pub struct BasicTransformerBlock<B: Backend> {
     pub ff: FeedForward<B>,
 }
 
+/// Under tensor parallelism q/k/v hold this rank's heads (column-parallel), `to_out.0` their
+/// input features (row-parallel, reduced by the seam, bias once after).
 fn attention<B: Backend>(
     p: &mut Params<'_, B>,
     prefix: &str,
@@ -76,11 +78,11 @@ fn attention<B: Backend>(
     heads: usize,
 ) -> Result<Attention<B>> {
     Ok(Attention {
-        to_q: p.linear(&format!("{prefix}.to_q"), dim, dim, false)?,
-        to_k: p.linear(&format!("{prefix}.to_k"), context, dim, false)?,
-        to_v: p.linear(&format!("{prefix}.to_v"), context, dim, false)?,
-        to_out_0: p.linear(&format!("{prefix}.to_out.0"), dim, dim, true)?,
-        heads,
+        to_q: p.linear_column(&format!("{prefix}.to_q"), dim, dim, false, 1)?,
+        to_k: p.linear_column(&format!("{prefix}.to_k"), context, dim, false, 1)?,
+        to_v: p.linear_column(&format!("{prefix}.to_v"), context, dim, false, 1)?,
+        to_out_0: p.linear_row(&format!("{prefix}.to_out.0"), dim, dim)?,
+        heads: heads / p.world(),
         head_dim: dim / heads,
     })
 }
@@ -100,10 +102,18 @@ impl<B: Backend> BasicTransformerBlock<B> {
             norm2: p.layer_norm(&format!("{prefix}.norm2"), dim, 1e-5)?,
             attn2: attention(p, &format!("{prefix}.attn2"), dim, cross_attention_dim, heads)?,
             norm3: p.layer_norm(&format!("{prefix}.norm3"), dim, 1e-5)?,
+            // Column-parallel in two chunks: this rank's columns of the value half and the
+            // same columns of the gate half.
             ff: FeedForward {
-                net_0_proj: p.linear(&format!("{prefix}.ff.net.0.proj"), dim, 2 * inner, true)?,
-                net_2: p.linear(&format!("{prefix}.ff.net.2"), inner, dim, true)?,
-                inner,
+                net_0_proj: p.linear_column(
+                    &format!("{prefix}.ff.net.0.proj"),
+                    dim,
+                    2 * inner,
+                    true,
+                    2,
+                )?,
+                net_2: p.linear_row(&format!("{prefix}.ff.net.2"), inner, dim)?,
+                inner: inner / p.world(),
             },
         })
     }

@@ -509,8 +509,8 @@ impl UNet2DConditionConfig {
     }
 
     /// The seam sites of a forward, in order ([`ModelDesc::feature_sites`]): per resnet
-    /// `norm1`, `conv1`, `norm2`, `conv2` (its 1×1 shortcut has none); per transformer its
-    /// GroupNorm and one self-attention per layer; each down-sampler's conv at its input
+    /// `norm1`, `conv1`, `norm2`, `conv2` and its reduce (its 1×1 shortcut has none); per
+    /// transformer its GroupNorm and per layer a self-attention and three reduces; each down-sampler's conv at its input
     /// resolution and each up-sampler's after the interpolation; `conv_norm_out`, `conv_out`.
     /// `conv_in` reads the whole latent and is no site. `models-unet`'s tests hold this
     /// list against the sites a forward passes.
@@ -524,12 +524,17 @@ impl UNet2DConditionConfig {
             sites.push(FeatureSite::Conv { channels: c_in, halo: 1, scale });
             sites.push(FeatureSite::GroupNorm { channels: c_out, groups, scale });
             sites.push(FeatureSite::Conv { channels: c_out, halo: 1, scale });
+            sites.push(FeatureSite::Reduce { channels: c_out, scale });
         };
         let transformer =
             |sites: &mut Vec<FeatureSite>, channels: usize, heads: usize, layers, scale| {
                 sites.push(FeatureSite::GroupNorm { channels, groups, scale });
                 for _ in 0..layers {
                     sites.push(FeatureSite::SelfAttention { channels, heads, scale });
+                    // attn1, attn2 and the feed-forward's row-parallel outputs.
+                    for _ in 0..3 {
+                        sites.push(FeatureSite::Reduce { channels, scale });
+                    }
                 }
             };
         let mut scale = 1;

@@ -8,7 +8,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor};
-use parallel_core::{AttentionSite, GroupNormStats, ParallelError, RowSite, Seams};
+use parallel_core::{
+    AttentionSite, GroupNormStats, ParallelError, Projection, ReduceSite, RowSite, Seams,
+};
 
 /// The rows of a feature map this forward computes, at that map's resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,12 +59,13 @@ pub struct Fwd<'a, B: Backend> {
     conv: usize,
     norm: usize,
     attention: usize,
+    conv_reduce: usize,
 }
 
 impl<'a, B: Backend> Fwd<'a, B> {
     /// A forward starting at site 0 of every kind.
     pub fn new(seams: &'a mut dyn Seams<B>) -> Self {
-        Fwd { seams, conv: 0, norm: 0, attention: 0 }
+        Fwd { seams, conv: 0, norm: 0, attention: 0, conv_reduce: 0 }
     }
 
     /// The next self-attention site (one per transformer block) over a band of a map `width`
@@ -106,15 +109,24 @@ pub struct Conv2d<B: Backend> {
     /// Stride (1, or 2 for a down-sampler).
     #[module(skip)]
     pub stride: usize,
+    /// A resnet's second conv: its output passes [`reduce_partial`](Seams::reduce_partial)
+    /// (the sum of row-parallel partial outputs under tensor parallelism; identity serially).
+    #[module(skip)]
+    pub reduce: bool,
+    /// The weight holds this rank's input channels only: the bias is added once, after the
+    /// reduce.
+    #[module(skip)]
+    pub split_bias: bool,
 }
 
 impl<B: Backend> Conv2d<B> {
     fn conv(&self, x: Tensor<B, 4>, top: usize, bottom: usize) -> Tensor<B, 4> {
         let p = self.kernel / 2;
         let s = self.stride;
+        let bias = (!self.split_bias).then(|| self.bias.val());
         if top == bottom {
             let options = ConvOptions::new([s, s], [top, p], [1, 1], 1);
-            return conv2d(x, self.weight.val(), Some(self.bias.val()), options);
+            return conv2d(x, self.weight.val(), bias, options);
         }
         // Uneven row padding, written out: Burn 0.21's asymmetric conv pads with a tensor of
         // the default float dtype, which a float16/bfloat16 map cannot be assigned into.
@@ -130,7 +142,24 @@ impl<B: Backend> Conv2d<B> {
             parts.push(zeros(bottom));
         }
         let options = ConvOptions::new([s, s], [0, p], [1, 1], 1);
-        conv2d(Tensor::cat(parts, 2), self.weight.val(), Some(self.bias.val()), options)
+        conv2d(Tensor::cat(parts, 2), self.weight.val(), bias, options)
+    }
+
+    /// A reducing conv's output summed over ranks by the seam, then its bias where split.
+    fn reduced(
+        &self,
+        out: Tensor<B, 4>,
+        fwd: &mut Fwd<'_, B>,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        if !self.reduce {
+            return Ok(out);
+        }
+        let [b, c, h, w] = out.dims();
+        let site = ReduceSite { layer: fwd.conv_reduce, projection: Projection::ConvOut };
+        fwd.conv_reduce += 1;
+        let sum =
+            fwd.seams.reduce_partial(&site, out.reshape([b, c, h * w]))?.reshape([b, c, h, w]);
+        Ok(if self.split_bias { sum + self.bias.val().reshape([1, c, 1, 1]) } else { sum })
     }
 
     /// The band's output rows, with halo rows from the seam.
@@ -146,7 +175,8 @@ impl<B: Backend> Conv2d<B> {
         let p = self.kernel / 2;
         let out_band = if self.stride == 2 { band.down() } else { band.clone() };
         if p == 0 {
-            return Ok((self.conv(x, 0, 0), out_band));
+            let out = self.conv(x, 0, 0);
+            return Ok((self.reduced(out, fwd)?, out_band));
         }
         let site = band.site(fwd.conv);
         fwd.conv += 1;
@@ -157,7 +187,8 @@ impl<B: Backend> Conv2d<B> {
                 site.index, halo.top, halo.bottom
             )));
         }
-        Ok((self.conv(halo.tensor, p - halo.top, p - halo.bottom), out_band))
+        let out = self.conv(halo.tensor, p - halo.top, p - halo.bottom);
+        Ok((self.reduced(out, fwd)?, out_band))
     }
 
     /// `conv_in` over the band's rows of the *whole* input: its halo rows are real input rows

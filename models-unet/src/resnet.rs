@@ -7,6 +7,7 @@ use burn::nn::Linear;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use models_dit::linear;
+use parallel_core::Sharding;
 
 use crate::error::Result;
 use crate::layers::{Band, Conv2d, Fwd, GroupNorm, silu};
@@ -17,6 +18,11 @@ use crate::params::Params;
 ///
 /// Keys (under the block's prefix): `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, and
 /// `conv_shortcut` (1×1) when the channel count changes.
+///
+/// Under tensor parallelism (distrifuser's split) `conv1`, `time_emb_proj` and `norm2` hold
+/// this rank's output channels (whole groups), `conv2` its input channels; `conv2`'s partial
+/// output passes the reduce seam and its bias is added once after. `norm1` and the shortcut
+/// are whole.
 #[derive(Module, Debug)]
 pub struct ResnetBlock2D<B: Backend> {
     /// GroupNorm over the input channels (eps `norm_eps`).
@@ -48,12 +54,19 @@ pub(crate) struct ResnetSpec {
 impl<B: Backend> ResnetBlock2D<B> {
     pub(crate) fn build(p: &mut Params<'_, B>, prefix: &str, spec: &ResnetSpec) -> Result<Self> {
         let [c_in, c_out] = spec.channels;
+        let (col, row) = (Sharding::Column { dim: 0 }, Sharding::Row { dim: 1 });
         Ok(ResnetBlock2D {
             norm1: p.group_norm(&format!("{prefix}.norm1"), spec.groups, c_in, spec.eps)?,
-            conv1: p.conv(&format!("{prefix}.conv1"), [c_in, c_out], 3, 1)?,
-            time_emb_proj: p.linear(&format!("{prefix}.time_emb_proj"), spec.temb, c_out, true)?,
-            norm2: p.group_norm(&format!("{prefix}.norm2"), spec.groups, c_out, spec.eps)?,
-            conv2: p.conv(&format!("{prefix}.conv2"), [c_out, c_out], 3, 1)?,
+            conv1: p.conv_split(&format!("{prefix}.conv1"), [c_in, c_out], 3, col)?,
+            time_emb_proj: p.linear_column(
+                &format!("{prefix}.time_emb_proj"),
+                spec.temb,
+                c_out,
+                true,
+                1,
+            )?,
+            norm2: p.group_norm_column(&format!("{prefix}.norm2"), spec.groups, c_out, spec.eps)?,
+            conv2: p.conv_split(&format!("{prefix}.conv2"), [c_out, c_out], 3, row)?,
             conv_shortcut: if c_in != c_out {
                 Some(p.conv(&format!("{prefix}.conv_shortcut"), [c_in, c_out], 1, 1)?)
             } else {

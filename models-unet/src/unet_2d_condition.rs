@@ -120,13 +120,30 @@ struct Embedded<B: Backend> {
     text_bias: Option<Tensor<B, 4>>,
 }
 
-fn check_plan(plan: &LoadPlan) -> Result<()> {
-    if plan.tensor_shard.is_some() {
-        return Err(UnetError::Plan(
-            "tensor-parallel sharding of U-Net weights is not implemented in this crate yet \
-             (the U-Net strategies add it); run the U-Net with a strategy that loads it whole"
-                .into(),
-        ));
+fn check_plan(config: &UNet2DConditionConfig, plan: &LoadPlan) -> Result<()> {
+    if let Some(shard) = plan.tensor_shard {
+        let n = shard.world;
+        let bad = |what: String| {
+            Err(UnetError::Plan(format!(
+                "tensor-parallel part {} of {n}: {what} is not divisible by {n}",
+                shard.rank
+            )))
+        };
+        if n == 0 || shard.rank >= n {
+            return bad("the part index".into());
+        }
+        if !config.norm_num_groups.is_multiple_of(n) {
+            return bad(format!("norm_num_groups {}", config.norm_num_groups));
+        }
+        for site in config.feature_sites() {
+            if let parallel_core::FeatureSite::SelfAttention { heads, channels, .. } = site
+                && !heads.is_multiple_of(n)
+            {
+                return bad(format!(
+                    "a transformer's {heads} attention heads ({channels} channels)"
+                ));
+            }
+        }
     }
     if plan.blocks.is_some() || plan.skip_embed || plan.skip_head {
         return Err(UnetError::Plan(
@@ -261,8 +278,9 @@ impl<B: Backend> UnetModel<B> {
         plan: &LoadPlan,
         device: &B::Device,
     ) -> Result<Self> {
-        check_plan(plan)?;
+        check_plan(config, plan)?;
         let mut p = Params::from_store(&mut store, device);
+        p.shard = plan.tensor_shard;
         let unet = UNet2DConditionModel::build(&mut p, config)?;
         let infos = std::mem::take(&mut p.infos);
         store.finish()?;
@@ -275,8 +293,9 @@ impl<B: Backend> UnetModel<B> {
         plan: &LoadPlan,
         device: &B::Device,
     ) -> Result<Self> {
-        check_plan(plan)?;
+        check_plan(config, plan)?;
         let mut p = Params::random(device);
+        p.shard = plan.tensor_shard;
         let unet = UNet2DConditionModel::build(&mut p, config)?;
         let infos = std::mem::take(&mut p.infos);
         Ok(Self::assemble(unet, config, infos))
@@ -290,23 +309,23 @@ impl<B: Backend> UnetModel<B> {
     fn assemble(
         unet: UNet2DConditionModel<B>,
         config: &UNet2DConditionConfig,
-        infos: Vec<(String, Vec<usize>)>,
+        infos: Vec<(String, Vec<usize>, Sharding)>,
     ) -> Self {
         let elem_bytes = unet.conv_in.weight.val().dtype().size();
         let params = infos
             .into_iter()
-            .map(|(name, shape)| ParamInfo {
+            .map(|(name, shape, sharding)| ParamInfo {
                 name,
                 shape,
                 elem_bytes,
-                sharding: Sharding::Replicated,
+                sharding,
                 block: None,
             })
             .collect();
         UnetModel { unet, desc: config.desc(), config: config.clone(), params }
     }
 
-    /// Every parameter with its shape (all replicated for now).
+    /// Every parameter with its full shape and tensor-parallel placement.
     pub fn params(&self) -> &[ParamInfo] {
         &self.params
     }
@@ -481,7 +500,8 @@ impl<B: Backend> Denoiser<B> for UnetModel<B> {
         self.forward_band(input, rows, seams)
     }
 
+    /// Bytes this rank holds (its parts of the sharded parameters).
     fn param_bytes(&self) -> u64 {
-        self.params.iter().map(ParamInfo::bytes).sum()
+        (self.unet.num_params() * self.unet.conv_in.weight.val().dtype().size()) as u64
     }
 }

@@ -205,6 +205,20 @@ impl Seams<B> for Sites {
         Ok(sdpa(q, k, v, None))
     }
 
+    fn reduce_partial(
+        &mut self,
+        site: &parallel_core::ReduceSite,
+        partial: Tensor<B, 3>,
+    ) -> parallel_core::Result<Tensor<B, 3>> {
+        let [_, a, b] = partial.dims();
+        let (pixels, channels) =
+            if site.projection == parallel_core::Projection::ConvOut { (b, a) } else { (a, b) };
+        let all = self.latent[0] * self.latent[1];
+        let scale = (1..=64).find(|s| s * s * pixels == all).expect("a scale");
+        self.seen.push(parallel_core::FeatureSite::Reduce { channels, scale });
+        Ok(partial)
+    }
+
     fn conv_halo(
         &mut self,
         site: &RowSite,

@@ -62,9 +62,17 @@ fn weights_of_another_architecture_name_the_key() {
 #[test]
 fn plans_a_unet_cannot_honour_are_refused() {
     let dev = Default::default();
-    let plan = LoadPlan { tensor_shard: Some(Shard { rank: 0, world: 2 }), ..LoadPlan::full() };
-    let err = UnetModel::<B>::load(fixtures().join("sd15"), &plan, &dev).unwrap_err().to_string();
-    assert!(err.contains("tensor-parallel"), "{err}");
+    // Tensor-parallel parts the model cannot split: the number at fault is named (sd15's
+    // tiny fixture: 4 groups, 2 heads per transformer).
+    let shard =
+        |world| LoadPlan { tensor_shard: Some(Shard { rank: 0, world }), ..LoadPlan::full() };
+    let err =
+        UnetModel::<B>::load(fixtures().join("sd15"), &shard(3), &dev).unwrap_err().to_string();
+    assert!(err.contains("norm_num_groups 4 is not divisible by 3"), "{err}");
+    let err =
+        UnetModel::<B>::load(fixtures().join("sd15"), &shard(4), &dev).unwrap_err().to_string();
+    assert!(err.contains("2 attention heads") && err.contains("not divisible by 4"), "{err}");
+    assert!(UnetModel::<B>::load(fixtures().join("sd15"), &shard(2), &dev).is_ok());
     let plan = LoadPlan { blocks: Some(0..1), ..LoadPlan::full() };
     let err = UnetModel::<B>::load(fixtures().join("sd15"), &plan, &dev).unwrap_err().to_string();
     assert!(err.contains("pipeline stages"), "{err}");

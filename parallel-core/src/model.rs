@@ -99,6 +99,15 @@ pub enum FeatureSite {
         /// Latent rows per map row.
         scale: usize,
     },
+    /// The sum of a row-parallel projection's partial outputs, `channels` wide per pixel,
+    /// through [`reduce_partial`](crate::Seams::reduce_partial): after each transformer
+    /// layer's self-attention, cross-attention and feed-forward, and each resnet's `conv2`.
+    Reduce {
+        /// Output features (channels).
+        channels: usize,
+        /// Latent rows per map row.
+        scale: usize,
+    },
     /// A self-attention over the map's pixels as `channels`-wide tokens in `heads` heads,
     /// through [`self_attention`](crate::Seams::self_attention).
     SelfAttention {

@@ -7,7 +7,7 @@
 //! | seam | serial default | who overrides it |
 //! |---|---|---|
 //! | [`self_attention`](Seams::self_attention) | attention over the local tokens | Ulysses (all-to-all heads↔tokens), Ring (K/V round the ring, log-sum-exp merge), DistriFusion (stale K/V buffer + async gather), PipeFusion (per-stage K/V buffer), naive patch (the default: local tokens only) |
-//! | [`reduce_partial`](Seams::reduce_partial) | identity | tensor parallel (all-reduce of row-parallel outputs; the model adds the bias after) |
+//! | [`reduce_partial`](Seams::reduce_partial) | identity | tensor parallel (all-reduce of row-parallel outputs, linear or a U-Net resnet's second conv; the model adds the bias after) |
 //! | [`conv_halo`](Seams::conv_halo) | no halo rows (the conv pads with zeros) | DistriFusion on a U-Net (neighbours' boundary rows, fresh or stale) |
 //! | [`group_norm_stats`](Seams::group_norm_stats) | local statistics | DistriFusion on a U-Net (sync, stale, corrected-async) |
 
@@ -40,12 +40,16 @@ pub enum Projection {
     CrossAttnOut,
     /// The feed-forward down-projection.
     MlpOut,
+    /// A convolution row-parallel over its input channels (a U-Net resnet's `conv2`); its
+    /// partial output is passed as `[batch, channels, pixels]`.
+    ConvOut,
 }
 
 /// Where a partial sum after a row-parallel projection is reduced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReduceSite {
-    /// The transformer block.
+    /// The transformer block (for [`Projection::ConvOut`]: the running index of the
+    /// reducing convolutions).
     pub layer: usize,
     /// The projection.
     pub projection: Projection,
@@ -196,7 +200,8 @@ pub trait Seams<B: Backend> {
     /// The sum over ranks of a row-parallel projection's partial output (before its bias).
     ///
     /// # Shapes
-    /// `[batch, tokens, features]` in and out.
+    /// `[batch, tokens, features]` in and out (`[batch, channels, pixels]` for
+    /// [`Projection::ConvOut`]).
     fn reduce_partial(&mut self, site: &ReduceSite, partial: Tensor<B, 3>) -> Result<Tensor<B, 3>> {
         let _ = site;
         Ok(partial)

@@ -1,4 +1,4 @@
-//! # strategy-tensor: tensor parallelism (Megatron-style) for DiT
+//! # strategy-tensor: tensor parallelism (Megatron-style) for DiT and U-Net
 //!
 //! ## Shard plan
 //! Every rank holds all tokens and `1/N` of every transformer block:
@@ -11,12 +11,21 @@
 //! | their biases | replicated, added **once, after** the all-reduce | adding them before would count them `N` times |
 //! | patch/position embedding, timestep/class/caption embeddings, adaLN tables, norms, final layer | replicated | small (no `hs²` or `hs·ff` matrices) and needed whole by every rank; sharding them would add communication for no memory worth saving |
 //!
+//! **On a U-Net** (distrifuser's split) the transformer blocks are split the same way (the
+//! GEGLU projection column-parallel in two chunks: this rank's columns of the value half and
+//! of the gate half), and so is every resnet: `conv1` and `time_emb_proj` column-parallel
+//! (output channels), `norm2` over the local channels' whole groups, `conv2` row-parallel
+//! (input channels) with one all-reduce of its output and its bias added once after.
+//! `norm1`, shortcuts, samplers, `conv_in`/`conv_out`, embeddings and the transformers'
+//! `proj_in`/`proj_out` are replicated.
+//!
 //! The model reads only its own slices from the safetensors files (a rank never holds the
 //! full weights of a sharded layer, not even while loading): the strategy hands it a
 //! [`LoadPlan`] with `tensor_shard = Shard { rank, world: N }`.
 //!
 //! ## Constraints
-//! Heads and the feed-forward width divisible by `N` (checked before any work).
+//! Heads and the feed-forward width divisible by `N`; on a U-Net the heads of every level and
+//! the GroupNorm groups too (checked before any work, naming the number at fault).
 //!
 //! ## Config keys
 //! None: `harness run --strategy tensor --world-size N`.
@@ -28,6 +37,13 @@
 //! ```text
 //! all_reduce = L · k · (2 · B·p·hs · (N − 1)/N)    k = 3 with cross-attention (PixArt), 2 without (DiT)
 //! ```
+//! On a U-Net, one ring all-reduce per reduce site ([`ModelDesc::feature_sites`]: three per
+//! transformer layer, one per resnet) of `B · C · h_s · w_s` (the map at that resolution):
+//!
+//! ```text
+//! all_reduce = Σ_reduce 2 · B·C·h_s·w_s · (N − 1)/N
+//! ```
+//!
 //! No output gather: every rank computes every token. Parameters per rank:
 //! `(sharded block parameters)/N + replicated parameters`.
 
@@ -35,9 +51,9 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use parallel_core::comm::all_reduce_elements;
 use parallel_core::{
-    Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, LoadPlan, ModelDesc, ModelFamily,
-    NoOptions, OpKind, ParallelError, ParallelStrategy, ReduceSite, Reference, Registry,
-    RequestInfo, Result, Seams, Shard, StepKind, StrategyInfo, SuiteCase,
+    Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, FeatureSite, LoadPlan, ModelDesc,
+    ModelFamily, NoOptions, OpKind, ParallelError, ParallelStrategy, ReduceSite, Reference,
+    Registry, RequestInfo, Result, Seams, Shard, StepKind, StrategyInfo, SuiteCase,
 };
 
 /// The registered name.
@@ -106,11 +122,30 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
         let n = self.world.size();
         let unsupported =
             |reason: String| ParallelError::Unsupported { strategy: NAME.into(), reason };
-        model.require_family(
-            NAME,
-            ModelFamily::Dit,
-            "U-Net tensor parallelism (sharded convolutions) is not implemented yet",
-        )?;
+        if model.family == ModelFamily::Unet {
+            for site in &model.feature_sites {
+                if let FeatureSite::SelfAttention { heads, channels, .. } = site
+                    && !heads.is_multiple_of(n)
+                {
+                    return Err(unsupported(format!(
+                        "a transformer of {} has {heads} attention heads ({channels} channels), \
+                         not divisible by {n} ranks; use a world size that divides every \
+                         attention level's heads",
+                        model.class_name
+                    )));
+                }
+                if let FeatureSite::GroupNorm { groups, channels, .. } = site
+                    && !groups.is_multiple_of(n)
+                {
+                    return Err(unsupported(format!(
+                        "a GroupNorm of {} has {groups} groups of {channels} channels, not \
+                         divisible by {n} ranks (a resnet's norm2 is split by whole groups)",
+                        model.class_name
+                    )));
+                }
+            }
+            return model.check_whole_grid(request.grid);
+        }
         if !model.num_heads.is_multiple_of(n) {
             return Err(unsupported(format!(
                 "{} has {} attention heads, not divisible by {n} ranks; use a world size that \
@@ -157,6 +192,24 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
     ) -> Result<ExpectedComm> {
         // Every evaluation, warmup or not, forward or step, moves the same all-reduces.
         let (n, r) = (self.world.size(), self.world.rank());
+        if model.family == ModelFamily::Unet {
+            // A side of the map `scale` latent rows per row: halved, rounding up, per level.
+            let side = |len: usize, scale: usize| {
+                (0..scale.trailing_zeros()).fold(len, |l, _| l.div_ceil(2))
+            };
+            let mut e = ExpectedComm::none(format!(
+                "tensor (U-Net): Σ_reduce ring all-reduce of B·C·h_s·w_s; B={} N={n}",
+                request.batch
+            ));
+            for site in &model.feature_sites {
+                if let FeatureSite::Reduce { channels, scale } = *site {
+                    let map = side(request.grid.height, scale) * side(request.grid.width, scale);
+                    let size = (request.batch * channels * map) as u64;
+                    e.add(OpKind::AllReduce, all_reduce_elements(size, r as u64, n as u64));
+                }
+            }
+            return Ok(e);
+        }
         let p = model.tokens(request.grid).len();
         let size = (request.batch * p * model.hidden_size) as u64;
         let k = if model.cross_attention { 3 } else { 2 };
