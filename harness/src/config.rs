@@ -51,6 +51,10 @@ pub struct ParallelConfig {
     /// `pcie4`, `pcie5`, `ib100`, `eth25`) or `bandwidth=…,latency=…`, optionally with
     /// `,dilation=F` (see `parallel_core::LinkModel::parse`). `None`: instant transfers.
     pub link: Option<String>,
+    /// Decode with the VAE split by rows over every rank of the run (halo rows exchanged
+    /// before every 3×3 conv, group-norm statistics merged, the mid-block attention over all
+    /// pixels; exact), the image gathered to rank 0; else rank 0 decodes alone.
+    pub vae_parallel: bool,
 }
 
 impl Default for ParallelConfig {
@@ -63,6 +67,7 @@ impl Default for ParallelConfig {
             backend: BackendKind::Cpu,
             options: BTreeMap::new(),
             link: None,
+            vae_parallel: false,
         }
     }
 }

@@ -71,6 +71,9 @@ struct ParallelArgs {
     /// ib100, eth25) or bandwidth=…,latency=…, optionally ,dilation=F.
     #[arg(long, value_name = "SPEC")]
     link: Option<String>,
+    /// Decode with the VAE split by rows over every rank (exact), not on rank 0 alone.
+    #[arg(long)]
+    vae_parallel: bool,
 }
 
 impl ParallelArgs {
@@ -92,6 +95,9 @@ impl ParallelArgs {
         }
         if let Some(v) = &self.link {
             p.link = Some(v.clone());
+        }
+        if self.vae_parallel {
+            p.vae_parallel = true;
         }
         let int = |v: usize| toml::Value::Integer(v as i64);
         for (key, value) in [

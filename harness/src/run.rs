@@ -20,7 +20,8 @@
 //! 5. `begin_request`, resets the communication counters (the text broadcast is not the
 //!    strategy's traffic), and runs `strategy.denoise` with a [`Sampler`], which drives the
 //!    progress bar on rank 0;
-//! 6. rank 0 decodes with the VAE and writes the PNG (and the final latents if asked).
+//! 6. rank 0 decodes with the VAE and writes the PNG (and the final latents if asked); with
+//!    `vae_parallel` every rank decodes a band of rows (exact seams) and sends it to rank 0.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -238,6 +239,17 @@ impl RunPlan {
         }
         let scale = folder.vae_scale_factor();
         let grid = LatentGrid { height: height / scale, width: width / scale };
+        let n = config.parallel.world_size;
+        if config.parallel.vae_parallel && grid.height < n {
+            return Err(HarnessError::config(
+                "parallel.vae_parallel",
+                format!(
+                    "a {height} px image is {} latent rows, fewer than the {n} ranks its decode \
+                     would be split over; use a taller image or fewer ranks",
+                    grid.height
+                ),
+            ));
+        }
         let schedule =
             folder.scheduler(config.scheduler.as_deref())?.set_timesteps(config.steps)?;
         let max_sequence_length = match (folder.class.kind, config.max_sequence_length) {
@@ -427,6 +439,8 @@ fn rank_main<B: Backend>(
     let model = models
         .get_or_load(&load_plan, &device, || plan.folder.load_denoiser::<B>(&load_plan, &device))?;
 
+    // A split decode needs the VAE on every rank.
+    let vae_parallel = options.decode && cfg.parallel.vae_parallel && comm.size() > 1;
     let (text, vae) = if rank == 0 {
         let vae = if options.decode { Some(plan.folder.load_vae::<B>(&device)?) } else { None };
         let encoder = plan.folder.load_text::<B>(plan.max_sequence_length, &device)?;
@@ -438,6 +452,8 @@ fn rank_main<B: Backend>(
         )?;
         drop(encoder);
         (Some(text), vae)
+    } else if vae_parallel {
+        (None, Some(plan.folder.load_vae::<B>(&device)?))
     } else {
         (None, None)
     };
@@ -464,6 +480,11 @@ fn rank_main<B: Backend>(
         buffer_bytes: strategy.buffer_bytes(),
         expected: strategy.expected_request_comm(&desc, &plan.request)?,
     };
+    let t1 = Instant::now();
+    let split_sample = match (&vae, vae_parallel) {
+        (Some(vae), true) => decode_split(&comm, vae, &latents)?,
+        _ => None,
+    };
     if rank != 0 {
         return Ok(RankOutput { report, rank0: None });
     }
@@ -476,7 +497,6 @@ fn rank_main<B: Backend>(
     if let Some(bar) = sampler.progress() {
         bar.finish_and_clear();
     }
-    let t1 = Instant::now();
     let mut saved_latents = None;
     if let Some(path) = &cfg.save_latents {
         weights::write_tensors(path, &[("latents", latents.clone())])?;
@@ -484,7 +504,11 @@ fn rank_main<B: Backend>(
     }
     let (mut image, mut decoded) = (None, None);
     if let Some(vae) = vae {
-        let rgb = models_vae::to_image(vae.decode_latents(latents.clone())?)?;
+        let sample = match split_sample {
+            Some(sample) => sample,
+            None => vae.decode_latents(latents.clone())?,
+        };
+        let rgb = models_vae::to_image(sample)?;
         if !cfg.output.as_os_str().is_empty() {
             models_vae::save_png(&rgb, &cfg.output)?;
             image = Some(cfg.output.clone());
@@ -505,6 +529,30 @@ fn rank_main<B: Backend>(
             decode_time,
         }),
     })
+}
+
+/// The decode split by latent rows over every rank ([`models_vae::banded`], exact seams),
+/// the bands sent to rank 0: `Some(image)` there, `None` elsewhere.
+fn decode_split<B: Backend>(
+    comm: &Comm<B>,
+    vae: &models_vae::AutoencoderKL<B>,
+    latents: &Tensor<B, 4>,
+) -> Result<Option<Tensor<B, 4>>> {
+    let z = vae.unscale_latents(latents.clone());
+    let height = z.dims()[2];
+    let bands = parallel_core::split::balanced(height, comm.size());
+    let mut seams = parallel_core::split::ExactRows::new(comm, bands.clone(), height, "vae")?;
+    let mine = vae.decode_rows(z, bands[comm.rank()].clone(), &mut seams)?;
+    let tag = parallel_core::Tag::new("vae-image");
+    if comm.rank() != 0 {
+        comm.send(mine, 0, tag)?;
+        return Ok(None);
+    }
+    let mut parts = vec![mine];
+    for src in 1..comm.size() {
+        parts.push(comm.recv(src, tag)?);
+    }
+    Ok(Some(Tensor::cat(parts, 2)))
 }
 
 /// The progress bar of rank 0, on stderr (hidden when stderr is not a terminal).

@@ -119,21 +119,47 @@ fn stable_diffusion_pipelines_run_and_name_what_is_missing() {
         assert!(stdout.contains("steps/s"), "{stdout}");
         assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     }
-    // naive_patch splits a U-Net's rows (the other strategies refuse it, naming the family).
-    let dir = tmp("sd-naive");
-    succeeds(&[
+    // The U-Net strategies run the pipeline, with the split VAE decode too; Ulysses, Ring and
+    // PipeFusion refuse a U-Net, naming the family.
+    let dir = tmp("sd-parallel");
+    for strategy in ["naive_patch", "distrifusion", "tensor"] {
+        let png = dir.join(format!("{strategy}.png"));
+        succeeds(&[
+            "run",
+            "--model",
+            "fixtures/pipeline/sd15-tiny",
+            "--steps",
+            "2",
+            "--strategy",
+            strategy,
+            "--world-size",
+            "2",
+            "--vae-parallel",
+            "--output",
+            s(&png),
+        ]);
+        assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    }
+    // A split decode with more ranks than latent rows: refused before any work, naming the
+    // setting.
+    let err = fails(&[
         "run",
         "--model",
         "fixtures/pipeline/sd15-tiny",
         "--steps",
         "1",
-        "--strategy",
-        "naive_patch",
+        "--height",
+        "8",
         "--world-size",
         "2",
-        "--output",
-        s(&dir.join("naive.png")),
+        "--strategy",
+        "tensor",
+        "--vae-parallel",
     ]);
+    assert!(
+        err.contains("parallel.vae_parallel") && err.contains("fewer than the 2 ranks"),
+        "{err}"
+    );
     let err = fails(&[
         "run",
         "--model",

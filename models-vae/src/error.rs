@@ -40,6 +40,11 @@ pub enum VaeError {
     #[error("loading VAE weights: {0}")]
     Weights(#[from] weights::WeightError),
 
+    /// A patch-parallel decode's exchange with the other ranks failed (a timeout, a peer
+    /// gone), in parallel-core's words.
+    #[error("patch-parallel decode: {0}")]
+    Seam(String),
+
     /// A tensor handed to the model has the wrong shape.
     #[error("{what}: expected shape {expected}, got {got:?}")]
     Shape {

@@ -61,6 +61,7 @@
 
 mod attention;
 mod autoencoder_kl;
+pub mod banded;
 mod config;
 mod downsampling;
 mod error;

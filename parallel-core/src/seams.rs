@@ -120,6 +120,28 @@ impl<B: Backend> GroupNormStats<B> {
         GroupNormStats { mean, m2, count }
     }
 
+    /// `[1, 2, batch, groups]`: mean and `M2` stacked, what a rank all-gathers along dim 0.
+    pub fn pack(&self) -> Tensor<B, 4> {
+        Tensor::stack::<3>(vec![self.mean.clone(), self.m2.clone()], 0).unsqueeze_dim(0)
+    }
+
+    /// Every rank's statistics out of a gathered `[N, 2, batch, groups]` of
+    /// [`pack`](Self::pack)s, rank `j` covering `counts[j]` elements per group.
+    pub fn unpack(all: &Tensor<B, 4>, counts: &[usize]) -> Vec<Self> {
+        counts
+            .iter()
+            .enumerate()
+            .map(|(j, &count)| {
+                let part = all.clone().narrow(0, j, 1).squeeze_dim::<3>(0);
+                GroupNormStats {
+                    mean: part.clone().narrow(0, 0, 1).squeeze_dim(0),
+                    m2: part.narrow(0, 1, 1).squeeze_dim(0),
+                    count,
+                }
+            })
+            .collect()
+    }
+
     /// The biased variance `M2 / n` that GroupNorm divides by.
     pub fn variance(&self) -> Tensor<B, 2> {
         self.m2.clone().div_scalar(self.count as f64)

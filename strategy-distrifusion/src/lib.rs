@@ -382,22 +382,6 @@ impl<B: Backend> DfSeams<'_, B> {
     }
 }
 
-/// Every rank's statistics out of a gathered `[N, 2, B, G]`.
-fn unpack<B: Backend>(all: &Tensor<B, 4>, counts: &[usize]) -> Vec<GroupNormStats<B>> {
-    counts
-        .iter()
-        .enumerate()
-        .map(|(j, &count)| {
-            let part = all.clone().narrow(0, j, 1).squeeze_dim::<3>(0);
-            GroupNormStats {
-                mean: part.clone().narrow(0, 0, 1).squeeze_dim(0),
-                m2: part.narrow(0, 1, 1).squeeze_dim(0),
-                count,
-            }
-        })
-        .collect()
-}
-
 /// `corrected_async`'s statistics ([`GroupNormMode::CorrectedAsync`]): the stale whole-map
 /// moments plus this band's change in them; the band's fresh variance where the result is
 /// negative.
@@ -517,11 +501,10 @@ impl<B: Backend> Seams<B> for DfSeams<'_, B> {
         if !exact && self.mode == GroupNormMode::Separate {
             return Ok(local);
         }
-        let mine: Tensor<B, 4> =
-            Tensor::stack::<3>(vec![local.mean.clone(), local.m2.clone()], 0).unsqueeze_dim(0);
+        let mine = local.pack();
         if exact {
             let all = self.comm.all_gather(mine, 0)?;
-            let merged = GroupNormStats::merge(&unpack(&all, &counts));
+            let merged = GroupNormStats::merge(&GroupNormStats::unpack(&all, &counts));
             if keeps {
                 self.state.norms[i] = Some(all);
             }
@@ -531,7 +514,7 @@ impl<B: Backend> Seams<B> for DfSeams<'_, B> {
         if !self.last {
             self.state.norm_pending[i] = Some(self.comm.all_gather_async(mine, 0)?);
         }
-        let mut parts = unpack(&stale, &counts);
+        let mut parts = GroupNormStats::unpack(&stale, &counts);
         let r = self.comm.rank();
         Ok(if self.mode == GroupNormMode::Stale {
             parts[r] = local;
