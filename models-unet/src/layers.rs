@@ -4,12 +4,12 @@
 use std::ops::Range;
 
 use burn::module::{Module, Param};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, Tensor};
 use parallel_core::{
-    AttentionSite, GroupNormStats, ParallelError, Projection, ReduceSite, RowSite, Seams,
+    AttentionSite, ParallelError, Projection, ReduceSite, RowSite, Seams, group_norm, pad_rows,
 };
 
 /// The rows of a feature map this forward computes, at that map's resolution.
@@ -128,21 +128,8 @@ impl<B: Backend> Conv2d<B> {
             let options = ConvOptions::new([s, s], [top, p], [1, 1], 1);
             return conv2d(x, self.weight.val(), bias, options);
         }
-        // Uneven row padding, written out: Burn 0.21's asymmetric conv pads with a tensor of
-        // the default float dtype, which a float16/bfloat16 map cannot be assigned into.
-        let [b, c, _, w] = x.dims();
-        let (device, dtype) = (x.device(), x.dtype());
-        let zeros = |rows: usize| Tensor::<B, 4>::zeros([b, c, rows, w], (&device, dtype));
-        let mut parts = Vec::with_capacity(3);
-        if top > 0 {
-            parts.push(zeros(top));
-        }
-        parts.push(x);
-        if bottom > 0 {
-            parts.push(zeros(bottom));
-        }
         let options = ConvOptions::new([s, s], [0, p], [1, 1], 1);
-        conv2d(Tensor::cat(parts, 2), self.weight.val(), bias, options)
+        conv2d(pad_rows(x, top, bottom), self.weight.val(), bias, options)
     }
 
     /// A reducing conv's output summed over ranks by the seam, then its bias where split.
@@ -236,24 +223,9 @@ impl<B: Backend> GroupNorm<B> {
         band: &Band,
         fwd: &mut Fwd<'_, B>,
     ) -> parallel_core::Result<Tensor<B, 4>> {
-        let [batch, channels, height, width] = x.dims();
-        let g = self.groups;
-        let dtype = x.dtype();
-        let count = channels / g * height * width;
-        let xf = x.cast(DType::F32).reshape([batch, g, count]);
-        let mean = xf.clone().mean_dim(2);
-        let centered = xf.clone() - mean.clone();
-        let m2 = (centered.clone() * centered).sum_dim(2);
-        let local =
-            GroupNormStats { mean: mean.reshape([batch, g]), m2: m2.reshape([batch, g]), count };
         let site = band.site(fwd.norm);
         fwd.norm += 1;
-        let stats = fwd.seams.group_norm_stats(&site, local)?;
-        let rstd = stats.variance().add_scalar(self.eps).sqrt().recip().reshape([batch, g, 1]);
-        let centered = xf - stats.mean.reshape([batch, g, 1]);
-        let y = (centered * rstd).reshape([batch, channels, height, width]);
-        let gamma = self.gamma.val().cast(DType::F32).reshape([1, channels, 1, 1]);
-        let beta = self.beta.val().cast(DType::F32).reshape([1, channels, 1, 1]);
-        Ok((y * gamma + beta).cast(dtype))
+        let (gamma, beta) = (Some(self.gamma.val()), Some(self.beta.val()));
+        group_norm(x, gamma, beta, self.groups, self.eps, &site, fwd.seams)
     }
 }

@@ -16,10 +16,9 @@ use std::ops::Range;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::DType;
 use burn::tensor::module::{conv2d, interpolate};
 use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
-use parallel_core::{AttentionSite, GroupNormStats, RowSite, Seams};
+use parallel_core::{AttentionSite, RowSite, Seams, pad_rows};
 
 use crate::VaeError;
 use crate::attention::Attention;
@@ -61,22 +60,7 @@ fn conv_rows<B: Backend>(
 ) -> Tensor<B, 4> {
     let p = conv.kernel_size[0] / 2;
     let bias = conv.bias.as_ref().map(|b| b.val());
-    let x = if top == 0 && bottom == 0 {
-        x
-    } else {
-        let [b, c, _, w] = x.dims();
-        let (device, dtype) = (x.device(), x.dtype());
-        let zeros = |rows: usize| Tensor::<B, 4>::zeros([b, c, rows, w], (&device, dtype));
-        let mut parts = Vec::with_capacity(3);
-        if top > 0 {
-            parts.push(zeros(top));
-        }
-        parts.push(x);
-        if bottom > 0 {
-            parts.push(zeros(bottom));
-        }
-        Tensor::cat(parts, 2)
-    };
+    let x = pad_rows(x, top, bottom);
     conv2d(x, conv.weight.val(), bias, ConvOptions::new([1, 1], [0, p], [1, 1], 1))
 }
 
@@ -96,38 +80,16 @@ fn conv<B: Backend>(
     Ok(conv_rows(conv, halo.tensor, p - halo.top, p - halo.bottom))
 }
 
-/// GroupNorm of the band with statistics from the seam (float32, two passes, biased
-/// variance, as `nn.GroupNorm`).
+/// GroupNorm of the band with statistics from the seam ([`parallel_core::group_norm`]).
 fn group_norm<B: Backend>(
     norm: &GroupNorm<B>,
     x: Tensor<B, 4>,
     f: &mut Rows<'_, B>,
 ) -> parallel_core::Result<Tensor<B, 4>> {
-    let [batch, channels, height, width] = x.dims();
-    let g = norm.num_groups;
-    let dtype = x.dtype();
-    let count = channels / g * height * width;
-    let xf = x.cast(DType::F32).reshape([batch, g, count]);
-    let mean = xf.clone().mean_dim(2);
-    let centered = xf.clone() - mean.clone();
-    let m2 = (centered.clone() * centered).sum_dim(2);
-    let local =
-        GroupNormStats { mean: mean.reshape([batch, g]), m2: m2.reshape([batch, g]), count };
     let site = f.site(f.norm);
     f.norm += 1;
-    let stats = f.seams.group_norm_stats(&site, local)?;
-    let rstd = stats.variance().add_scalar(norm.epsilon).sqrt().recip().reshape([batch, g, 1]);
-    let y =
-        ((xf - stats.mean.reshape([batch, g, 1])) * rstd).reshape([batch, channels, height, width]);
-    let y = match (&norm.gamma, &norm.beta) {
-        (Some(gamma), Some(beta)) => {
-            let gamma = gamma.val().cast(DType::F32).reshape([1, channels, 1, 1]);
-            let beta = beta.val().cast(DType::F32).reshape([1, channels, 1, 1]);
-            y * gamma + beta
-        }
-        _ => y,
-    };
-    Ok(y.cast(dtype))
+    let (gamma, beta) = (norm.gamma.as_ref().map(|g| g.val()), norm.beta.as_ref().map(|b| b.val()));
+    parallel_core::group_norm(x, gamma, beta, norm.num_groups, norm.epsilon, &site, f.seams)
 }
 
 fn resnet<B: Backend>(

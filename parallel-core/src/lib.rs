@@ -88,7 +88,7 @@ pub use registry::{
 };
 pub use seams::{
     AttentionSite, GroupNormMode, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams,
-    Serial,
+    Serial, group_norm, pad_rows,
 };
 pub use strategy::{
     CurrentRequest, DenoiseLoop, ExpectedComm, MemoryReport, ParallelStrategy, RequestInfo,

@@ -13,8 +13,8 @@
 
 use std::ops::Range;
 
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
 
 use crate::attention::sdpa;
 use crate::error::Result;
@@ -244,6 +244,71 @@ pub trait Seams<B: Backend> {
         let _ = site;
         Ok(local)
     }
+}
+
+/// An affine GroupNorm of a band whose statistics pass the
+/// [`group_norm_stats`](Seams::group_norm_stats) seam at `site`: statistics and normalisation
+/// in float32 (as PyTorch's CPU kernel for half inputs), two passes (mean, then squared
+/// deviations), biased variance, `(x − mean)/√(var + eps)·γ + β`, cast back to `x`'s dtype.
+/// What every row-split model's GroupNorm calls (models-unet, models-vae).
+///
+/// # Shapes
+/// `x`: `[batch, channels, band rows, width]` in and out; `gamma`, `beta`: `[channels]`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm<B: Backend>(
+    x: Tensor<B, 4>,
+    gamma: Option<Tensor<B, 1>>,
+    beta: Option<Tensor<B, 1>>,
+    groups: usize,
+    eps: f64,
+    site: &RowSite,
+    seams: &mut dyn Seams<B>,
+) -> Result<Tensor<B, 4>> {
+    let [batch, channels, height, width] = x.dims();
+    let g = groups;
+    let dtype = x.dtype();
+    let count = channels / g * height * width;
+    let xf = x.cast(DType::F32).reshape([batch, g, count]);
+    let mean = xf.clone().mean_dim(2);
+    let centered = xf.clone() - mean.clone();
+    let m2 = (centered.clone() * centered).sum_dim(2);
+    let local =
+        GroupNormStats { mean: mean.reshape([batch, g]), m2: m2.reshape([batch, g]), count };
+    let stats = seams.group_norm_stats(site, local)?;
+    let rstd = stats.variance().add_scalar(eps).sqrt().recip().reshape([batch, g, 1]);
+    let centered = xf - stats.mean.reshape([batch, g, 1]);
+    let y = (centered * rstd).reshape([batch, channels, height, width]);
+    let affine = |t: Tensor<B, 1>| t.cast(DType::F32).reshape([1, channels, 1, 1]);
+    let y = match (gamma, beta) {
+        (Some(gamma), Some(beta)) => y * affine(gamma) + affine(beta),
+        _ => y,
+    };
+    Ok(y.cast(dtype))
+}
+
+/// `x` with `top` and `bottom` rows of zeros (in `x`'s dtype) around its rows: the uneven
+/// row padding of a band's convolution, written out because Burn 0.21's asymmetric
+/// `conv2d` pads with a tensor of the default float dtype, which a float16/bfloat16 map
+/// cannot be assigned into.
+///
+/// # Shapes
+/// `[batch, channels, rows, width]` → `[batch, channels, top + rows + bottom, width]`.
+pub fn pad_rows<B: Backend>(x: Tensor<B, 4>, top: usize, bottom: usize) -> Tensor<B, 4> {
+    if top == 0 && bottom == 0 {
+        return x;
+    }
+    let [b, c, _, w] = x.dims();
+    let (device, dtype) = (x.device(), x.dtype());
+    let zeros = |rows: usize| Tensor::<B, 4>::zeros([b, c, rows, w], (&device, dtype));
+    let mut parts = Vec::with_capacity(3);
+    if top > 0 {
+        parts.push(zeros(top));
+    }
+    parts.push(x);
+    if bottom > 0 {
+        parts.push(zeros(bottom));
+    }
+    Tensor::cat(parts, 2)
 }
 
 /// The serial seams: a model run with these is plain single-device code.
