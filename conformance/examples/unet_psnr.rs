@@ -19,12 +19,8 @@ fn main() {
     let registry = registry();
     for (model, n) in [("sd15", 2), ("sdxl", 2), ("sdxl", 4)] {
         let f = fixture(model);
-        let run = |strategy: &'static str, options: StrategyOptions, reference| SuiteRun {
-            strategy,
-            options,
-            world_size: n,
-            reference,
-            family: None,
+        let run = |strategy: &'static str, options: StrategyOptions, reference| {
+            SuiteRun::new(strategy, options, n, reference)
         };
         let naive =
             run("naive_patch", StrategyOptions::new("naive_patch"), Reference::LocalPatches);

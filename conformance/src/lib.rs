@@ -238,7 +238,7 @@ pub fn not_applicable(
     let d = fixture.desc();
     let request = RequestInfo { steps: 1, grid, batch: 2, images: 1, text_tokens: 0 };
     let results = launch(run.world_size, &launch_options(), |comm| {
-        let strategy = registry.create(run.strategy, comm, &run.options)?;
+        let strategy = run.create(registry, comm)?;
         strategy.validate(&d, &request)
     });
     let errors: Vec<String> =
@@ -247,7 +247,7 @@ pub fn not_applicable(
     let family = fixture.family == ModelFamily::Unet
         && first.contains("U-Net model")
         && first.contains("applies to DiT models only");
-    let rows = first.contains(&format!("fewer than the {} ranks", run.world_size));
+    let rows = first.contains(&format!("fewer than the {} ranks", run.group_size()));
     // A U-Net takes any latent size whole (diffusers forwards its up-sampling sizes); a row
     // split needs whole rows of the coarsest map.
     let unet = fixture.family == ModelFamily::Unet;
@@ -282,17 +282,53 @@ pub struct SuiteRun {
     pub reference: Reference,
     /// Run on fixtures of this family only (`None`: every fixture).
     pub family: Option<ModelFamily>,
+    /// 2: the strategy runs on each half of the guidance batch over `world_size / 2` ranks
+    /// ([`parallel_core::CfgParallel`]); 1: on the whole world.
+    pub cfg_degree: usize,
+}
+
+impl SuiteRun {
+    /// A run of `strategy` with `options` on `world_size` ranks, equal to `reference`, on
+    /// every fixture, without CFG parallelism.
+    pub fn new(
+        strategy: &'static str,
+        options: StrategyOptions,
+        world_size: usize,
+        reference: Reference,
+    ) -> Self {
+        SuiteRun { strategy, options, world_size, reference, family: None, cfg_degree: 1 }
+    }
+
+    /// The ranks of the strategy's own group (what its reference's bands are cut by): the
+    /// world over the cfg degree.
+    pub fn group_size(&self) -> usize {
+        self.world_size / self.cfg_degree
+    }
+
+    /// This rank's strategy, composed with the run's cfg degree.
+    pub fn create(
+        &self,
+        registry: &Registry<B>,
+        comm: parallel_core::Comm<B>,
+    ) -> Result<Box<dyn ParallelStrategy<B>>> {
+        registry.create_with_cfg(self.strategy, comm, &self.options, self.cfg_degree)
+    }
 }
 
 impl fmt::Display for SuiteRun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let opts: Vec<String> =
             self.options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
-        write!(f, "{}[{}] n={}", self.strategy, opts.join(","), self.world_size)
+        let cfg = if self.cfg_degree > 1 { format!("cfg{}×", self.cfg_degree) } else { "".into() };
+        write!(f, "{cfg}{}[{}] n={}", self.strategy, opts.join(","), self.world_size)
     }
 }
 
-/// Every case every registered strategy declares, expanded by world size.
+/// Every case every registered strategy declares, expanded by world size; then every
+/// strategy once more inside CFG parallelism (`cfg_degree = 2`): its first declared case at
+/// its smallest parallel world size `n` (1 for serial), on `2n` ranks. The guidance pair's
+/// halves do not interact in any model, so the composition must equal the same reference
+/// (on bands of the group's `n` ranks).
 pub fn runs(registry: &Registry<B>) -> Vec<SuiteRun> {
     let mut out = Vec::new();
     for info in registry.infos() {
@@ -304,9 +340,27 @@ pub fn runs(registry: &Registry<B>) -> Vec<SuiteRun> {
                     world_size: n,
                     reference: case.reference.clone(),
                     family: case.family,
+                    cfg_degree: 1,
                 });
             }
         }
+    }
+    for info in registry.infos() {
+        let parallel = info
+            .suite
+            .iter()
+            .find_map(|c| c.world_sizes.iter().copied().filter(|&n| n > 1).min().map(|n| (c, n)));
+        let Some((case, n)) = parallel.or_else(|| info.suite.first().map(|c| (c, 1))) else {
+            continue;
+        };
+        out.push(SuiteRun {
+            strategy: info.name,
+            options: case.strategy_options(info.name),
+            world_size: 2 * n,
+            reference: case.reference.clone(),
+            family: case.family,
+            cfg_degree: 2,
+        });
     }
     out
 }
@@ -338,7 +392,7 @@ pub fn setup(
     fixture: &Fixture,
     request: &RequestInfo,
 ) -> Result<(Box<dyn ParallelStrategy<B>>, harness::AnyDenoiser<B>)> {
-    let strategy = registry.create(run.strategy, comm.clone(), &run.options)?;
+    let strategy = run.create(registry, comm.clone())?;
     let d = fixture.desc();
     strategy.validate(&d, request)?;
     let plan = strategy.load_plan(&d)?;
@@ -354,7 +408,9 @@ pub fn forward_on_ranks(
     input: &DenoiserInput<B>,
 ) -> Vec<Result<RankReport>> {
     launch(run.world_size, &launch_options(), |comm| {
-        let request = RequestInfo::for_forward(input);
+        let mut request = RequestInfo::for_forward(input);
+        // The cases' batch of two is a guidance pair.
+        request.images = request.batch / run.cfg_degree;
         let (mut strategy, model) = setup(registry, run, comm.clone(), fixture, &request)?;
         let d = model.desc().clone();
         strategy.begin_request(&d, &request)?;
@@ -537,7 +593,7 @@ pub fn check_forward(
             continue;
         }
         worst.applied += 1;
-        let plan = Plan::of(&run.reference, fixture.units(input.grid()), run.world_size);
+        let plan = Plan::of(&run.reference, fixture.units(input.grid()), run.group_size());
         let want = reference_forward(&plan, fixture, &input);
         let label =
             format!("{run} {fixture}/{}", case.file_stem().expect("stem").to_string_lossy());
@@ -599,9 +655,15 @@ pub fn check_denoise(
         return Ok(report);
     }
     let rows = fixture.units(case.grid());
-    let want =
-        reference_denoise(&Plan::of(&run.reference, rows, run.world_size), fixture, &case, steps);
-    let serial = reference_denoise(&Plan::Serial, fixture, &case, steps);
+    let plan = Plan::of(&run.reference, rows, run.group_size());
+    let want = reference_denoise(&plan, fixture, &case, steps);
+    // The serial loop is the reference itself where the definition is serial (deterministic:
+    // the same computation gives the same bits), so it is not run twice.
+    let serial = if plan == Plan::Serial {
+        want.clone()
+    } else {
+        reference_denoise(&Plan::Serial, fixture, &case, steps)
+    };
     let label = format!(
         "{run} {fixture}/{} {steps} steps",
         case_path.file_stem().expect("stem").to_string_lossy()

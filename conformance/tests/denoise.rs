@@ -52,7 +52,7 @@ fn run(
     for (k, v) in options {
         o.set(*k, OptionValue::Int(*v));
     }
-    conformance::SuiteRun { strategy: name, options: o, world_size: n, reference, family: None }
+    conformance::SuiteRun::new(name, o, n, reference)
 }
 
 #[test]

@@ -55,6 +55,7 @@ fn refusal(name: &str, n: usize, model: &str) -> Vec<String> {
         world_size: n,
         reference: parallel_core::Reference::Serial,
         family: None,
+        cfg_degree: 1,
     };
     conformance::forward_on_ranks(&registry, &run, &f, &input)
         .into_iter()
@@ -115,6 +116,7 @@ fn tensor_parallel_parameter_bytes_are_sharded_over_n_plus_replicated() {
             world_size: n,
             reference: parallel_core::Reference::Serial,
             family: None,
+            cfg_degree: 1,
         };
         for rep in conformance::forward_on_ranks(&registry, &run, &f, &input) {
             assert_eq!(rep.unwrap().param_bytes, sharded / n as u64 + replicated, "n={n}");
@@ -146,6 +148,7 @@ fn unet_tensor_parallel_parameter_bytes_are_sharded_over_n_plus_replicated() {
         world_size: 2,
         reference: parallel_core::Reference::Serial,
         family: None,
+        cfg_degree: 1,
     };
     let plan = parallel_core::LoadPlan {
         tensor_shard: Some(parallel_core::Shard { rank: 0, world: 2 }),

@@ -103,7 +103,11 @@ fn a_registered_strategy_is_run_by_the_suite_and_passes() {
     let mut registry = registry();
     register(&mut registry);
     let mine: Vec<_> = runs(&registry).into_iter().filter(|r| r.strategy == "root_only").collect();
-    assert_eq!(mine.iter().map(|r| r.world_size).collect::<Vec<_>>(), vec![1, 2, 3]);
+    // Its declared world sizes, then once inside CFG parallelism: 2 groups of 2.
+    assert_eq!(
+        mine.iter().map(|r| (r.world_size, r.cfg_degree)).collect::<Vec<_>>(),
+        vec![(1, 1), (2, 1), (3, 1), (4, 2)]
+    );
     for f in [fixture("pixart-alpha"), fixture("dit")] {
         for run in &mine {
             check_forward(&registry, run, &f).unwrap();
@@ -120,7 +124,7 @@ fn a_formula_that_undercounts_by_one_element_fails() {
     });
     let run = runs(&registry)
         .into_iter()
-        .find(|r| r.strategy == "root_only" && r.world_size == 2)
+        .find(|r| r.strategy == "root_only" && r.world_size == 2 && r.cfg_degree == 1)
         .unwrap();
     let e = check_forward(&registry, &run, &fixture("pixart-alpha")).unwrap_err();
     assert!(e.contains("broadcast: the transport moved") && e.contains("the formula says"), "{e}");

@@ -199,6 +199,7 @@ pub fn run_bench(
             text_tokens: config.text_tokens,
             strategy_warmup_steps: 0,
             link: None,
+            cfg_degree: 1,
         };
         let (serial, reference) =
             measure(registry, &model, &StrategySpec::named("serial"), &base, px, None);
@@ -232,6 +233,7 @@ pub fn run_bench(
                         threads_per_rank: threads,
                         strategy_warmup_steps: warmup,
                         link: link.clone(),
+                        cfg_degree: s.cfg_degree,
                         ..base.clone()
                     };
                     let mut s = s.clone();
@@ -332,7 +334,7 @@ fn measure(
         } else {
             s.label.clone()
         },
-        strategy: s.name.clone(),
+        strategy: s.composed_name(),
         options: s.option_text.clone(),
         world_size: spec.world_size,
         threads_per_rank: spec.threads_per_rank,

@@ -55,6 +55,10 @@ pub struct ParallelConfig {
     /// before every 3×3 conv, group-norm statistics merged, the mid-block attention over all
     /// pixels; exact), the image gathered to rank 0; else rank 0 decodes alone.
     pub vae_parallel: bool,
+    /// Classifier-free-guidance parallelism: 2 splits the guidance batch `[negative,
+    /// positive]` over two groups of `world_size / 2` ranks, each running `strategy` on its
+    /// half (one exchange of the noise prediction per step); 1 (default) does not.
+    pub cfg_degree: usize,
 }
 
 impl Default for ParallelConfig {
@@ -68,6 +72,7 @@ impl Default for ParallelConfig {
             options: BTreeMap::new(),
             link: None,
             vae_parallel: false,
+            cfg_degree: 1,
         }
     }
 }
@@ -111,8 +116,33 @@ impl ParallelConfig {
         if self.threads_per_rank == Some(0) {
             return Err(bad("parallel.threads_per_rank"));
         }
+        parallel_core::cfg::cfg_mesh(self.world_size, self.cfg_degree).map_err(|e| {
+            let reason = match e {
+                parallel_core::ParallelError::Mesh(m) => m,
+                other => other.to_string(),
+            };
+            HarnessError::config("parallel.cfg_degree (--cfg-degree)", reason)
+        })?;
         self.link_model()?;
         Ok(())
+    }
+
+    /// The ranks of one group of the inner strategy: `world_size / cfg_degree`.
+    pub fn group_size(&self) -> usize {
+        self.world_size / self.cfg_degree.max(1)
+    }
+
+    /// This rank's strategy from `registry`, composed with the cfg degree.
+    ///
+    /// # Errors
+    /// What [`Registry::create_with_cfg`](parallel_core::Registry::create_with_cfg) refuses.
+    pub fn create_strategy<B: burn::tensor::backend::Backend>(
+        &self,
+        registry: &parallel_core::Registry<B>,
+        comm: parallel_core::Comm<B>,
+        options: &StrategyOptions,
+    ) -> parallel_core::Result<Box<dyn parallel_core::ParallelStrategy<B>>> {
+        registry.create_with_cfg(&self.strategy, comm, options, self.cfg_degree)
     }
 
     /// The link model `link` names, if any.

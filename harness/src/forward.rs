@@ -165,9 +165,22 @@ impl Job<'_> {
                 ),
             ));
         }
-        let request = RequestInfo::for_forward(&input);
+        let mut request = RequestInfo::for_forward(&input);
+        if self.parallel.cfg_degree == 2 {
+            // The inputs' batch is the guidance pair(s): negatives first, then positives.
+            if !request.batch.is_multiple_of(2) {
+                return Err(HarnessError::config(
+                    format!("--inputs {}", self.inputs.display()),
+                    format!(
+                        "parallel.cfg_degree 2 splits the batch into its negative and positive                          halves, but the inputs have a batch of {}",
+                        request.batch
+                    ),
+                ));
+            }
+            request.images = request.batch / 2;
+        }
         let registry = crate::registry::<B>();
-        let mut strategy = registry.create(&self.parallel.strategy, comm.clone(), &self.options)?;
+        let mut strategy = self.parallel.create_strategy(&registry, comm.clone(), &self.options)?;
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
         let model = self.config.load::<B>(&self.folder, &plan, &device)?;

@@ -65,6 +65,32 @@ pub fn list_text() -> String {
         }
     }
     let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Mesh axes (ranks laid out innermost first: {}; neighbouring ranks hold the most \
+         talkative axis):",
+        parallel_core::Axis::ALL.iter().rev().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "  tensor       tensor: heads / MLP columns / conv channels (--world-size of the group)"
+    );
+    let _ = writeln!(
+        s,
+        "  ulysses/ring usp: --ulysses-degree × --ring-degree (ulysses, ring: the whole group)"
+    );
+    let _ = writeln!(s, "  pipefusion   pipefusion: stages of consecutive blocks");
+    let _ = writeln!(
+        s,
+        "  cfg          --cfg-degree 2 / [parallel] cfg_degree: the guidance batch's halves on \
+         two groups of world-size / 2 ranks, with any strategy inside (one all-gather of the \
+         noise prediction per step); needs guidance (scale > 1)"
+    );
+    let _ = writeln!(
+        s,
+        "  world size = cfg_degree × the strategy's group (usp: ulysses_degree × ring_degree)"
+    );
+    let _ = writeln!(s);
     let _ = writeln!(s, "Schedulers (--scheduler NAME; default: the pipeline's own):");
     for (short, class) in SCHEDULER_NAMES {
         let _ = writeln!(s, "  {short:<22}{class}");
@@ -85,5 +111,7 @@ mod tests {
         }
         assert!(text.contains("PixArt-XL-2-512x512"));
         assert!(text.contains("UNet2DConditionModel") && text.contains("sdxl-base"));
+        assert!(text.contains("innermost first: tensor, ulysses, ring, pipefusion, cfg, data"));
+        assert!(text.contains("--cfg-degree 2"));
     }
 }

@@ -74,6 +74,10 @@ struct ParallelArgs {
     /// Decode with the VAE split by rows over every rank (exact), not on rank 0 alone.
     #[arg(long)]
     vae_parallel: bool,
+    /// 2: split the guidance batch over two groups of world-size / 2 ranks, each running
+    /// the strategy on its half (CFG parallelism).
+    #[arg(long)]
+    cfg_degree: Option<usize>,
 }
 
 impl ParallelArgs {
@@ -98,6 +102,9 @@ impl ParallelArgs {
         }
         if self.vae_parallel {
             p.vae_parallel = true;
+        }
+        if let Some(v) = self.cfg_degree {
+            p.cfg_degree = v;
         }
         let int = |v: usize| toml::Value::Integer(v as i64);
         for (key, value) in [

@@ -113,7 +113,7 @@ pub struct RankReport {
 /// The result of [`run`].
 #[derive(Debug, Clone)]
 pub struct RunReport {
-    /// The strategy's registered name.
+    /// The strategy's registered name (`cfg2×name` with CFG parallelism).
     pub strategy: String,
     /// Ranks.
     pub world_size: usize,
@@ -276,6 +276,17 @@ impl RunPlan {
             out_channels: desc.out_channels,
             additional_conditions: folder.uses_additional_conditions().then_some((height, width)),
         };
+        if config.parallel.cfg_degree == 2 && !settings.guidance() {
+            return Err(HarnessError::config(
+                "parallel.cfg_degree (--cfg-degree)",
+                format!(
+                    "2 splits the guidance batch [negative, positive] over two rank groups, but \
+                     guidance is off (guidance scale {} ≤ 1: one evaluation per step); set \
+                     --guidance-scale above 1 or use --cfg-degree 1",
+                    settings.guidance_scale
+                ),
+            ));
+        }
         let request = RequestInfo {
             steps: schedule.len(),
             grid,
@@ -342,8 +353,13 @@ impl RunPlan {
             ))
         })?;
         let desc = self.folder.denoiser_config.desc();
+        let strategy = if parallel.cfg_degree == 2 {
+            format!("cfg2×{}", parallel.strategy)
+        } else {
+            parallel.strategy.clone()
+        };
         Ok(RunReport {
-            strategy: parallel.strategy.clone(),
+            strategy,
             world_size: parallel.world_size,
             backend: parallel.backend,
             threads_per_rank: threads,
@@ -433,7 +449,7 @@ fn rank_main<B: Backend>(
     let desc = plan.folder.denoiser_config.desc();
     let registry = crate::registry::<B>();
     let mut strategy =
-        registry.create(&cfg.parallel.strategy, comm.clone(), &plan.strategy_options)?;
+        cfg.parallel.create_strategy(&registry, comm.clone(), &plan.strategy_options)?;
     strategy.validate(&desc, &plan.request)?;
     let load_plan = strategy.load_plan(&desc)?;
     let model = models

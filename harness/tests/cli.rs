@@ -336,6 +336,54 @@ fn a_world_size_the_strategy_cannot_use_is_refused() {
 }
 
 #[test]
+fn cfg_degrees_the_run_cannot_take_are_refused_naming_the_setting() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "configs/demo.toml"];
+        args.extend_from_slice(extra);
+        fails(&args)
+    };
+    let err = run(&["--world-size", "2", "--cfg-degree", "2", "--guidance-scale", "1"]);
+    assert!(err.contains("parallel.cfg_degree") && err.contains("guidance is off"), "{err}");
+    let err = run(&["--world-size", "3", "--cfg-degree", "2"]);
+    assert!(err.contains("parallel.cfg_degree") && err.contains("does not divide the 3"), "{err}");
+    let err = run(&["--world-size", "4", "--cfg-degree", "3"]);
+    assert!(err.contains("parallel.cfg_degree") && err.contains("1 or 2"), "{err}");
+    // The inner strategy's degrees must fill its half: every degree is named.
+    let err = run(&[
+        "--strategy",
+        "usp",
+        "--world-size",
+        "4",
+        "--cfg-degree",
+        "2",
+        "--ulysses-degree",
+        "2",
+        "--ring-degree",
+        "2",
+    ]);
+    assert!(
+        err.contains("ulysses_degree 2 × ring_degree 2") && err.contains("2 groups of 2"),
+        "{err}"
+    );
+    let png = tmp("cfg2").join("serial.png");
+    let out = succeeds(&[
+        "run",
+        "configs/demo.toml",
+        "--strategy",
+        "serial",
+        "--world-size",
+        "2",
+        "--cfg-degree",
+        "2",
+        "--steps",
+        "2",
+        "--output",
+        s(&png),
+    ]);
+    assert!(out.contains("cfg2×serial on 2 ranks"), "{out}");
+}
+
+#[test]
 fn bad_options_are_named() {
     let err = fails(&["run", "configs/demo.toml", "--strategy", "ulysses", "--warmup-steps", "2"]);
     assert!(err.contains("`warmup_steps`"), "{err}");

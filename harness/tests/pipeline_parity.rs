@@ -204,8 +204,20 @@ fn four_steps_match_diffusers_step_by_step() {
 /// The library's `run` end to end (plan, launch, broadcast of the text, decode) with the
 /// reference's initial latents given as `--latents`.
 fn run_with_reference_latents(steps: usize, file: &str, strategy: &str, world: usize) -> f64 {
+    run_with_reference_latents_cfg(steps, file, strategy, world, 1)
+}
+
+/// The same with CFG parallelism of `cfg_degree` around `strategy`.
+fn run_with_reference_latents_cfg(
+    steps: usize,
+    file: &str,
+    strategy: &str,
+    world: usize,
+    cfg_degree: usize,
+) -> f64 {
     let r = reference(file);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("parity-{steps}-{strategy}"));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("parity-{steps}-{strategy}-{world}-cfg{cfg_degree}"));
     std::fs::create_dir_all(&dir).unwrap();
     let latents = dir.join("initial.safetensors");
     weights::write_tensors::<B, 4>(&latents, &[("latents", tensor(&r["initial_latents"]))])
@@ -225,6 +237,7 @@ fn run_with_reference_latents(steps: usize, file: &str, strategy: &str, world: u
     };
     cfg.parallel.strategy = strategy.into();
     cfg.parallel.world_size = world;
+    cfg.parallel.cfg_degree = cfg_degree;
     cfg.parallel.threads_per_rank = Some(1);
     let report = harness::run_with_options(
         &cfg,
@@ -235,7 +248,10 @@ fn run_with_reference_latents(steps: usize, file: &str, strategy: &str, world: u
     let saved = weights::read_tensors(&dir.join("final.safetensors")).unwrap();
     assert_eq!(f32s(&saved["latents"]), report.latents.values);
     let err = report.latents.max_rel_error(&f32s(&r["latents"]));
-    println!("{strategy} × {world}, {steps} steps: final latents max rel error {err:.2e}");
+    println!(
+        "{strategy} × {world} (cfg {cfg_degree}), {steps} steps: final latents max rel error \
+         {err:.2e}"
+    );
     err
 }
 
@@ -252,4 +268,15 @@ fn run_matches_diffusers_at_20_steps() {
 #[test]
 fn run_on_two_ulysses_ranks_matches_diffusers() {
     assert!(run_with_reference_latents(4, "pipeline_4steps.safetensors", "ulysses", 2) <= LATENTS);
+}
+
+/// CFG parallelism: the guidance halves on two groups (serial inside: 2 ranks; Ulysses
+/// inside: 2 × 2 ranks) give diffusers' latents, as one rank does.
+#[test]
+fn cfg_parallel_runs_match_diffusers() {
+    for (strategy, world) in [("serial", 2), ("ulysses", 4)] {
+        let err =
+            run_with_reference_latents_cfg(4, "pipeline_4steps.safetensors", strategy, world, 2);
+        assert!(err <= LATENTS, "cfg2×{strategy} on {world}: {err:e}");
+    }
 }

@@ -222,21 +222,28 @@ fn decoded_images_match_diffusers() {
 fn u_net_strategies_run_the_pipelines() {
     const EXACT: f64 = 2e-5;
     type Opt = (&'static str, toml::Value);
-    let runs: [(&str, usize, Vec<Opt>, bool); 6] = [
-        ("tensor", 2, vec![], true),
-        ("distrifusion", 2, vec![("warmup_steps", toml::Value::Integer(100))], true),
-        ("distrifusion", 4, vec![("warmup_steps", toml::Value::Integer(100))], true),
-        ("distrifusion", 2, vec![("warmup_steps", toml::Value::Integer(1))], false),
-        ("naive_patch", 2, vec![], false),
-        ("naive_patch", 4, vec![], false),
+    let int = toml::Value::Integer;
+    // (strategy, world size, options, cfg degree, exact)
+    let runs: [(&str, usize, Vec<Opt>, usize, bool); 9] = [
+        ("tensor", 2, vec![], 1, true),
+        ("distrifusion", 2, vec![("warmup_steps", int(100))], 1, true),
+        ("distrifusion", 4, vec![("warmup_steps", int(100))], 1, true),
+        ("distrifusion", 2, vec![("warmup_steps", int(1))], 1, false),
+        ("naive_patch", 2, vec![], 1, false),
+        ("naive_patch", 4, vec![], 1, false),
+        // CFG parallelism around U-Net strategies: the guidance halves on two groups.
+        ("serial", 2, vec![], 2, true),
+        ("tensor", 4, vec![], 2, true),
+        ("distrifusion", 4, vec![("warmup_steps", int(100))], 2, true),
     ];
     for case in CASES.iter().filter(|c| c.file == "sd15_pndm" || c.file == "sdxl_euler") {
         let (serial, _) = run_case(case, false);
         let want = serial.latents.values.clone();
-        for (strategy, n, options, exact) in &runs {
+        for (strategy, n, options, cfg_degree, exact) in &runs {
             let mut parallel = harness::ParallelConfig {
                 strategy: strategy.to_string(),
                 world_size: *n,
+                cfg_degree: *cfg_degree,
                 threads_per_rank: Some(1),
                 ..Default::default()
             };
@@ -246,13 +253,16 @@ fn u_net_strategies_run_the_pipelines() {
             let got = match run_parallel(case, parallel) {
                 Ok(report) => report.latents.max_rel_error(&want),
                 // The tiny SD 1.5's 16 latent rows are 2 rows of its 8-row granularity.
-                Err(e) if *n == 4 && case.pipeline == "sd15-tiny" => {
+                Err(e) if *n / cfg_degree == 4 && case.pipeline == "sd15-tiny" => {
                     assert!(e.contains("fewer than the 4 ranks"), "{e}");
                     continue;
                 }
-                Err(e) => panic!("{} {strategy} n={n}: {e}", case.file),
+                Err(e) => panic!("{} {strategy} n={n} cfg {cfg_degree}: {e}", case.file),
             };
-            println!("{} {strategy} n={n} {options:?}: max rel vs serial {got:.2e}", case.file);
+            println!(
+                "{} {strategy} n={n} cfg {cfg_degree} {options:?}: max rel vs serial {got:.2e}",
+                case.file
+            );
             if *exact {
                 assert!(got <= EXACT, "{} {strategy} n={n}: {got:.2e}", case.file);
             } else {

@@ -63,6 +63,7 @@
 //! The repository's `docs/ARCHITECTURE.md` is the map of crates, contracts and bars.
 
 pub mod attention;
+pub mod cfg;
 pub mod comm;
 pub mod error;
 pub mod mesh;
@@ -72,6 +73,7 @@ pub mod seams;
 pub mod split;
 pub mod strategy;
 
+pub use cfg::CfgParallel;
 pub use comm::{
     Clock, Comm, CommStats, Communicator, LaunchOptions, Link, LinkModel, LinkSpecError, LocalComm,
     ManualClock, OpKind, OpStats, Pending, PendingSend, Tag, WallClock, launch,

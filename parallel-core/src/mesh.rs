@@ -1,9 +1,13 @@
 //! A mesh of named parallel axes over the world's ranks.
 //!
 //! Ranks are laid out row-major over the axes in the fixed order
-//! `cfg, pipefusion, ring, ulysses, tensor` (outermost first), so the innermost axes group
-//! neighbouring ranks: Ulysses groups are neighbours and the ring runs across them (USP), and
-//! tensor-parallel groups are the closest of all (on one host, the fastest links).
+//! `data, cfg, pipefusion, ring, ulysses, tensor` (outermost first; innermost first it is
+//! xDiT's order: tensor, sequence, pipeline, cfg, data), so the innermost axes group
+//! neighbouring ranks: tensor-parallel groups, the most talkative (two all-reduces per block),
+//! are the closest of all (on one host, the fastest links); Ulysses groups are neighbours and
+//! the ring runs across them (USP); PipeFusion stages pass one patch's activations per block
+//! range; the cfg pair exchanges one noise prediction per step; data-parallel replicas share
+//! nothing per step.
 
 use std::fmt;
 
@@ -12,6 +16,8 @@ use crate::error::ParallelError;
 /// A parallel axis of the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Axis {
+    /// Data parallelism: replicas generating different requests, sharing nothing per step.
+    Data,
     /// Classifier-free guidance: the two halves of the guidance batch on two rank groups.
     Cfg,
     /// PipeFusion stages.
@@ -26,12 +32,13 @@ pub enum Axis {
 
 impl Axis {
     /// Every axis, outermost first (the layout order).
-    pub const ALL: [Axis; 5] =
-        [Axis::Cfg, Axis::PipeFusion, Axis::Ring, Axis::Ulysses, Axis::Tensor];
+    pub const ALL: [Axis; 6] =
+        [Axis::Data, Axis::Cfg, Axis::PipeFusion, Axis::Ring, Axis::Ulysses, Axis::Tensor];
 
     /// The axis's config name.
     pub fn name(self) -> &'static str {
         match self {
+            Axis::Data => "data",
             Axis::Cfg => "cfg",
             Axis::PipeFusion => "pipefusion",
             Axis::Ring => "ring",
@@ -51,10 +58,13 @@ impl fmt::Display for Axis {
     }
 }
 
+/// The number of axes.
+pub const AXES: usize = Axis::ALL.len();
+
 /// Degrees of every axis; their product is the world size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mesh {
-    degrees: [usize; 5],
+    degrees: [usize; AXES],
 }
 
 impl Mesh {
@@ -64,8 +74,8 @@ impl Mesh {
     /// # Errors
     /// A degree of 0, an axis named twice, or degrees whose product is not `world_size`.
     pub fn new(world_size: usize, degrees: &[(Axis, usize)]) -> Result<Mesh, ParallelError> {
-        let mut d = [1usize; 5];
-        let mut seen = [false; 5];
+        let mut d = [1usize; AXES];
+        let mut seen = [false; AXES];
         for &(axis, degree) in degrees {
             if seen[axis.index()] {
                 return Err(ParallelError::Mesh(format!("axis `{axis}` is given twice")));
@@ -88,7 +98,7 @@ impl Mesh {
 
     /// A one-axis mesh: every rank on `axis`.
     pub fn single(axis: Axis, world_size: usize) -> Mesh {
-        let mut degrees = [1; 5];
+        let mut degrees = [1; AXES];
         degrees[axis.index()] = world_size.max(1);
         Mesh { degrees }
     }
@@ -104,10 +114,10 @@ impl Mesh {
     }
 
     /// The coordinates of `rank`, indexed like [`Axis::ALL`].
-    pub fn coords(&self, rank: usize) -> [usize; 5] {
-        let mut c = [0; 5];
+    pub fn coords(&self, rank: usize) -> [usize; AXES] {
+        let mut c = [0; AXES];
         let mut r = rank;
-        for i in (0..5).rev() {
+        for i in (0..AXES).rev() {
             c[i] = r % self.degrees[i];
             r /= self.degrees[i];
         }
@@ -115,7 +125,7 @@ impl Mesh {
     }
 
     /// The rank at `coords`.
-    pub fn rank_of(&self, coords: [usize; 5]) -> usize {
+    pub fn rank_of(&self, coords: [usize; AXES]) -> usize {
         coords.iter().zip(&self.degrees).fold(0, |acc, (&c, &d)| acc * d + c)
     }
 
@@ -131,7 +141,7 @@ impl Mesh {
         (0..self.world_size())
             .filter(|&r| {
                 let c = self.coords(r);
-                (0..5).all(|i| axes.iter().any(|a| a.index() == i) || c[i] == base[i])
+                (0..AXES).all(|i| axes.iter().any(|a| a.index() == i) || c[i] == base[i])
             })
             .collect()
     }
@@ -156,6 +166,12 @@ mod tests {
         assert_eq!(m.group(3, &[Axis::Ulysses]), vec![2, 3]);
         assert_eq!(m.group(1, &[Axis::Ring]), vec![1, 3]);
         assert_eq!(m.group(5, &[Axis::Cfg]), vec![1, 5]);
+        // Data outermost: replicas are the farthest apart.
+        let d = Mesh::new(8, &[(Axis::Data, 2), (Axis::Cfg, 2), (Axis::Tensor, 2)]).unwrap();
+        assert_eq!(d.group(0, &[Axis::Tensor]), vec![0, 1]);
+        assert_eq!(d.group(1, &[Axis::Cfg]), vec![1, 3]);
+        assert_eq!(d.group(2, &[Axis::Data]), vec![2, 6]);
+        assert_eq!(d.to_string(), "[data=2, cfg=2, pipefusion=1, ring=1, ulysses=1, tensor=2]");
         assert_eq!(m.group(6, &[Axis::Ring, Axis::Ulysses]), vec![4, 5, 6, 7]);
         for r in 0..8 {
             assert_eq!(m.rank_of(m.coords(r)), r);

@@ -383,6 +383,29 @@ impl<B: Backend> Registry<B> {
         let (_, ctor) = self.entries.get(name).ok_or_else(|| self.unknown(name))?;
         ctor(comm, options)
     }
+
+    /// A strategy instance for the rank of `comm` with `cfg_degree` (1 or 2): with 2, the
+    /// world's ranks form two groups of half the size, each running `name` on its half of the
+    /// guidance batch ([`CfgParallel`](crate::CfgParallel)); with 1, [`create`](Self::create).
+    ///
+    /// # Errors
+    /// An unknown name or option, a degree other than 1 or 2, an odd world with degree 2, or
+    /// the strategy's refusal of its group.
+    pub fn create_with_cfg(
+        &self,
+        name: &str,
+        comm: Comm<B>,
+        options: &StrategyOptions,
+        cfg_degree: usize,
+    ) -> Result<Box<dyn ParallelStrategy<B>>> {
+        crate::cfg::cfg_mesh(comm.size(), cfg_degree)?;
+        if cfg_degree == 1 {
+            return self.create(name, comm, options);
+        }
+        self.check_options(name, options)?;
+        let (_, ctor) = self.entries.get(name).ok_or_else(|| self.unknown(name))?;
+        Ok(Box::new(crate::CfgParallel::new(comm, |group| ctor(group, options))?))
+    }
 }
 
 #[cfg(test)]

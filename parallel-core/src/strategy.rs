@@ -241,6 +241,14 @@ pub trait ParallelStrategy<B: Backend>: Send {
         Ok(latents)
     }
 
+    /// Whether this rank calls [`DenoiseLoop::step`] in [`denoise`](ParallelStrategy::denoise)
+    /// (and so needs the noise predictions): every rank in the default loop; PipeFusion's
+    /// last stage only. A composition that exchanges predictions (CFG parallelism) counts its
+    /// traffic by it.
+    fn steps_latents(&self) -> bool {
+        true
+    }
+
     /// Bytes of this instance's buffers (parameters are the model's to report).
     fn buffer_bytes(&self) -> u64 {
         0

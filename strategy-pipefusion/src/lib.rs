@@ -647,6 +647,11 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         Ok(self.world.broadcast(latents, last)?)
     }
 
+    /// Only the last stage steps the latents (and broadcasts them at the end).
+    fn steps_latents(&self) -> bool {
+        self.is_last()
+    }
+
     fn buffer_bytes(&self) -> u64 {
         self.buffers
             .iter()

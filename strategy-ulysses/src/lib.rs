@@ -335,7 +335,14 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
     ) -> Result<Tensor<B, 4>> {
         let request = self.request.check_input(self.name, input)?;
         let tokens = self.tokens_per_rank(model.desc(), request)?;
-        let group_tokens = self.ulysses.members().iter().map(|&w| tokens[w]).collect();
+        // Token counts by this group's own rank numbering (the Usp group may itself be a
+        // part of the world, e.g. one half of a CFG split: its members are not 0..N).
+        let group_tokens = self
+            .mesh
+            .group(self.world.rank(), &[Axis::Ulysses])
+            .iter()
+            .map(|&r| tokens[r])
+            .collect();
         self.ring.begin_forward(self.forwards);
         self.forwards += 1;
         let mut seams = UspSeams { ulysses: &self.ulysses, group_tokens, ring: &mut self.ring };
@@ -354,7 +361,8 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
         let tokens = self.tokens_per_rank(model, request)?;
         let (b, h, d, l) = (request.batch, model.num_heads, model.head_dim, model.num_layers);
         let n_w = tokens[w];
-        let t_g: usize = self.ulysses.members().iter().map(|&m| tokens[m]).sum();
+        let t_g: usize =
+            self.mesh.group(self.world.rank(), &[Axis::Ulysses]).iter().map(|&r| tokens[r]).sum();
         let mut e = ExpectedComm::none(format!(
             "{}: L·[3·B·H·n·d·(u−1)/u + B·(H/u)·d·(T_g − n)] all-to-all + ring L·2·B·(H/u)·d·Σ T_j \
              + output gather; L={l} B={b} H={h} d={d} n={n_w} T_g={t_g} u={u} R={rd}",
@@ -367,9 +375,10 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
         }
         if rd > 1 {
             // Tokens of each ring member's Ulysses group, in ring order.
-            let ring_tokens: Vec<usize> = (0..rd)
-                .map(|j| {
-                    let member = self.ring.comm().members()[j];
+            let ring = self.mesh.group(self.world.rank(), &[Axis::Ring]);
+            let ring_tokens: Vec<usize> = ring
+                .iter()
+                .map(|&member| {
                     let group = self.mesh.group(member, &[Axis::Ulysses]);
                     group.iter().map(|&m| tokens[m]).sum()
                 })

@@ -34,6 +34,9 @@ pub struct StrategySpec {
     pub options: StrategyOptions,
     /// The options as given, for the report.
     pub option_text: BTreeMap<String, String>,
+    /// CFG parallelism around the strategy (the table key `cfg_degree`, not a strategy
+    /// option): 2 runs it on each half of the guidance batch over half the ranks.
+    pub cfg_degree: usize,
 }
 
 impl StrategySpec {
@@ -44,21 +47,40 @@ impl StrategySpec {
             name: name.into(),
             options: StrategyOptions::new(name),
             option_text: BTreeMap::new(),
+            cfg_degree: 1,
         }
     }
 
-    /// Sets option `key` (a label without options gets them appended).
+    /// Sets option `key` (a label without options gets them appended); `cfg_degree` sets
+    /// the composition's degree (checked by the run: 1 or 2).
     pub fn set(&mut self, key: &str, value: OptionValue) {
+        if key == "cfg_degree" {
+            self.cfg_degree = match value {
+                OptionValue::Int(v) if v >= 0 => v as usize,
+                // Refused when the configuration is created (1 or 2).
+                _ => 0,
+            };
+            return;
+        }
         self.option_text.insert(key.into(), value.to_string());
         self.options.set(key, value);
     }
 
+    /// The strategy's name as reported: `cfg2×name` inside CFG parallelism.
+    pub fn composed_name(&self) -> String {
+        if self.cfg_degree == 1 {
+            self.name.clone()
+        } else {
+            format!("cfg{}×{}", self.cfg_degree, self.name)
+        }
+    }
+
     fn default_label(&self) -> String {
         if self.option_text.is_empty() {
-            return self.name.clone();
+            return self.composed_name();
         }
         let opts: Vec<String> = self.option_text.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!("{}[{}]", self.name, opts.join(","))
+        format!("{}[{}]", self.composed_name(), opts.join(","))
     }
 
     fn from_entry(entry: &StrategyEntry, index: usize) -> Result<Self> {
@@ -367,5 +389,11 @@ mod tests {
             .strategy_specs(&crate::registry::<B>(), &["distrifusion.warmup_steps=2".into()])
             .unwrap();
         assert_eq!(specs[1].label, "distrifusion[warmup_steps=2]");
+        // `cfg_degree` composes CFG parallelism around the strategy; it is not an option.
+        let c = BenchConfig::from_toml(r#"strategies = [{ name = "ulysses", cfg_degree = 2 }]"#)
+            .unwrap();
+        let specs = c.strategy_specs(&crate::registry::<B>(), &[]).unwrap();
+        assert_eq!((specs[0].label.as_str(), specs[0].cfg_degree), ("cfg2×ulysses", 2));
+        assert_eq!(specs[0].options.keys().count(), 0);
     }
 }

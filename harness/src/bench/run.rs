@@ -59,6 +59,8 @@ pub struct RunSpec {
     pub strategy_warmup_steps: usize,
     /// The link model transfers are timed by (`None`: instant).
     pub link: Option<parallel_core::LinkModel>,
+    /// CFG parallelism around the strategy (1: none, 2: the guidance halves on two groups).
+    pub cfg_degree: usize,
 }
 
 impl RunSpec {
@@ -120,7 +122,12 @@ pub fn run_configuration(
     let models = crate::SharedModels::<B>::new();
     launch(spec.world_size, &options, |comm| {
         let request = spec.request(&desc);
-        let mut strategy = registry.create(&spec.strategy, comm.clone(), &spec.options)?;
+        let mut strategy = registry.create_with_cfg(
+            &spec.strategy,
+            comm.clone(),
+            &spec.options,
+            spec.cfg_degree,
+        )?;
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
         let model = models
