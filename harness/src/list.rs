@@ -79,7 +79,11 @@ pub fn list_text() -> String {
         s,
         "  ulysses/ring usp: --ulysses-degree × --ring-degree (ulysses, ring: the whole group)"
     );
-    let _ = writeln!(s, "  pipefusion   pipefusion: stages of consecutive blocks");
+    let _ = writeln!(
+        s,
+        "  pipefusion   pipefusion: stages of consecutive blocks, each stage --ulysses-degree \
+         ranks splitting every patch again (PipeFusion × Ulysses)"
+    );
     let _ = writeln!(
         s,
         "  cfg          --cfg-degree 2 / [parallel] cfg_degree: the guidance batch's halves on \
@@ -88,7 +92,8 @@ pub fn list_text() -> String {
     );
     let _ = writeln!(
         s,
-        "  world size = cfg_degree × the strategy's group (usp: ulysses_degree × ring_degree)"
+        "  world size = cfg_degree × the strategy's group (usp: ulysses_degree × ring_degree; \
+         pipefusion: stages × ulysses_degree)"
     );
     let _ = writeln!(s);
     let _ = writeln!(s, "Schedulers (--scheduler NAME; default: the pipeline's own):");

@@ -55,7 +55,7 @@ struct ParallelArgs {
     /// Strategy option `num_pipeline_patch` (pipefusion).
     #[arg(long)]
     num_pipeline_patch: Option<usize>,
-    /// Strategy option `ulysses_degree` (usp).
+    /// Strategy option `ulysses_degree` (usp; pipefusion: ranks of each stage).
     #[arg(long)]
     ulysses_degree: Option<usize>,
     /// Strategy option `ring_degree` (usp).

@@ -384,6 +384,46 @@ fn cfg_degrees_the_run_cannot_take_are_refused_naming_the_setting() {
 }
 
 #[test]
+fn pipefusion_stages_of_ulysses_groups_run_and_bad_degrees_are_named() {
+    let png = tmp("pf-ulysses").join("out.png");
+    // Two stages of two Ulysses ranks; then the same inside CFG parallelism (8 ranks).
+    for extra in [&[][..], &["--cfg-degree", "2"][..]] {
+        let world = if extra.is_empty() { "4" } else { "8" };
+        let mut args = vec![
+            "run",
+            "configs/demo.toml",
+            "--strategy",
+            "pipefusion",
+            "--world-size",
+            world,
+            "--ulysses-degree",
+            "2",
+            "--steps",
+            "3",
+            "--output",
+            s(&png),
+        ];
+        args.extend_from_slice(extra);
+        let out = succeeds(&args);
+        assert!(out.contains(&format!("on {world} ranks")), "{out}");
+    }
+    let err = fails(&[
+        "run",
+        "configs/demo.toml",
+        "--strategy",
+        "pipefusion",
+        "--world-size",
+        "4",
+        "--ulysses-degree",
+        "3",
+    ]);
+    assert!(
+        err.contains("`ulysses_degree`") && err.contains("does not divide the 4 ranks"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_options_are_named() {
     let err = fails(&["run", "configs/demo.toml", "--strategy", "ulysses", "--warmup-steps", "2"]);
     assert!(err.contains("`warmup_steps`"), "{err}");

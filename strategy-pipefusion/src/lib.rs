@@ -34,13 +34,27 @@
 //! A single [`forward`](ParallelStrategy::forward) (no scheduler) runs synchronously and
 //! broadcasts the noise prediction from the last stage: it equals serial.
 //!
+//! ## PipeFusion × Ulysses (`ulysses_degree = u > 1`)
+//! As xDiT lays it out: the `N` ranks form `N/u` stages of `u` ranks each (the mesh
+//! `pipefusion × ulysses`, Ulysses innermost, so a stage's ranks are neighbours). Every patch
+//! (and the whole latent in a synchronous step) is split again by token rows over the stage's
+//! `u` ranks; at every self-attention the stage's ranks exchange q/k/v by all-to-all (scatter
+//! heads, gather the patch's tokens), each attends with `H/u` heads over its K/V buffer of the
+//! full sequence — so the buffer is **sharded by heads**, `[2, B, H/u, p, d]` — and the output
+//! returns to the token split. Rank `j` of a stage passes its rows' activations to rank `j` of
+//! the next; the last stage's ranks all-gather their rows of the patch's noise prediction, each
+//! steps the patch (identically) and sends it back to rank `j` of stage 0. The definition is
+//! PipeFusion's: Ulysses attention is exact, so which K/V are fresh or stale does not change.
+//!
 //! ## Constraints
-//! `L ≥ N` (every stage holds at least one block); `1 ≤ M ≤ token rows`;
+//! `L ≥ N/u` (every stage holds at least one block); `1 ≤ M ≤ token rows`, and every patch
+//! has at least `u` token rows; `u` divides the heads and `N`;
 //! `warmup_steps ≥ 1` (the buffers must be full before stale reads).
 //!
 //! ## Config keys
-//! `num_pipeline_patch` (M, default = world size), `warmup_steps` (default 1),
-//! `blocks_per_stage` (comma-separated counts, e.g. `"10,9,9"`; default even).
+//! `num_pipeline_patch` (M, default = the number of stages), `warmup_steps` (default 1),
+//! `blocks_per_stage` (comma-separated counts, e.g. `"10,9,9"`; default even),
+//! `ulysses_degree` (ranks of each stage, default 1).
 //!
 //! ## Communication (per denoising step, per rank `s`)
 //! `B` the model batch (guidance included), `Bi` the image batch, `p` tokens, `hs` hidden:
@@ -50,9 +64,12 @@
 //! stage N−1:     send = Bi · C · H · W      (every updated latent patch back to stage 0)
 //! per request, once: broadcast of the final latents from the last stage (Bi·C·H·W·(N−1))
 //! ```
-//! In a synchronous step the same volumes move as one message each. Memory: the K/V
-//! buffers hold `L_s · 2 · B · p · hs` elements on stage `s` (own layers only); parameters
-//! ≈ block parameters / N + the replicated embeddings.
+//! In a synchronous step the same volumes move as one message each. With `u > 1` a rank
+//! sends its rows' share of the activations (`B · n · hs`), and adds per own layer and patch
+//! (token count `T`, its rows `n`) the Ulysses all-to-alls `3·B·H·n·d·(u−1)/u + B·(H/u)·d·(T−n)`,
+//! and on the last stage the all-gather of its rows of the prediction (`B·C_out·rows·W·(u−1)`).
+//! Memory: the K/V buffers hold `L_s · 2 · B · p · hs / u` elements on a rank of stage `s`
+//! (own layers only); parameters ≈ block parameters / (N/u) + the replicated embeddings.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -62,8 +79,8 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::split::balanced;
 use parallel_core::{
-    AttentionSite, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
-    LoadPlan, ModelDesc, ModelFamily, OpKind, OptionInfo, OptionValue, ParallelError,
+    AttentionSite, Axis, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
+    LoadPlan, Mesh, ModelDesc, ModelFamily, OpKind, OptionInfo, OptionValue, ParallelError,
     ParallelStrategy, PendingSend, Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser,
     StepKind, StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
@@ -95,6 +112,8 @@ pub struct PipeFusionConfig {
     pub warmup_steps: usize,
     /// Blocks of each stage (`None`: as even as possible, earlier stages longer).
     pub blocks_per_stage: Option<Vec<usize>>,
+    /// Ranks of each stage, a Ulysses group splitting every patch again (1: one rank).
+    pub ulysses_degree: usize,
 }
 
 impl Default for PipeFusionConfig {
@@ -103,6 +122,7 @@ impl Default for PipeFusionConfig {
             num_pipeline_patch: None,
             warmup_steps: DEFAULT_WARMUP_STEPS,
             blocks_per_stage: None,
+            ulysses_degree: 1,
         }
     }
 }
@@ -126,6 +146,12 @@ impl PipeFusionConfig {
         self
     }
 
+    /// This config with stages of `u` Ulysses ranks.
+    pub fn with_ulysses_degree(mut self, u: usize) -> Self {
+        self.ulysses_degree = u;
+        self
+    }
+
     /// The config of registry options (the one parser of PipeFusion's option values).
     pub fn from_options(opts: &StrategyOptions) -> Result<Self> {
         let blocks = match opts.string("blocks_per_stage", "")?.as_str() {
@@ -143,6 +169,7 @@ impl PipeFusionConfig {
             num_pipeline_patch: opts.opt_usize("num_pipeline_patch")?,
             warmup_steps: opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)?,
             blocks_per_stage: blocks,
+            ulysses_degree: opts.usize("ulysses_degree", 1)?,
         })
     }
 }
@@ -162,18 +189,25 @@ impl StrategyConfig for PipeFusionConfig {
             let text: Vec<String> = b.iter().map(usize::to_string).collect();
             o.set("blocks_per_stage", OptionValue::Str(text.join(",")));
         }
+        if self.ulysses_degree != 1 {
+            o.set("ulysses_degree", OptionValue::Int(self.ulysses_degree as i64));
+        }
         o
     }
 }
 
-/// PipeFusion over the whole world, one stage per rank.
+/// PipeFusion over its group: `N/u` stages of `u` Ulysses ranks each.
 pub struct PipeFusion<B: Backend> {
     world: Comm<B>,
+    /// The stages at this rank's Ulysses coordinate, in order: rank `s` is stage `s`.
+    pipe: Comm<B>,
+    /// This rank's stage: its `u` Ulysses ranks.
+    stage: Comm<B>,
     links: Links<B>,
     patches: Option<usize>,
     warmup_steps: usize,
     blocks_per_stage: Option<Vec<usize>>,
-    /// Per own layer (indexed from the stage's first block): `[2, B, H, p, d]`.
+    /// Per own layer (indexed from the stage's first block): `[2, B, H/u, p, d]`.
     buffers: Vec<Option<Tensor<B, 5>>>,
     /// Sends started and not yet waited on (waited as they complete, all by the end).
     sending: VecDeque<PendingSend>,
@@ -186,7 +220,8 @@ pub struct PipeFusion<B: Backend> {
 /// cycle s → s+1 → … → last → 0 from deadlocking under rendezvous sends: a patch sent back
 /// to stage 0 does not hold up the next patch's activations arriving.
 struct Links<B: Backend> {
-    /// `{s − 1, s}`: this stage is rank 1 (`None` on stage 0).
+    /// `{s − 1, s}`: this stage is rank 1 (`None` on stage 0). Stages are counted along
+    /// `pipe` (the stages at one Ulysses coordinate).
     prev: Option<Comm<B>>,
     /// `{s, s + 1}`: this stage is rank 0 (`None` on the last stage).
     next: Option<Comm<B>>,
@@ -221,9 +256,27 @@ impl<B: Backend> PipeFusion<B> {
     /// A bad option, naming its key: no warmup step, no patch, block counts that are not one
     /// positive count per stage.
     pub fn new(world: Comm<B>, config: &PipeFusionConfig) -> Result<Self> {
-        let n = world.size();
-        let PipeFusionConfig { num_pipeline_patch: patches, warmup_steps, blocks_per_stage } =
-            config.clone();
+        let PipeFusionConfig {
+            num_pipeline_patch: patches,
+            warmup_steps,
+            blocks_per_stage,
+            ulysses_degree: u,
+        } = config.clone();
+        if u == 0 || !world.size().is_multiple_of(u) {
+            return Err(bad(
+                "ulysses_degree",
+                format!(
+                    "{u} does not divide the {} ranks (stages × ulysses_degree = ranks)",
+                    world.size()
+                ),
+            ));
+        }
+        let mesh =
+            Mesh::new(world.size(), &[(Axis::PipeFusion, world.size() / u), (Axis::Ulysses, u)])
+                .map_err(|e| bad("ulysses_degree", e.to_string()))?;
+        let pipe = world.split(&mesh, &[Axis::PipeFusion])?;
+        let stage = world.split(&mesh, &[Axis::Ulysses])?;
+        let n = pipe.size();
         if warmup_steps == 0 {
             return Err(bad(
                 "warmup_steps",
@@ -241,9 +294,11 @@ impl<B: Backend> PipeFusion<B> {
                 format!("needs {n} positive counts (one per stage), got {b:?}"),
             ));
         }
-        let links = Links::new(&world)?;
+        let links = Links::new(&pipe)?;
         Ok(PipeFusion {
             world,
+            pipe,
+            stage,
             links,
             sending: VecDeque::new(),
             patches,
@@ -254,14 +309,19 @@ impl<B: Backend> PipeFusion<B> {
         })
     }
 
-    /// The number of patches for this world.
+    /// The number of patches (default: the number of stages).
     pub fn num_patches(&self) -> usize {
-        self.patches.unwrap_or(self.world.size())
+        self.patches.unwrap_or(self.pipe.size())
+    }
+
+    /// Ranks of each stage (the Ulysses degree).
+    pub fn ulysses_degree(&self) -> usize {
+        self.stage.size()
     }
 
     /// The blocks of every stage.
     pub fn stages(&self, model: &ModelDesc) -> Result<Vec<Range<usize>>> {
-        let n = self.world.size();
+        let n = self.pipe.size();
         let l = model.num_layers;
         match &self.blocks_per_stage {
             Some(counts) => {
@@ -315,19 +375,49 @@ impl<B: Backend> PipeFusion<B> {
                 ),
             ));
         }
-        Ok(balanced(rows, m))
+        let u = self.ulysses_degree();
+        let patches = balanced(rows, m);
+        if let Some(short) = patches.iter().find(|p| p.len() < u) {
+            return Err(bad(
+                "num_pipeline_patch",
+                format!(
+                    "{m} patches of the latent's {rows} token rows leave a patch of {} rows, \
+                     fewer than the ulysses_degree {u} ranks that split every patch; use at \
+                     most {} patches",
+                    short.len(),
+                    rows / u
+                ),
+            ));
+        }
+        Ok(patches)
     }
 
     fn is_last(&self) -> bool {
-        self.world.rank() + 1 == self.world.size()
+        self.pipe.rank() + 1 == self.pipe.size()
     }
 
-    /// Runs this stage's blocks on token rows `rows`, reading and refreshing the buffers.
+    /// The group rank of the last stage's first rank: the root of the final broadcast.
+    fn root(&self) -> usize {
+        (self.pipe.size() - 1) * self.stage.size()
+    }
+
+    /// This rank's share of token rows `rows` (a patch, or the whole latent), and every
+    /// stage member's token count of them, in stage order.
+    fn my_rows(&self, rows: &Range<usize>, cols: usize) -> (Range<usize>, Vec<usize>) {
+        let parts = balanced(rows.len(), self.stage.size());
+        let counts = parts.iter().map(|r| r.len() * cols).collect();
+        let mine = &parts[self.stage.rank()];
+        (rows.start + mine.start..rows.start + mine.end, counts)
+    }
+
+    /// Runs this stage's blocks on this rank's token rows `mine` of patch `patch` (token
+    /// rows), reading and refreshing the buffers.
     fn run_stage(
         &mut self,
         model: &dyn StagedDenoiser<B>,
         hidden: Tensor<B, 3>,
-        rows: Range<usize>,
+        patch: Range<usize>,
+        (mine, counts): (Range<usize>, Vec<usize>),
         cond: &parallel_core::Conditioning,
     ) -> Result<Tensor<B, 3>> {
         let blocks = model.held_blocks();
@@ -335,12 +425,26 @@ impl<B: Backend> PipeFusion<B> {
         if self.buffers.len() < blocks.len() {
             self.buffers.resize_with(blocks.len(), || None);
         }
-        let mut seams = PfSeams { buffers: &mut self.buffers, first };
+        let mut seams = PfSeams {
+            buffers: &mut self.buffers,
+            first,
+            stage: (self.stage.size() > 1).then_some(&self.stage),
+            counts,
+            patch_tokens: cond.grid.token_range(&patch),
+        };
         let mut h = hidden;
         for i in blocks {
-            h = model.block(i, h, rows.clone(), cond, &mut seams)?;
+            h = model.block(i, h, mine.clone(), cond, &mut seams)?;
         }
         Ok(h)
+    }
+
+    /// The prediction of this rank's rows, gathered over the stage: the patch's.
+    fn gather_noise(&self, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        if self.stage.size() == 1 {
+            return Ok(noise);
+        }
+        Ok(self.stage.all_gather(noise, 2)?)
     }
 
     fn staged<'m>(&self, model: &'m dyn Denoiser<B>) -> Result<&'m dyn StagedDenoiser<B>> {
@@ -361,21 +465,22 @@ impl<B: Backend> PipeFusion<B> {
         input: &DenoiserInput<B>,
         step: usize,
     ) -> Result<Option<Tensor<B, 4>>> {
-        let (s, n) = (self.world.rank(), self.world.size());
+        let (s, n) = (self.pipe.rank(), self.pipe.size());
         let cond = model.condition(input)?;
         let rows = 0..cond.grid.rows;
+        let (mine, counts) = self.my_rows(&rows, cond.grid.cols);
         let tag = Tag::new(ACT_SYNC).step(step as u32);
         let hidden = if s == 0 {
-            model.embed(input, rows.clone(), &cond)?
+            model.embed(input, mine.clone(), &cond)?
         } else {
             self.prev()?.recv(0, tag.layer(s as u32))?
         };
-        let hidden = self.run_stage(model, hidden, rows.clone(), &cond)?;
+        let hidden = self.run_stage(model, hidden, rows, (mine.clone(), counts), &cond)?;
         if s + 1 < n {
             self.next()?.send(hidden, 1, tag.layer(s as u32 + 1))?;
             Ok(None)
         } else {
-            Ok(Some(model.head(hidden, rows, &cond)?))
+            Ok(Some(self.gather_noise(model.head(hidden, mine, &cond)?)?))
         }
     }
 
@@ -418,6 +523,12 @@ fn bad(key: &str, reason: String) -> ParallelError {
 struct PfSeams<'a, B: Backend> {
     buffers: &'a mut Vec<Option<Tensor<B, 5>>>,
     first: usize,
+    /// The stage's Ulysses group (`None` with one rank per stage).
+    stage: Option<&'a Comm<B>>,
+    /// Tokens of every stage member's share of the patch, in stage order.
+    counts: Vec<usize>,
+    /// The patch's tokens (this rank's are a part of them).
+    patch_tokens: Range<usize>,
 }
 
 impl<B: Backend> Seams<B> for PfSeams<'_, B> {
@@ -428,9 +539,21 @@ impl<B: Backend> Seams<B> for PfSeams<'_, B> {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>> {
+        let (q, k, v) = match self.stage {
+            // [B, 3, H, n, d]: one all-to-all for q, k and v (scatter heads, gather the
+            // patch's tokens in stage order).
+            Some(stage) => {
+                let qkv = Tensor::stack::<5>(vec![q, k, v], 1);
+                let qkv = stage.all_to_all(qkv, 2, 3)?;
+                let part = |i| qkv.clone().narrow(1, i, 1).squeeze_dim::<4>(1);
+                (part(0), part(1), part(2))
+            }
+            None => (q, k, v),
+        };
+        let tokens = self.patch_tokens.clone();
         let slot = &mut self.buffers[site.layer - self.first];
         let fresh: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
-        let kv = if site.tokens.start == 0 && site.tokens.end == site.total_tokens {
+        let kv = if tokens.start == 0 && tokens.end == site.total_tokens {
             fresh
         } else {
             let Some(buffer) = slot.take() else {
@@ -443,12 +566,17 @@ impl<B: Backend> Seams<B> for PfSeams<'_, B> {
                 });
             };
             let d = buffer.dims();
-            buffer.slice_assign([0..d[0], 0..d[1], 0..d[2], site.tokens.clone(), 0..d[4]], fresh)
+            buffer.slice_assign([0..d[0], 0..d[1], 0..d[2], tokens, 0..d[4]], fresh)
         };
         *slot = Some(kv.clone());
         let k_full = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
         let v_full = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
-        Ok(sdpa(q, k_full, v_full, None))
+        let out = sdpa(q, k_full, v_full, None);
+        match self.stage {
+            // Back to the token split: scatter the patch's tokens by share, gather heads.
+            Some(stage) => Ok(stage.all_to_all_sizes(out, 2, &self.counts, 1)?),
+            None => Ok(out),
+        }
     }
 }
 
@@ -473,6 +601,12 @@ pub fn info() -> StrategyInfo {
                 default: "even",
                 doc: "comma-separated block counts per stage, e.g. \"10,9,9\"",
             },
+            OptionInfo {
+                key: "ulysses_degree",
+                default: "1",
+                doc: "ranks of each stage: a Ulysses group splitting every patch again by \
+                      token rows (PipeFusion × Ulysses; must divide the heads and the ranks)",
+            },
         ],
         suite: suite(),
     }
@@ -485,6 +619,7 @@ fn suite() -> Vec<SuiteCase> {
         SuiteCase::new(sizes, Reference::PipelinedPatches { patches, warmup_steps: warmup })
     };
     let m = |c: SuiteCase, patches: i64| c.with("num_pipeline_patch", OptionValue::Int(patches));
+    let u = OptionValue::Int;
     vec![
         m(SuiteCase::new(&[1, 2, 4], Reference::Serial), 1),
         case(&[2], 2, 1),
@@ -492,6 +627,9 @@ fn suite() -> Vec<SuiteCase> {
         m(case(&[2], 4, 1), 4),
         m(case(&[4], 8, 1), 8),
         m(case(&[2, 4], 4, 2), 4).with("warmup_steps", OptionValue::Int(2)),
+        // PipeFusion × Ulysses: 2 stages of 2 Ulysses ranks.
+        m(SuiteCase::new(&[4], Reference::Serial), 1).with("ulysses_degree", u(2)),
+        m(case(&[4], 2, 1), 2).with("ulysses_degree", u(2)),
     ]
 }
 
@@ -517,6 +655,17 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
             ModelFamily::Dit,
             "it pipelines a stack of equal transformer blocks",
         )?;
+        let u = self.ulysses_degree();
+        if !model.num_heads.is_multiple_of(u) {
+            return Err(bad(
+                "ulysses_degree",
+                format!(
+                    "{} has {} attention heads, not divisible by ulysses_degree {u} (each rank \
+                     of a stage attends with heads / ulysses_degree)",
+                    model.class_name, model.num_heads
+                ),
+            ));
+        }
         self.stages(model)?;
         self.patch_rows(model, request)?;
         Ok(())
@@ -524,7 +673,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
 
     fn load_plan(&self, model: &ModelDesc) -> Result<LoadPlan> {
         let stages = self.stages(model)?;
-        let s = self.world.rank();
+        let s = self.pipe.rank();
         Ok(LoadPlan {
             tensor_shard: None,
             blocks: Some(stages[s].clone()),
@@ -551,7 +700,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         self.request.check_input(NAME, input)?;
         let staged = self.staged(model)?;
         let out = self.sync_pass(staged, input, step)?;
-        let last = self.world.size() - 1;
+        let last = self.root();
         let template = match out {
             Some(t) => t,
             None => {
@@ -573,9 +722,10 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         latents: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>> {
         let staged = self.staged(model)?;
-        let (s, n) = (self.world.rank(), self.world.size());
-        let last = n - 1;
+        let (s, n) = (self.pipe.rank(), self.pipe.size());
+        let root = self.root();
         let p = model.desc().patch_size;
+        let cols = model.desc().tokens(self.request.get(NAME)?.grid).cols;
         let request = self.request.get(NAME)?.clone();
         let [images, _, height, width] = latents.dims();
         if (images, height, width) != (request.images, request.grid.height, request.grid.width) {
@@ -611,6 +761,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
             let cond = staged.condition(&input)?;
             for (m, rows) in patches.iter().enumerate() {
                 let lat_rows = rows.start * p..rows.end * p;
+                let (mine, counts) = self.my_rows(rows, cols);
                 let act = Tag::new(ACT).step(step as u32).patch(m as u32);
                 let hidden = if s == 0 {
                     // The latent patch of the previous step arrives from the last stage
@@ -621,18 +772,19 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                         latents = assign_rows(latents, lat_rows.clone(), patch);
                     }
                     let input = sampler.model_input(step, &latents)?;
-                    staged.embed(&input, rows.clone(), &cond)?
+                    staged.embed(&input, mine.clone(), &cond)?
                 } else {
                     self.prev()?.recv(0, act.layer(s as u32))?
                 };
-                let hidden = self.run_stage(staged, hidden, rows.clone(), &cond)?;
-                if s < last {
+                let hidden =
+                    self.run_stage(staged, hidden, rows.clone(), (mine.clone(), counts), &cond)?;
+                if s + 1 < n {
                     // Started, not waited: the next stage takes it when it gets to it.
                     let send = self.next()?.send_async(hidden, 1, act.layer(s as u32 + 1))?;
                     self.sent(send)?;
                     continue;
                 }
-                let noise = staged.head(hidden, rows.clone(), &cond)?;
+                let noise = self.gather_noise(staged.head(hidden, mine, &cond)?)?;
                 let current = latents.clone().narrow(2, lat_rows.start, lat_rows.len());
                 let next = sampler.step(step, lat_rows.clone(), noise, current)?;
                 latents = assign_rows(latents, lat_rows.clone(), next.clone());
@@ -644,7 +796,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
             }
         }
         self.drain()?;
-        Ok(self.world.broadcast(latents, last)?)
+        Ok(self.world.broadcast(latents, root)?)
     }
 
     /// Only the last stage steps the latents (and broadcasts them at the end).
@@ -666,12 +818,14 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         request: &RequestInfo,
         step: StepKind,
     ) -> Result<ExpectedComm> {
-        let (s, n) = (self.world.rank(), self.world.size());
-        let p = model.tokens(request.grid).len();
+        let (s, n) = (self.pipe.rank(), self.pipe.size());
+        let u = self.ulysses_degree();
+        let tokens = model.tokens(request.grid);
         let g = request.grid;
+        let b = request.batch;
         let mut e = ExpectedComm::none(format!(
-            "pipefusion: stage < N−1 sends B·p·hs = {}·{p}·{}; {}; no factor L",
-            request.batch,
+            "pipefusion: stage < N−1 sends its rows' activations B·n·hs (B={b}, hs={}); {}; no \
+             factor L{}",
             model.hidden_size,
             match step {
                 StepKind::Forward => "the last stage broadcasts the prediction (B·C_out·H·W·(N−1))",
@@ -679,26 +833,62 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                     "the last stage sends the latent (Bi·C·H·W) to stage 0 after every step but \
                      the last, after which it broadcasts it (·(N−1))"
                 }
+            },
+            if u > 1 {
+                format!(
+                    "; × Ulysses u={u}: per own layer and patch 3·B·H·n·d·(u−1)/u + \
+                     B·(H/u)·d·(T−n) all-to-all, the last stage all-gathers its rows of the \
+                     prediction (·(u−1))"
+                )
+            } else {
+                String::new()
             }
         ));
-        if n == 1 {
+        if self.world.size() == 1 {
             return Ok(e);
         }
-        if s + 1 < n {
-            e.add(OpKind::Send, (request.batch * p * model.hidden_size) as u64);
-            return Ok(e);
+        // The passes of this step: the whole latent (a synchronous step) or every patch.
+        let passes: Vec<Range<usize>> = if step.is_warmup(self.warmup_steps) {
+            std::iter::once(0..tokens.rows).collect()
+        } else {
+            self.patch_rows(model, request)?
+        };
+        let layers = self.stages(model)?[s].len();
+        let (h, d) = (model.num_heads, model.head_dim);
+        for rows in &passes {
+            let (mine, counts) = self.my_rows(rows, tokens.cols);
+            let mine_tokens = mine.len() * tokens.cols;
+            if u > 1 {
+                let patch_tokens: usize = counts.iter().sum();
+                let there = 3 * b * h * mine_tokens * d * (u - 1) / u;
+                let back = b * (h / u) * d * (patch_tokens - mine_tokens);
+                e.add(OpKind::AllToAll, (layers * (there + back)) as u64);
+            }
+            if s + 1 < n {
+                e.add(OpKind::Send, (b * mine_tokens * model.hidden_size) as u64);
+            } else if u > 1 {
+                let rows = mine.len() * model.patch_size;
+                e.add(
+                    OpKind::AllGather,
+                    (b * model.out_channels * rows * g.width * (u - 1)) as u64,
+                );
+            }
         }
-        let others = (n - 1) as u64;
+        let root = self.world.rank() == self.root();
+        let others = (self.world.size() - 1) as u64;
         match step {
-            StepKind::Forward => {
-                let pred = request.batch * model.out_channels * g.height * g.width;
+            StepKind::Forward if root => {
+                let pred = b * model.out_channels * g.height * g.width;
                 e.add(OpKind::Broadcast, pred as u64 * others);
             }
+            StepKind::Forward => {}
             StepKind::Denoise(_) => {
                 let latent = (request.images * model.in_channels * g.height * g.width) as u64;
                 if step.is_last(request.steps) {
-                    e.add(OpKind::Broadcast, latent * others);
-                } else {
+                    if root {
+                        e.add(OpKind::Broadcast, latent * others);
+                    }
+                } else if s + 1 == n && n > 1 {
                     e.add(OpKind::Send, latent);
                 }
             }
@@ -781,6 +971,40 @@ mod tests {
             plan(2),
             LoadPlan { tensor_shard: None, blocks: Some(4..6), skip_embed: true, skip_head: false }
         );
+    }
+
+    #[test]
+    fn ulysses_stages_are_neighbouring_ranks() {
+        let config = PipeFusionConfig::default().with_ulysses_degree(2);
+        let plan = |r| PipeFusion::new(rank(4, r), &config).unwrap().load_plan(&desc(6)).unwrap();
+        // Ranks 0, 1: stage 0 (blocks 0..3, the embedding); ranks 2, 3: stage 1 (the head).
+        for r in [0, 1] {
+            assert_eq!(plan(r).blocks, Some(0..3));
+            assert!(!plan(r).skip_embed && plan(r).skip_head);
+        }
+        for r in [2, 3] {
+            assert_eq!(plan(r).blocks, Some(3..6));
+            assert!(plan(r).skip_embed && !plan(r).skip_head);
+        }
+        let p = PipeFusion::new(rank(4, 3), &config).unwrap();
+        assert_eq!((p.num_patches(), p.root()), (2, 2));
+        let e = PipeFusion::new(rank(3, 0), &config).err().unwrap().to_string();
+        assert!(e.contains("ulysses_degree") && e.contains("does not divide the 3 ranks"), "{e}");
+        let request = RequestInfo {
+            steps: 1,
+            grid: parallel_core::LatentGrid { height: 16, width: 16 },
+            batch: 1,
+            images: 1,
+            text_tokens: 0,
+        };
+        let mut three_heads = desc(6);
+        three_heads.num_heads = 3;
+        let e = p.validate(&three_heads, &request).unwrap_err().to_string();
+        assert!(e.contains("3 attention heads") && e.contains("ulysses_degree 2"), "{e}");
+        // 8 token rows in 8 patches of 1 row cannot be split over 2 ranks each.
+        let p = PipeFusion::new(rank(4, 0), &config.clone().with_num_pipeline_patch(8)).unwrap();
+        let e = p.validate(&desc(6), &request).unwrap_err().to_string();
+        assert!(e.contains("fewer than the ulysses_degree 2") && e.contains("at most 4"), "{e}");
     }
 
     #[test]
