@@ -59,6 +59,10 @@ pub struct ParallelConfig {
     /// positive]` over two groups of `world_size / 2` ranks, each running `strategy` on its
     /// half (one exchange of the noise prediction per step); 1 (default) does not.
     pub cfg_degree: usize,
+    /// Data parallelism: `dp_degree` replicas of `world_size / dp_degree` ranks, each
+    /// generating its own image (replica `r` from seed `seed + r`), sharing nothing per step
+    /// (in one process they share the weights). 1 (default): one image.
+    pub dp_degree: usize,
 }
 
 impl Default for ParallelConfig {
@@ -73,6 +77,7 @@ impl Default for ParallelConfig {
             link: None,
             vae_parallel: false,
             cfg_degree: 1,
+            dp_degree: 1,
         }
     }
 }
@@ -116,7 +121,17 @@ impl ParallelConfig {
         if self.threads_per_rank == Some(0) {
             return Err(bad("parallel.threads_per_rank"));
         }
-        parallel_core::cfg::cfg_mesh(self.world_size, self.cfg_degree).map_err(|e| {
+        if self.dp_degree == 0 || !self.world_size.is_multiple_of(self.dp_degree) {
+            return Err(HarnessError::config(
+                "parallel.dp_degree (--dp-degree)",
+                format!(
+                    "{} does not divide the {} ranks: the world is dp_degree × cfg_degree × \
+                     the strategy's group (here dp {} × cfg {} × ?)",
+                    self.dp_degree, self.world_size, self.dp_degree, self.cfg_degree
+                ),
+            ));
+        }
+        parallel_core::cfg::cfg_mesh(self.replica_size(), self.cfg_degree).map_err(|e| {
             let reason = match e {
                 parallel_core::ParallelError::Mesh(m) => m,
                 other => other.to_string(),
@@ -127,9 +142,15 @@ impl ParallelConfig {
         Ok(())
     }
 
-    /// The ranks of one group of the inner strategy: `world_size / cfg_degree`.
+    /// The ranks of one group of the inner strategy: `world_size / (dp_degree ·
+    /// cfg_degree)`.
     pub fn group_size(&self) -> usize {
-        self.world_size / self.cfg_degree.max(1)
+        self.replica_size() / self.cfg_degree.max(1)
+    }
+
+    /// The ranks of one data-parallel replica: `world_size / dp_degree`.
+    pub fn replica_size(&self) -> usize {
+        self.world_size / self.dp_degree.max(1)
     }
 
     /// This rank's strategy from `registry`, composed with the cfg degree.

@@ -165,6 +165,13 @@ impl Job<'_> {
                 ),
             ));
         }
+        if self.parallel.dp_degree != 1 {
+            return Err(HarnessError::config(
+                "parallel.dp_degree (--dp-degree)",
+                "applies to `harness run` (replicas generating different images); a forward is \
+                 one evaluation of one input",
+            ));
+        }
         let mut request = RequestInfo::for_forward(&input);
         if self.parallel.cfg_degree == 2 {
             // The inputs' batch is the guidance pair(s): negatives first, then positives.
@@ -172,7 +179,8 @@ impl Job<'_> {
                 return Err(HarnessError::config(
                     format!("--inputs {}", self.inputs.display()),
                     format!(
-                        "parallel.cfg_degree 2 splits the batch into its negative and positive                          halves, but the inputs have a batch of {}",
+                        "parallel.cfg_degree 2 splits the batch into its negative and positive \
+                         halves, but the inputs have a batch of {}",
                         request.batch
                     ),
                 ));

@@ -92,7 +92,12 @@ pub fn list_text() -> String {
     );
     let _ = writeln!(
         s,
-        "  world size = cfg_degree × the strategy's group (usp: ulysses_degree × ring_degree; \
+        "  data         --dp-degree N / [parallel] dp_degree: N replicas of world-size / N ranks, \
+         each generating its own image (seed + replica), sharing nothing per step"
+    );
+    let _ = writeln!(
+        s,
+        "  world size = dp_degree × cfg_degree × the strategy's group (usp: ulysses_degree × ring_degree; \
          pipefusion: stages × ulysses_degree)"
     );
     let _ = writeln!(s);

@@ -78,6 +78,10 @@ struct ParallelArgs {
     /// the strategy on its half (CFG parallelism).
     #[arg(long)]
     cfg_degree: Option<usize>,
+    /// Data parallelism: replicas of world-size / N ranks, each generating its own image
+    /// (seed + replica index), written as OUTPUT-0.png, OUTPUT-1.png, ….
+    #[arg(long)]
+    dp_degree: Option<usize>,
 }
 
 impl ParallelArgs {
@@ -105,6 +109,9 @@ impl ParallelArgs {
         }
         if let Some(v) = self.cfg_degree {
             p.cfg_degree = v;
+        }
+        if let Some(v) = self.dp_degree {
+            p.dp_degree = v;
         }
         let int = |v: usize| toml::Value::Integer(v as i64);
         for (key, value) in [

@@ -131,8 +131,12 @@ pub struct RunReport {
     pub model: ModelDesc,
     /// The final latents, `[1, channels, height / 8, width / 8]`.
     pub latents: HostTensor,
-    /// The PNG written, if any.
+    /// The PNG written, if any (replica 0's with data parallelism).
     pub image: Option<PathBuf>,
+    /// Every replica's PNG, in replica order (data parallelism; else `image` alone).
+    pub images: Vec<PathBuf>,
+    /// Data-parallel replicas (each generated its own image).
+    pub replicas: usize,
     /// The decoded image (rank 0's), when the run decoded.
     pub decoded: Option<models_vae::RgbImage>,
     /// The latents file written, if any.
@@ -163,6 +167,12 @@ impl RunReport {
     pub fn summary(&self) -> String {
         let (h, w) = self.image_size;
         let target = match (&self.image, &self.saved_latents) {
+            (Some(_), _) if self.images.len() > 1 => format!(
+                " → {} images ({} data-parallel replicas): {}",
+                self.images.len(),
+                self.replicas,
+                self.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
             (Some(p), _) => format!(" → {}", p.display()),
             (None, Some(p)) => format!(" → {}", p.display()),
             (None, None) => String::new(),
@@ -239,7 +249,18 @@ impl RunPlan {
         }
         let scale = folder.vae_scale_factor();
         let grid = LatentGrid { height: height / scale, width: width / scale };
-        let n = config.parallel.world_size;
+        let n = config.parallel.replica_size();
+        if config.parallel.dp_degree > 1 && config.latents.is_some() {
+            return Err(HarnessError::config(
+                "parallel.dp_degree (--dp-degree)",
+                format!(
+                    "--latents gives one initial noise, so the {} replicas would all draw the \
+                     same image; drop --latents (replica r starts from seed + r) or use \
+                     --dp-degree 1",
+                    config.parallel.dp_degree
+                ),
+            ));
+        }
         if config.parallel.vae_parallel && grid.height < n {
             return Err(HarnessError::config(
                 "parallel.vae_parallel",
@@ -335,16 +356,31 @@ impl RunPlan {
         let launch = launch_options::<B>(parallel, devices)?;
         let threads = launch.threads_per_rank.unwrap_or(1);
         let models = SharedModels::<B>::new();
+        let dp = parallel.dp_degree;
         let outputs = launch_ranks(parallel.world_size, &launch, |comm| {
-            rank_main::<B>(comm, self, options, &models, start)
+            if dp == 1 {
+                return rank_main::<B>(comm, self, options, &models, start, 0);
+            }
+            // Replicas are the outermost axis: ranks r·m .. (r+1)·m form replica r.
+            let mesh = parallel_core::Mesh::new(
+                comm.size(),
+                &[(parallel_core::Axis::Data, dp), (parallel_core::Axis::Tensor, comm.size() / dp)],
+            )?;
+            let replica = mesh.coord(comm.rank(), parallel_core::Axis::Data);
+            let group = comm.split(&mesh, &[parallel_core::Axis::Tensor])?;
+            rank_main::<B>(group, self, options, &models, start, replica)
         })?;
         drop(models);
         let mut ranks = Vec::with_capacity(outputs.len());
         let mut first = None;
+        let mut images = Vec::new();
         for out in outputs {
             ranks.push(out.report);
-            if first.is_none() {
-                first = out.rank0;
+            if let Some(r0) = out.rank0 {
+                images.extend(r0.image.clone());
+                if first.is_none() {
+                    first = Some(r0);
+                }
             }
         }
         let r0 = first.ok_or_else(|| {
@@ -369,6 +405,8 @@ impl RunPlan {
             model: desc,
             latents: r0.latents,
             image: r0.image,
+            images,
+            replicas: dp,
             decoded: r0.decoded,
             saved_latents: r0.saved_latents,
             step_times: r0.step_times,
@@ -442,6 +480,7 @@ fn rank_main<B: Backend>(
     options: &RunOptions,
     models: &SharedModels<B>,
     start: Instant,
+    replica: usize,
 ) -> Result<RankOutput> {
     let rank = comm.rank();
     let device = comm.device();
@@ -478,10 +517,19 @@ fn rank_main<B: Backend>(
     let mut sampler =
         Sampler::new(plan.schedule.clone(), plan.settings.clone(), Some(text), &device)?
             .watch(comm.clone());
-    if rank == 0 && options.progress {
+    if rank == 0 && replica == 0 && options.progress {
         sampler = sampler.with_progress(progress_bar(plan.schedule.len()));
     }
-    let latents = sampler.initial_latents(plan.initial.to_tensor::<B, 4>(&device));
+    let initial = if replica == 0 {
+        plan.initial.to_tensor::<B, 4>(&device)
+    } else {
+        // Replica r starts from seed + r (the plan refuses --latents with replicas).
+        let shape = plan.initial.shape.clone();
+        let seed = cfg.seed.wrapping_add(replica as u64);
+        HostTensor { values: crate::noise::gaussian(seed, shape.iter().product()), shape }
+            .to_tensor::<B, 4>(&device)
+    };
+    let latents = sampler.initial_latents(initial);
 
     strategy.begin_request(&desc, &plan.request)?;
     comm.reset_stats();
@@ -490,7 +538,7 @@ fn rank_main<B: Backend>(
     let latents = strategy.denoise(&model, &mut sampler, latents)?;
     let denoise_time = t0.elapsed();
     let report = RankReport {
-        rank,
+        rank: comm.world_rank(),
         comm: comm.stats(),
         param_bytes: parallel_core::Denoiser::param_bytes(&model),
         buffer_bytes: strategy.buffer_bytes(),
@@ -514,9 +562,11 @@ fn rank_main<B: Backend>(
         bar.finish_and_clear();
     }
     let mut saved_latents = None;
+    let dp = cfg.parallel.dp_degree;
     if let Some(path) = &cfg.save_latents {
-        weights::write_tensors(path, &[("latents", latents.clone())])?;
-        saved_latents = Some(path.clone());
+        let path = replica_path(path, replica, dp);
+        weights::write_tensors(&path, &[("latents", latents.clone())])?;
+        saved_latents = Some(path);
     }
     let (mut image, mut decoded) = (None, None);
     if let Some(vae) = vae {
@@ -526,8 +576,9 @@ fn rank_main<B: Backend>(
         };
         let rgb = models_vae::to_image(sample)?;
         if !cfg.output.as_os_str().is_empty() {
-            models_vae::save_png(&rgb, &cfg.output)?;
-            image = Some(cfg.output.clone());
+            let path = replica_path(&cfg.output, replica, dp);
+            models_vae::save_png(&rgb, &path)?;
+            image = Some(path);
         }
         decoded = Some(rgb);
     }
@@ -545,6 +596,20 @@ fn rank_main<B: Backend>(
             decode_time,
         }),
     })
+}
+
+/// Replica `r`'s file of `path` with `dp` replicas: `path` itself for one, else
+/// `STEM-r.EXT` (`out/demo.png` → `out/demo-0.png`, `out/demo-1.png`, …).
+pub fn replica_path(path: &std::path::Path, r: usize, dp: usize) -> PathBuf {
+    if dp <= 1 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{r}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{r}"),
+    };
+    path.with_file_name(name)
 }
 
 /// The decode split by latent rows over every rank ([`models_vae::banded`], exact seams),

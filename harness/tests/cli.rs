@@ -384,6 +384,62 @@ fn cfg_degrees_the_run_cannot_take_are_refused_naming_the_setting() {
 }
 
 #[test]
+fn data_parallel_replicas_draw_the_images_of_consecutive_seeds() {
+    let dir = tmp("dp");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "configs/demo.toml", "--steps", "3", "--threads-per-rank", "1"];
+        args.extend_from_slice(extra);
+        succeeds(&args)
+    };
+    let (png, lat) = (dir.join("dp.png"), dir.join("dp.safetensors"));
+    let out = run(&[
+        "--seed",
+        "7",
+        "--world-size",
+        "4",
+        "--dp-degree",
+        "2",
+        "--strategy",
+        "ulysses",
+        "--output",
+        s(&png),
+        "--save-latents",
+        s(&lat),
+    ]);
+    assert!(out.contains("2 images (2 data-parallel replicas)"), "{out}");
+    let alone = dir.join("seed8.safetensors");
+    run(&["--seed", "8", "--output", s(&dir.join("seed8.png")), "--save-latents", s(&alone)]);
+    let read = |p: &Path| -> Vec<f32> {
+        let t = weights::read_tensors(p).unwrap().remove("latents").unwrap();
+        t.values.iter().map(|&v| v as f32).collect()
+    };
+    let max_rel = |a: &[f32], b: &[f32]| metrics::compare(a, b).max_rel;
+    for r in [0, 1] {
+        assert!(dir.join(format!("dp-{r}.png")).is_file(), "replica {r}'s image");
+    }
+    // Replica 1 starts from seed 7 + 1: the image a lone run with seed 8 draws (Ulysses on
+    // 2 ranks equals serial within float32 reordering; measured 0 here).
+    let (a, b) = (read(&dir.join("dp-1.safetensors")), read(&alone));
+    let err = max_rel(&a, &b);
+    assert!(err <= 1e-5, "replica 1 vs seed 8: {err:e}");
+    assert!(max_rel(&read(&dir.join("dp-0.safetensors")), &b) > 1e-2, "replica 0 is seed 7's");
+
+    let err = fails(&["run", "configs/demo.toml", "--world-size", "3", "--dp-degree", "2"]);
+    assert!(err.contains("parallel.dp_degree") && err.contains("does not divide the 3"), "{err}");
+    let err = fails(&[
+        "run",
+        "configs/demo.toml",
+        "--world-size",
+        "2",
+        "--dp-degree",
+        "2",
+        "--latents",
+        s(&lat.with_file_name("dp-0.safetensors")),
+    ]);
+    assert!(err.contains("parallel.dp_degree") && err.contains("--latents"), "{err}");
+}
+
+#[test]
 fn pipefusion_stages_of_ulysses_groups_run_and_bad_degrees_are_named() {
     let png = tmp("pf-ulysses").join("out.png");
     // Two stages of two Ulysses ranks; then the same inside CFG parallelism (8 ranks).
