@@ -182,6 +182,9 @@ pub fn run_bench(
     let model =
         BenchModel::resolve(&config.model, config.layers, config.seed, &config.model_cache)?;
     let desc = model.config.desc();
+    // A U-Net reads CLIP's 77 tokens, whatever the transformer setting.
+    let text_tokens =
+        if desc.family == parallel_core::ModelFamily::Unet { 77 } else { config.text_tokens };
     let mut results = Vec::new();
     for &px in &config.resolutions {
         let latent = (px / 8, px / 8);
@@ -196,7 +199,7 @@ pub fn run_bench(
             repetitions: config.repetitions,
             seed: config.seed,
             guidance_scale: config.guidance_scale,
-            text_tokens: config.text_tokens,
+            text_tokens,
             strategy_warmup_steps: 0,
             link: None,
             cfg_degree: 1,
@@ -287,7 +290,7 @@ pub fn run_bench(
         machine,
         model: ModelInfo {
             name: model.name.clone(),
-            class_name: model.config.class_name().into(),
+            class_name: model.class_name(),
             layers: desc.num_layers,
             hidden_size: desc.hidden_size,
             heads: desc.num_heads,
@@ -299,7 +302,7 @@ pub fn run_bench(
         repetitions: config.repetitions,
         warmup_runs: config.warmup_runs,
         guidance_scale: config.guidance_scale,
-        text_tokens: config.text_tokens,
+        text_tokens,
         seed: config.seed,
         results,
     })

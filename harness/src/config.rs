@@ -268,6 +268,13 @@ pub struct RunConfig {
     pub save_latents: Option<PathBuf>,
     /// Maximum text tokens (default: 120 for PixArt-α, 300 for PixArt-Σ).
     pub max_sequence_length: Option<usize>,
+    /// Batch generation: a prompt file (one per line, or JSONL with `prompt`, optional
+    /// `negative_prompt`, `seed`; see [`crate::batch`]); images go to `output_dir`.
+    pub prompts: Option<PathBuf>,
+    /// Images of every prompt (seeds counting up). Default 1.
+    pub images_per_prompt: usize,
+    /// Where batch generation writes `00000.png`, `00001.png`, … and `metadata.jsonl`.
+    pub output_dir: Option<PathBuf>,
     /// The parallel split.
     pub parallel: ParallelConfig,
 }
@@ -288,6 +295,9 @@ impl Default for RunConfig {
             output: PathBuf::from("out.png"),
             save_latents: None,
             max_sequence_length: None,
+            prompts: None,
+            images_per_prompt: 1,
+            output_dir: None,
             parallel: ParallelConfig::default(),
         }
     }
@@ -346,6 +356,9 @@ impl RunConfig {
         rebase(&mut cfg.model);
         rebase(&mut cfg.output);
         if let Some(p) = cfg.latents.as_mut() {
+            rebase(p);
+        }
+        for p in [cfg.prompts.as_mut(), cfg.output_dir.as_mut()].into_iter().flatten() {
             rebase(p);
         }
         if let Some(p) = cfg.save_latents.as_mut() {

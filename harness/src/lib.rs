@@ -55,6 +55,7 @@
 //! (`tensor`, `ulysses` (also `usp`), `ring`, `distrifusion` (also `naive_patch`),
 //! `pipefusion`; all on by default).
 
+pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod error;

@@ -34,14 +34,10 @@ pub fn list_text() -> String {
     let _ = writeln!(s, "  bundled  {BUNDLED_PIPELINE} (tiny random-weight PixArt-α, 128×128)");
     let _ = writeln!(
         s,
-        "  presets  real-size configs with random weights (harness bench): {}",
+        "  presets  real-size configs with random weights (harness bench --model NAME): {}",
         models_dit::PRESETS.join(", ")
     );
-    let _ = writeln!(
-        s,
-        "           U-Net configs {} (models_unet::UnetModel::preset; not in harness bench yet)",
-        models_unet::PRESETS.join(", ")
-    );
+    let _ = writeln!(s, "           U-Nets: {}", models_unet::PRESETS.join(", "));
     let _ = writeln!(
         s,
         "           real weights: a diffusers folder you already have, e.g. \

@@ -175,6 +175,16 @@ struct RunArgs {
     /// Text tokens per prompt (default: 120 for PixArt-α, 300 for PixArt-Σ).
     #[arg(long)]
     max_sequence_length: Option<usize>,
+    /// Batch generation: a prompt file (one per line, or JSONL with `prompt`, optional
+    /// `negative_prompt`, `seed`); needs --output-dir.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Images of every prompt (seeds counting up from the prompt's).
+    #[arg(long)]
+    images_per_prompt: Option<usize>,
+    /// Where batch generation writes 00000.png, … and metadata.jsonl.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
@@ -195,7 +205,7 @@ impl RunArgs {
                 }
             )*};
         }
-        set!(model, prompt, steps, seed, output);
+        set!(model, prompt, steps, seed, output, images_per_prompt);
         macro_rules! set_opt {
             ($($f:ident),*) => {$(
                 if let Some(v) = &self.$f {
@@ -211,7 +221,9 @@ impl RunArgs {
             scheduler,
             latents,
             save_latents,
-            max_sequence_length
+            max_sequence_length,
+            prompts,
+            output_dir
         );
         self.parallel.apply(&mut c.parallel)?;
         Ok(c)

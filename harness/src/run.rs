@@ -207,6 +207,8 @@ pub struct RunPlan {
     pub schedule: Schedule,
     /// What the sampler needs.
     pub settings: SamplerSettings,
+    /// Every image of the run, in order ([`crate::batch`]).
+    pub requests: Vec<crate::batch::Request>,
     /// The request as strategies see it.
     pub request: RequestInfo,
     /// Image height and width in pixels.
@@ -323,13 +325,31 @@ impl RunPlan {
                 shape,
             },
         };
-        let output = Some(&config.output).filter(|p| !p.as_os_str().is_empty());
-        for path in [output, config.save_latents.as_ref()].into_iter().flatten() {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    HarnessError::io(dir, format!("cannot create the output folder: {e}"))
-                })?;
-            }
+        let requests = crate::batch::requests(config)?;
+        let dp = config.parallel.dp_degree.max(1);
+        if requests.len() < dp {
+            return Err(HarnessError::config(
+                "parallel.dp_degree (--dp-degree)",
+                format!(
+                    "{dp} replicas but the run draws {} image(s): every replica needs one; use \
+                     more images (--images-per-prompt, --prompts) or fewer replicas",
+                    requests.len()
+                ),
+            ));
+        }
+        let mut dirs: Vec<PathBuf> = requests
+            .iter()
+            .flat_map(|r| [r.output.as_ref(), r.save_latents.as_ref()])
+            .flatten()
+            .filter_map(|p| p.parent().map(|d| d.to_path_buf()))
+            .collect();
+        dirs.extend(config.output_dir.clone().filter(|_| config.prompts.is_some()));
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs.iter().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                HarnessError::io(dir, format!("cannot create the output folder: {e}"))
+            })?;
         }
         Ok(RunPlan {
             config: config.clone(),
@@ -341,6 +361,7 @@ impl RunPlan {
             image_size: (height, width),
             max_sequence_length,
             initial,
+            requests,
         })
     }
 
@@ -373,15 +394,22 @@ impl RunPlan {
         drop(models);
         let mut ranks = Vec::with_capacity(outputs.len());
         let mut first = None;
-        let mut images = Vec::new();
+        let mut written = Vec::new();
         for out in outputs {
             ranks.push(out.report);
-            if let Some(r0) = out.rank0 {
-                images.extend(r0.image.clone());
-                if first.is_none() {
-                    first = Some(r0);
-                }
+            written.extend(out.written);
+            if let Some(r0) = out.rank0
+                && first.is_none()
+            {
+                first = Some(r0);
             }
+        }
+        written.sort_by_key(|w| w.index);
+        let images: Vec<PathBuf> = written.iter().filter_map(|w| w.image.clone()).collect();
+        if let Some(dir) = &self.config.output_dir
+            && self.config.prompts.is_some()
+        {
+            self.write_metadata(dir, &written)?;
         }
         let r0 = first.ok_or_else(|| {
             HarnessError::Parallel(parallel_core::ParallelError::Model(
@@ -416,6 +444,37 @@ impl RunPlan {
             total_time: start.elapsed(),
             ranks,
         })
+    }
+}
+
+impl RunPlan {
+    /// `DIR/metadata.jsonl`: one line per image, in index order.
+    fn write_metadata(&self, dir: &std::path::Path, written: &[Written]) -> Result<()> {
+        let p = &self.config.parallel;
+        let mut text = String::new();
+        for w in written {
+            let r = &self.requests[w.index];
+            let line = serde_json::json!({
+                "index": r.index,
+                "file": w.image.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().to_string()),
+                "prompt": r.prompt,
+                "negative_prompt": r.negative_prompt,
+                "seed": r.seed,
+                "strategy": p.strategy,
+                "world_size": p.world_size,
+                "cfg_degree": p.cfg_degree,
+                "dp_degree": p.dp_degree,
+                "steps": self.request.steps,
+                "scheduler": self.schedule.class_name(),
+                "guidance_scale": self.settings.guidance_scale,
+                "size": [self.image_size.0, self.image_size.1],
+                "seconds": w.seconds,
+            });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        let path = dir.join("metadata.jsonl");
+        std::fs::write(&path, text).map_err(|e| HarnessError::io(&path, e.to_string()))
     }
 }
 
@@ -468,12 +527,24 @@ struct Rank0 {
     decode_time: Duration,
 }
 
-struct RankOutput {
-    report: RankReport,
-    rank0: Option<Rank0>,
+/// What one request wrote, for the batch's `metadata.jsonl`.
+#[derive(Debug, Clone)]
+struct Written {
+    index: usize,
+    image: Option<PathBuf>,
+    seconds: f64,
 }
 
-/// The flow of one rank; see the [module docs](self).
+struct RankOutput {
+    report: RankReport,
+    /// The first request's result (on a replica's rank 0).
+    rank0: Option<Rank0>,
+    /// Every request this replica's rank 0 wrote.
+    written: Vec<Written>,
+}
+
+/// The flow of one rank; see the [module docs](self). `comm` is this rank's replica (the
+/// world without data parallelism); the replica serves every `dp_degree`-th request.
 fn rank_main<B: Backend>(
     comm: Comm<B>,
     plan: &RunPlan,
@@ -496,106 +567,157 @@ fn rank_main<B: Backend>(
 
     // A split decode needs the VAE on every rank.
     let vae_parallel = options.decode && cfg.parallel.vae_parallel && comm.size() > 1;
-    let (text, vae) = if rank == 0 {
+    let (encoder, vae) = if rank == 0 {
         let vae = if options.decode { Some(plan.folder.load_vae::<B>(&device)?) } else { None };
-        let encoder = plan.folder.load_text::<B>(plan.max_sequence_length, &device)?;
-        let text = encoder.encode(
-            &cfg.prompt,
-            cfg.negative_prompt.as_deref(),
-            plan.settings.guidance(),
-            plan.image_size,
-        )?;
-        drop(encoder);
-        (Some(text), vae)
+        (Some(plan.folder.load_text::<B>(plan.max_sequence_length, &device)?), vae)
     } else if vae_parallel {
         (None, Some(plan.folder.load_vae::<B>(&device)?))
     } else {
         (None, None)
     };
-    let text = share_text(&comm, text)?;
 
-    let mut sampler =
-        Sampler::new(plan.schedule.clone(), plan.settings.clone(), Some(text), &device)?
-            .watch(comm.clone());
-    if rank == 0 && replica == 0 && options.progress {
-        sampler = sampler.with_progress(progress_bar(plan.schedule.len()));
-    }
-    let initial = if replica == 0 {
-        plan.initial.to_tensor::<B, 4>(&device)
-    } else {
-        // Replica r starts from seed + r (the plan refuses --latents with replicas).
-        let shape = plan.initial.shape.clone();
-        let seed = cfg.seed.wrapping_add(replica as u64);
-        HostTensor { values: crate::noise::gaussian(seed, shape.iter().product()), shape }
+    let dp = cfg.parallel.dp_degree.max(1);
+    let mine: Vec<&crate::batch::Request> =
+        plan.requests.iter().filter(|r| r.index % dp == replica).collect();
+    let single = plan.requests.len() == 1;
+    let shows = rank == 0 && replica == 0 && options.progress;
+    let images_bar = (shows && !single).then(|| images_bar(mine.len(), dp));
+    let mut first: Option<(RankReport, Option<Rank0>)> = None;
+    let mut written = Vec::new();
+    for request in mine {
+        let t_request = Instant::now();
+        let text = match &encoder {
+            Some(encoder) => Some(encoder.encode(
+                &request.prompt,
+                request.negative_prompt.as_deref(),
+                plan.settings.guidance(),
+                plan.image_size,
+            )?),
+            None => None,
+        };
+        let text = share_text(&comm, text)?;
+        let mut sampler =
+            Sampler::new(plan.schedule.clone(), plan.settings.clone(), Some(text), &device)?
+                .watch(comm.clone());
+        if shows && single {
+            sampler = sampler.with_progress(progress_bar(plan.schedule.len()));
+        }
+        let initial = if cfg.latents.is_some() {
+            // Only a one-image run takes --latents (the plan refuses it otherwise).
+            plan.initial.to_tensor::<B, 4>(&device)
+        } else {
+            let shape = plan.initial.shape.clone();
+            HostTensor {
+                values: crate::noise::gaussian(request.seed, shape.iter().product()),
+                shape,
+            }
             .to_tensor::<B, 4>(&device)
-    };
-    let latents = sampler.initial_latents(initial);
+        };
+        let latents = sampler.initial_latents(initial);
 
-    strategy.begin_request(&desc, &plan.request)?;
-    comm.reset_stats();
-    let setup_time = start.elapsed();
-    let t0 = Instant::now();
-    let latents = strategy.denoise(&model, &mut sampler, latents)?;
-    let denoise_time = t0.elapsed();
-    let report = RankReport {
-        rank: comm.world_rank(),
-        comm: comm.stats(),
-        param_bytes: parallel_core::Denoiser::param_bytes(&model),
-        buffer_bytes: strategy.buffer_bytes(),
-        expected: strategy.expected_request_comm(&desc, &plan.request)?,
-    };
-    let t1 = Instant::now();
-    let split_sample = match (&vae, vae_parallel) {
-        (Some(vae), true) => decode_split(&comm, vae, &latents)?,
-        _ => None,
-    };
-    if rank != 0 {
-        return Ok(RankOutput { report, rank0: None });
+        // A fresh state for every request: one request never reads another's.
+        strategy.begin_request(&desc, &plan.request)?;
+        comm.reset_stats();
+        let setup_time = start.elapsed();
+        let t0 = Instant::now();
+        let latents = strategy.denoise(&model, &mut sampler, latents)?;
+        let denoise_time = t0.elapsed();
+        let report = RankReport {
+            rank: comm.world_rank(),
+            comm: comm.stats(),
+            param_bytes: parallel_core::Denoiser::param_bytes(&model),
+            buffer_bytes: strategy.buffer_bytes(),
+            expected: strategy.expected_request_comm(&desc, &plan.request)?,
+        };
+        let t1 = Instant::now();
+        let split_sample = match (&vae, vae_parallel) {
+            (Some(vae), true) => decode_split(&comm, vae, &latents)?,
+            _ => None,
+        };
+        if rank != 0 {
+            first.get_or_insert((report, None));
+            continue;
+        }
+        let end = t0 + denoise_time;
+        let starts: Vec<Instant> = sampler.step_starts().iter().map(|s| s.unwrap_or(end)).collect();
+        let step_times = (0..starts.len())
+            .map(|i| starts.get(i + 1).copied().unwrap_or(end).saturating_duration_since(starts[i]))
+            .collect();
+        if let Some(bar) = sampler.progress() {
+            bar.finish_and_clear();
+        }
+        let mut saved_latents = None;
+        if let Some(path) = &request.save_latents {
+            weights::write_tensors(path, &[("latents", latents.clone())])?;
+            saved_latents = Some(path.clone());
+        }
+        let (mut image, mut decoded) = (None, None);
+        if let Some(vae) = &vae {
+            let sample = match split_sample {
+                Some(sample) => sample,
+                None => vae.decode_latents(latents.clone())?,
+            };
+            let rgb = models_vae::to_image(sample)?;
+            if let Some(path) = &request.output {
+                models_vae::save_png(&rgb, path)?;
+                image = Some(path.clone());
+            }
+            decoded = Some(rgb);
+        }
+        let decode_time = t1.elapsed();
+        written.push(Written {
+            index: request.index,
+            image: image.clone(),
+            seconds: t_request.elapsed().as_secs_f64(),
+        });
+        if let Some(bar) = &images_bar {
+            bar.inc(1);
+        }
+        if first.is_none() {
+            let r0 = Rank0 {
+                latents: HostTensor::from_tensor(latents)?,
+                image,
+                decoded,
+                saved_latents,
+                step_times,
+                denoise_time,
+                setup_time,
+                decode_time,
+            };
+            first = Some((report, Some(r0)));
+        }
     }
-
-    let end = t0 + denoise_time;
-    let starts: Vec<Instant> = sampler.step_starts().iter().map(|s| s.unwrap_or(end)).collect();
-    let step_times = (0..starts.len())
-        .map(|i| starts.get(i + 1).copied().unwrap_or(end).saturating_duration_since(starts[i]))
-        .collect();
-    if let Some(bar) = sampler.progress() {
+    drop(encoder);
+    if let Some(bar) = images_bar {
         bar.finish_and_clear();
     }
-    let mut saved_latents = None;
-    let dp = cfg.parallel.dp_degree;
-    if let Some(path) = &cfg.save_latents {
-        let path = replica_path(path, replica, dp);
-        weights::write_tensors(&path, &[("latents", latents.clone())])?;
-        saved_latents = Some(path);
+    let (report, rank0) = first.ok_or_else(|| {
+        HarnessError::config(
+            "parallel.dp_degree (--dp-degree)",
+            format!(
+                "replica {replica} has no image to draw: the run draws {} image(s) for {dp} \
+                 replicas; draw at least as many images as replicas",
+                plan.requests.len()
+            ),
+        )
+    })?;
+    Ok(RankOutput { report, rank0, written })
+}
+
+/// The images bar of batch generation on rank 0 of replica 0, on stderr.
+fn images_bar(images: usize, replicas: usize) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(images as u64), ProgressDrawTarget::stderr());
+    let template = if replicas > 1 {
+        format!(
+            "{{spinner}} images of replica 0 (of {replicas}) [{{bar:32}}] {{pos}}/{{len}}, {{elapsed}} elapsed, eta {{eta}}"
+        )
+    } else {
+        "{spinner} images [{bar:32}] {pos}/{len}, {elapsed} elapsed, eta {eta}".to_string()
+    };
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
     }
-    let (mut image, mut decoded) = (None, None);
-    if let Some(vae) = vae {
-        let sample = match split_sample {
-            Some(sample) => sample,
-            None => vae.decode_latents(latents.clone())?,
-        };
-        let rgb = models_vae::to_image(sample)?;
-        if !cfg.output.as_os_str().is_empty() {
-            let path = replica_path(&cfg.output, replica, dp);
-            models_vae::save_png(&rgb, &path)?;
-            image = Some(path);
-        }
-        decoded = Some(rgb);
-    }
-    let decode_time = t1.elapsed();
-    Ok(RankOutput {
-        report,
-        rank0: Some(Rank0 {
-            latents: HostTensor::from_tensor(latents)?,
-            image,
-            decoded,
-            saved_latents,
-            step_times,
-            denoise_time,
-            setup_time,
-            decode_time,
-        }),
-    })
+    bar
 }
 
 /// Replica `r`'s file of `path` with `dp` replicas: `path` itself for one, else

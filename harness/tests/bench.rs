@@ -131,3 +131,55 @@ fn every_strategy_runs_on_two_ranks_with_communication_equal_to_its_formula() {
     assert!(svg.starts_with("<svg") && svg.contains("ulysses"), "the chart names the strategies");
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// The same plumbing on a U-Net (the tiny SD 1.5-style fixture at 128 px: 16 latent rows, two
+/// of its 8-row bands): the U-Net strategies and CFG parallelism run with communication
+/// equal to their formulas, exact ones equal serial, and a transformer-only strategy is a
+/// "not run" row naming the family — not a failure of the sweep.
+#[test]
+fn u_net_strategies_and_cfg_parallelism_run_with_communication_equal_to_their_formulas() {
+    let unet = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/unet/sd15");
+    let out = std::env::temp_dir().join(format!("harness-bench-unet-{}", std::process::id()));
+    let config = BenchConfig::from_toml(&format!(
+        r#"
+        model = "{}"
+        resolutions = [128]
+        steps = 2
+        world_sizes = [2]
+        repetitions = 1
+        warmup_runs = 0
+        cores = 2
+        strategies = ["tensor", "naive_patch", "ulysses",
+                      {{ name = "distrifusion", warmup_steps = 1 }},
+                      {{ name = "serial", cfg_degree = 2 }}]
+        json = "{}"
+        svg = "{}"
+        "#,
+        unet.display(),
+        out.join("bench.json").display(),
+        out.join("bench.svg").display(),
+    ))
+    .unwrap();
+    let registry = harness::registry::<harness::CpuBackend>();
+    let specs = config.strategy_specs(&registry, &[]).unwrap();
+    let report = run_bench(&config, &specs, &registry, |l| eprintln!("{l}")).unwrap();
+    eprintln!("{}", report::table(&report));
+    assert_eq!(report.model.class_name, "UNet2DConditionModel");
+    assert_eq!(report.text_tokens, 77, "a U-Net reads CLIP's 77 tokens");
+    for r in report.results.iter().filter(|r| r.world_size == 2) {
+        if r.strategy == "ulysses" {
+            let e = r.error.as_deref().expect("ulysses refuses a U-Net");
+            assert!(e.contains("U-Net"), "{e}");
+            continue;
+        }
+        assert!(r.error.is_none(), "{}: {:?}", r.label, r.error);
+        for (rank, ratio) in r.comm_ratio.iter().enumerate() {
+            assert_eq!(*ratio, Some(1.0), "{} rank {rank}: measured/formula", r.label);
+        }
+        if ["tensor", "cfg2×serial"].contains(&r.strategy.as_str()) {
+            assert!(r.rel_l2.unwrap() < 1e-5, "{}: {:?}", r.label, r.rel_l2);
+        }
+    }
+    assert!(report.results.iter().any(|r| r.strategy == "cfg2×serial"));
+    std::fs::remove_dir_all(&out).ok();
+}

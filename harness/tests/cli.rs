@@ -440,6 +440,69 @@ fn data_parallel_replicas_draw_the_images_of_consecutive_seeds() {
 }
 
 #[test]
+fn batch_generation_writes_every_image_and_its_metadata() {
+    let dir = tmp("batch");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\n\na blue square\na green triangle\n").unwrap();
+    let out = dir.join("images");
+    let common = ["--steps", "2", "--threads-per-rank", "1", "--seed", "40"];
+    let mut args =
+        vec!["run", "configs/demo.toml", "--prompts", s(&prompts), "--output-dir", s(&out)];
+    args.extend_from_slice(&common);
+    // Two data-parallel replicas over three prompts: replica 0 draws 0 and 2, replica 1 draws 1.
+    args.extend_from_slice(&["--world-size", "2", "--dp-degree", "2"]);
+    let stdout = succeeds(&args);
+    assert!(stdout.contains("3 images"), "{stdout}");
+    let meta = std::fs::read_to_string(out.join("metadata.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> =
+        meta.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i);
+        assert_eq!(l["seed"], 40 + i as u64, "request i gets seed + i");
+        assert_eq!(l["file"], format!("{i:05}.png"));
+        assert_eq!(l["dp_degree"], 2);
+        assert!(out.join(format!("{i:05}.png")).is_file());
+    }
+    assert_eq!(lines[2]["prompt"], "a green triangle");
+    // Image 2 is what a lone run of its prompt and seed draws.
+    let alone = dir.join("alone.png");
+    let mut args = vec!["run", "configs/demo.toml", "--prompt", "a green triangle"];
+    args.extend_from_slice(&["--steps", "2", "--threads-per-rank", "1", "--seed", "42"]);
+    args.extend_from_slice(&["--output", s(&alone)]);
+    succeeds(&args);
+    let same = std::fs::read(&alone).unwrap() == std::fs::read(out.join("00002.png")).unwrap();
+    assert!(same, "image 2 differs from a lone run of its prompt and seed");
+
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"x\"}\n{\"prompt\": 3}\n").unwrap();
+    let err = fails(&["run", "configs/demo.toml", "--prompts", s(&bad), "--output-dir", s(&out)]);
+    assert!(err.contains("bad.jsonl line 2"), "{err}");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    let err = fails(&["run", "configs/demo.toml", "--prompts", s(&empty), "--output-dir", s(&out)]);
+    assert!(err.contains("no prompts"), "{err}");
+    let err = fails(&["run", "configs/demo.toml", "--prompts", s(&prompts)]);
+    assert!(err.contains("--output-dir"), "{err}");
+    let err =
+        fails(&["run", "configs/demo.toml", "--prompts", s(&prompts), "--output-dir", s(&prompts)]);
+    assert!(err.contains("is a file"), "{err}");
+    let err = fails(&[
+        "run",
+        "configs/demo.toml",
+        "--world-size",
+        "4",
+        "--dp-degree",
+        "4",
+        "--prompts",
+        s(&prompts),
+        "--output-dir",
+        s(&out),
+    ]);
+    assert!(err.contains("4 replicas but the run draws 3"), "{err}");
+}
+
+#[test]
 fn pipefusion_stages_of_ulysses_groups_run_and_bad_degrees_are_named() {
     let png = tmp("pf-ulysses").join("out.png");
     // Two stages of two Ulysses ranks; then the same inside CFG parallelism (8 ranks).

@@ -616,18 +616,21 @@ impl UNet2DConditionConfig {
 
     /// A named preset ([`PRESETS`]): the real checkpoint's `unet/config.json`.
     pub fn preset(name: &str) -> Result<Self> {
-        let json = match name {
-            "sd15" => SD15_JSON,
-            "sd21" => SD21_JSON,
-            "sdxl-base" => SDXL_BASE_JSON,
-            _ => {
-                return Err(UnetError::UnknownPreset {
-                    name: name.into(),
-                    known: PRESETS.iter().map(|s| s.to_string()).collect(),
-                });
-            }
-        };
-        Self::from_json(json, &format!("preset {name}"))
+        Self::from_json(Self::preset_json(name)?, &format!("preset {name}"))
+    }
+
+    /// The `config.json` text of a named preset (the keys that matter), as diffusers writes
+    /// it: what a benchmark writes into a random-weight folder.
+    pub fn preset_json(name: &str) -> Result<&'static str> {
+        match name {
+            "sd15" => Ok(SD15_JSON),
+            "sd21" => Ok(SD21_JSON),
+            "sdxl-base" => Ok(SDXL_BASE_JSON),
+            _ => Err(UnetError::UnknownPreset {
+                name: name.into(),
+                known: PRESETS.iter().map(|s| s.to_string()).collect(),
+            }),
+        }
     }
 }
 

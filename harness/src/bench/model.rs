@@ -13,19 +13,21 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use models_dit::{DiTConfig, ModelConfig, PixArtConfig, WEIGHTS_FILE};
+use models_unet::{UNet2DConditionConfig, UnetModel};
 use serde_json::{Value, json};
 
 use super::{BenchError, Result};
+use crate::DenoiserConfig;
 
 /// The resolved model of a benchmark: the folder every rank loads and its configuration.
 #[derive(Debug, Clone)]
 pub struct BenchModel {
     /// What the configuration named (a preset or a folder).
     pub name: String,
-    /// The transformer folder (`config.json` + weights).
+    /// The denoiser folder (`config.json` + weights).
     pub dir: PathBuf,
-    /// Its configuration.
-    pub config: ModelConfig,
+    /// Its configuration (a DiT-family transformer or a U-Net).
+    pub config: DenoiserConfig,
     /// Whether the weights are random (a preset written by the bench).
     pub random_weights: bool,
 }
@@ -33,13 +35,31 @@ pub struct BenchModel {
 impl BenchModel {
     /// Resolves `model`: a name of [`models_dit::PRESETS`] (random weights `N(0, 0.02²)`
     /// from `seed`, with `layers` transformer blocks instead of the preset's when given,
-    /// written under `cache` unless already there), or a folder (a transformer folder, or a
-    /// pipeline folder whose `transformer/` is used).
+    /// written under `cache` unless already there), a name of [`models_unet::PRESETS`]
+    /// (random weights as [`write_random_unet_folder`] draws them), or a folder (a
+    /// transformer or U-Net folder, or a pipeline folder whose `transformer/` or `unet/` is
+    /// used).
     ///
     /// # Errors
     /// An unknown name that is not a folder (listing the presets), `layers` given with a
-    /// folder, or a folder or file that cannot be read or written.
+    /// folder or a U-Net preset, or a folder or file that cannot be read or written.
     pub fn resolve(model: &str, layers: Option<usize>, seed: u64, cache: &Path) -> Result<Self> {
+        if models_unet::PRESETS.contains(&model) {
+            if layers.is_some() {
+                return Err(BenchError::config(
+                    "layers",
+                    "applies to the transformer presets (a stack of equal blocks); a U-Net \
+                     preset runs whole",
+                ));
+            }
+            let dir = cache.join(format!("{model}-unet-seed{seed}"));
+            if !dir.join(DONE).exists() {
+                write_random_unet_folder(&dir, model, seed)?;
+            }
+            let config =
+                DenoiserConfig::from_folder(&dir).map_err(|e| BenchError::config("model", e))?;
+            return Ok(BenchModel { name: model.into(), dir, config, random_weights: true });
+        }
         if models_dit::PRESETS.contains(&model) {
             let mut config =
                 ModelConfig::preset(model).map_err(|e| BenchError::config("model", e))?;
@@ -57,6 +77,7 @@ impl BenchModel {
             if !dir.join(DONE).exists() {
                 write_random_folder(&dir, &config, seed)?;
             }
+            let config = DenoiserConfig::Dit(config);
             return Ok(BenchModel { name: model.into(), dir, config, random_weights: true });
         }
         let path = PathBuf::from(model);
@@ -64,8 +85,9 @@ impl BenchModel {
             return Err(BenchError::config(
                 "model",
                 format!(
-                    "`{model}` is neither a preset ({}) nor a folder",
-                    models_dit::PRESETS.join(", ")
+                    "`{model}` is neither a preset ({}, {}) nor a folder",
+                    models_dit::PRESETS.join(", "),
+                    models_unet::PRESETS.join(", ")
                 ),
             ));
         }
@@ -77,17 +99,81 @@ impl BenchModel {
         }
         let dir = if path.join("transformer/config.json").exists() {
             path.join("transformer")
+        } else if path.join("unet/config.json").exists() {
+            path.join("unet")
         } else {
             path
         };
-        let config = ModelConfig::from_folder(&dir).map_err(|e| BenchError::config("model", e))?;
+        let config =
+            DenoiserConfig::from_folder(&dir).map_err(|e| BenchError::config("model", e))?;
         Ok(BenchModel { name: model.into(), dir, config, random_weights: false })
     }
 
-    /// Parameters of the whole model.
+    /// Parameters of the whole model (from the weights file's header for a U-Net).
     pub fn num_params(&self) -> u64 {
-        self.config.params(1).iter().map(|p| p.bytes()).sum()
+        match &self.config {
+            DenoiserConfig::Dit(c) => c.params(1).iter().map(|p| p.bytes()).sum(),
+            DenoiserConfig::Unet(_) => {
+                weights::WeightStore::open(&self.dir, models_unet::WEIGHTS_FILE)
+                    .map(|store| {
+                        store
+                            .keys()
+                            .filter_map(|k| store.meta(k).ok())
+                            .map(|m| m.shape.iter().product::<usize>() as u64)
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            }
+        }
     }
+
+    /// The model's class, as diffusers names it.
+    pub fn class_name(&self) -> String {
+        self.config.desc().class_name
+    }
+}
+
+/// Writes preset `name` of [`models_unet::PRESETS`] as a diffusers U-Net folder with random
+/// weights from `seed`: convolution and linear weights `N(0, 1/fan_in)`, biases 0, norm
+/// weights 1 (what `UnetModel::random` draws, so activations keep their scale through the
+/// real depth). The parameter list comes from a model built once with random weights (held
+/// for the moment: 3.4 GB for SD 1.5, 10 GB for SDXL in float32).
+pub fn write_random_unet_folder(dir: &Path, name: &str, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
+    let json =
+        UNet2DConditionConfig::preset_json(name).map_err(|e| BenchError::config("model", e))?;
+    let path = dir.join("config.json");
+    std::fs::write(&path, json).map_err(|e| BenchError::io(&path, e))?;
+    let config = UNet2DConditionConfig::preset(name).map_err(|e| BenchError::config("model", e))?;
+    let tensors: Vec<(String, Vec<usize>)> = {
+        let model = UnetModel::<crate::CpuBackend>::random(
+            &config,
+            &parallel_core::LoadPlan::full(),
+            &Default::default(),
+        )
+        .map_err(|e| BenchError::Model(e.to_string()))?;
+        model.params().iter().map(|p| (p.name.clone(), p.shape.clone())).collect()
+    };
+    let path = dir.join(models_unet::WEIGHTS_FILE);
+    write_safetensors(&path, &tensors, |name, out| {
+        if name.ends_with(".bias") {
+            out.fill(0.0);
+        } else if is_norm_weight(name, &tensors) {
+            out.fill(1.0);
+        } else {
+            let shape = &tensors.iter().find(|(n, _)| n == name).expect("listed").1;
+            let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+            fill_normal(seed, name, 1.0 / (fan_in as f64).sqrt(), out);
+        }
+    })
+    .map_err(|e| BenchError::io(&path, e))?;
+    std::fs::write(dir.join(DONE), b"").map_err(|e| BenchError::io(dir, e))
+}
+
+/// A one-dimensional `weight` is a norm's scale (linear and convolution weights have ≥ 2
+/// dimensions).
+fn is_norm_weight(name: &str, tensors: &[(String, Vec<usize>)]) -> bool {
+    tensors.iter().any(|(n, shape)| n == name && shape.len() == 1)
 }
 
 /// The file marking a completely written random-weight folder.

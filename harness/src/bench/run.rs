@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Int, Tensor, TensorData};
-use models_dit::{DitModel, ModelConfig};
+use models_dit::ModelConfig;
 use parallel_core::{
     CommStats, Denoiser, DenoiserInput, LaunchOptions, ModelDesc, OpKind, ParallelError, Registry,
     RequestInfo, StepKind, StrategyOptions, launch,
@@ -27,6 +27,7 @@ use schedulers::Schedule;
 
 use super::model::normal_values;
 use crate::CpuBackend as B;
+use crate::DenoiserConfig;
 use crate::sampler::{Sampler, SamplerSettings};
 
 /// One configuration: a strategy with its options on `world_size` ranks of
@@ -110,7 +111,7 @@ pub struct RankOutcome {
 pub fn run_configuration(
     registry: &Registry<B>,
     dir: &std::path::Path,
-    config: &ModelConfig,
+    config: &DenoiserConfig,
     spec: &RunSpec,
 ) -> Vec<Result<RankOutcome, ParallelError>> {
     let mut options = LaunchOptions::<B>::default()
@@ -131,9 +132,7 @@ pub fn run_configuration(
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
         let model = models
-            .get_or_load(&plan, &comm.device(), || {
-                DitModel::<B>::load(dir, &plan, &comm.device()).map(crate::model::AnyDenoiser::Dit)
-            })
+            .get_or_load(&plan, &comm.device(), || config.load::<B>(dir, &plan, &comm.device()))
             .map_err(|e| ParallelError::Model(e.to_string()))?;
         let inputs = BenchInputs::new(config, spec, &comm.device());
         let mut outcome = RankOutcome {
@@ -200,7 +199,7 @@ pub struct BenchInputs {
 
 impl BenchInputs {
     /// Draws the inputs of `spec` for a model of `config`.
-    pub fn new(config: &ModelConfig, spec: &RunSpec, device: &burn::tensor::Device<B>) -> Self {
+    pub fn new(config: &DenoiserConfig, spec: &RunSpec, device: &burn::tensor::Device<B>) -> Self {
         let desc = config.desc();
         let (h, w) = spec.latent;
         let batch = spec.batch();
@@ -221,7 +220,30 @@ impl BenchInputs {
         );
         let mut additional_conditions = None;
         match config {
-            ModelConfig::PixArt(c) => {
+            DenoiserConfig::Unet(c) => {
+                // CLIP's 77 tokens (the request's text tokens), and SDXL's pooled text and
+                // size/crop conditions (the image size, no crop).
+                let (t, ch) = (spec.text_tokens, c.cross_attention_dim);
+                let text = normal_values(spec.seed, "text", batch * t * ch);
+                template.encoder_hidden_states =
+                    Some(Tensor::from_data(TensorData::new(text, [batch, t, ch]), device));
+                if let Some(add) = &c.addition {
+                    let n = add.text_embeds_dim();
+                    let pooled = normal_values(spec.seed, "text_embeds", batch * n);
+                    template.added_cond.insert(
+                        "text_embeds".into(),
+                        Tensor::from_data(TensorData::new(pooled, [batch, n]), device),
+                    );
+                    let (hp, wp) = ((h * 8) as f32, (w * 8) as f32);
+                    let ids: Vec<f32> =
+                        (0..batch).flat_map(|_| [hp, wp, 0.0, 0.0, hp, wp]).collect();
+                    template.added_cond.insert(
+                        "time_ids".into(),
+                        Tensor::from_data(TensorData::new(ids, [batch, 6]), device),
+                    );
+                }
+            }
+            DenoiserConfig::Dit(ModelConfig::PixArt(c)) => {
                 let (t, ch) = (spec.text_tokens, c.caption_channels.unwrap_or(desc.hidden_size));
                 let text = normal_values(spec.seed, "text", batch * t * ch);
                 template.encoder_hidden_states =
@@ -231,7 +253,7 @@ impl BenchInputs {
                     additional_conditions = Some((h * 8, w * 8));
                 }
             }
-            ModelConfig::DiT(c) => {
+            DenoiserConfig::Dit(ModelConfig::DiT(c)) => {
                 // Guidance pairs the null class (unconditional) with class 207.
                 let null = c.num_classes() as i64;
                 let labels: Vec<i64> =
