@@ -87,6 +87,7 @@ pub use results::{BenchReport, ConfigResult, Machine, ModelInfo};
 pub use run::{RankOutcome, RunSpec};
 pub use stats::{Quality, quality};
 use stats::{median, steady};
+pub(crate) use system::resident_bytes;
 use system::{CpuTimes, cpu_model, cpu_simd_flags, load_average, peak_rss, reset_peak_rss};
 
 /// What can go wrong in a benchmark.

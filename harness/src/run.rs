@@ -469,6 +469,7 @@ impl RunPlan {
                 "guidance_scale": self.settings.guidance_scale,
                 "size": [self.image_size.0, self.image_size.1],
                 "seconds": w.seconds,
+                "rss_mib": (w.rss_bytes as f64 / (1u64 << 20) as f64 * 10.0).round() / 10.0,
             });
             text.push_str(&line.to_string());
             text.push('\n');
@@ -533,6 +534,8 @@ struct Written {
     index: usize,
     image: Option<PathBuf>,
     seconds: f64,
+    /// The process's resident memory after the request (every rank's, in-process).
+    rss_bytes: u64,
 }
 
 struct RankOutput {
@@ -669,6 +672,7 @@ fn rank_main<B: Backend>(
             index: request.index,
             image: image.clone(),
             seconds: t_request.elapsed().as_secs_f64(),
+            rss_bytes: crate::bench::resident_bytes(),
         });
         if let Some(bar) = &images_bar {
             bar.inc(1);

@@ -474,6 +474,35 @@ fn batch_generation_writes_every_image_and_its_metadata() {
     let same = std::fs::read(&alone).unwrap() == std::fs::read(out.join("00002.png")).unwrap();
     assert!(same, "image 2 differs from a lone run of its prompt and seed");
 
+    // The same request four times on one DistriFusion instance (stale K/V after step 0):
+    // four identical images — nothing leaks from one request into the next.
+    let same = dir.join("same.jsonl");
+    std::fs::write(&same, "{\"prompt\": \"a cat\", \"seed\": 3}\n".repeat(4)).unwrap();
+    let again = dir.join("again");
+    succeeds(&[
+        "run",
+        "configs/demo.toml",
+        "--prompts",
+        s(&same),
+        "--output-dir",
+        s(&again),
+        "--steps",
+        "3",
+        "--strategy",
+        "distrifusion",
+        "--warmup-steps",
+        "1",
+        "--world-size",
+        "2",
+    ]);
+    let first = std::fs::read(again.join("00000.png")).unwrap();
+    for i in 1..4 {
+        let other = std::fs::read(again.join(format!("{i:05}.png"))).unwrap();
+        assert!(other == first, "request {i} differs from request 0: state leaked");
+    }
+    let meta = std::fs::read_to_string(again.join("metadata.jsonl")).unwrap();
+    assert!(meta.lines().all(|l| l.contains("\"rss_mib\"")), "{meta}");
+
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"x\"}\n{\"prompt\": 3}\n").unwrap();
     let err = fails(&["run", "configs/demo.toml", "--prompts", s(&bad), "--output-dir", s(&out)]);

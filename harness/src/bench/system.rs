@@ -23,6 +23,11 @@ pub(super) fn reset_peak_rss() -> u64 {
     status_bytes("VmRSS:")
 }
 
+/// The process's resident set size now (`VmRSS`; 0 where unreadable).
+pub(crate) fn resident_bytes() -> u64 {
+    status_bytes("VmRSS:")
+}
+
 /// The process's peak resident set since the last reset.
 pub(super) fn peak_rss() -> u64 {
     status_bytes("VmHWM:")
