@@ -633,6 +633,26 @@ pub struct LoopReport {
     pub not_applicable: Option<String>,
 }
 
+/// Reference loops already computed, by fixture, plan and steps: the suite's many runs that
+/// share a definition on a fixture (every exact strategy's is the serial loop) compute it
+/// once. Owned by the caller (one per test), never global.
+#[derive(Default)]
+pub struct References(std::collections::BTreeMap<(String, String, usize), Tensor<B, 4>>);
+
+impl References {
+    /// The reference loop of `plan` over `fixture`'s loop case, computed on first use.
+    pub fn denoise(
+        &mut self,
+        plan: &Plan,
+        fixture: &Fixture,
+        case: &DenoiserInput<B>,
+        steps: usize,
+    ) -> Tensor<B, 4> {
+        let key = (fixture.name.clone(), format!("{plan:?}"), steps);
+        self.0.entry(key).or_insert_with(|| reference_denoise(plan, fixture, case, steps)).clone()
+    }
+}
+
 /// `steps` steps of `run` on `fixture`'s loop case, twice on the same instances: the final
 /// latents equal the reference loop's within the fixture's loop tolerance on every rank, all
 /// ranks return the same latents, every step sends exactly what the formula says, and the
@@ -646,6 +666,20 @@ pub fn check_denoise(
     fixture: &Fixture,
     steps: usize,
 ) -> std::result::Result<LoopReport, String> {
+    check_denoise_with(registry, run, fixture, steps, &mut References::default())
+}
+
+/// [`check_denoise`] with reference loops taken from (and added to) `references`.
+///
+/// # Errors
+/// The first failure, in words.
+pub fn check_denoise_with(
+    registry: &Registry<B>,
+    run: &SuiteRun,
+    fixture: &Fixture,
+    steps: usize,
+    references: &mut References,
+) -> std::result::Result<LoopReport, String> {
     let case_path = fixture.loop_case();
     let case = fixture.read(&case_path);
     let mut report =
@@ -656,14 +690,8 @@ pub fn check_denoise(
     }
     let rows = fixture.units(case.grid());
     let plan = Plan::of(&run.reference, rows, run.group_size());
-    let want = reference_denoise(&plan, fixture, &case, steps);
-    // The serial loop is the reference itself where the definition is serial (deterministic:
-    // the same computation gives the same bits), so it is not run twice.
-    let serial = if plan == Plan::Serial {
-        want.clone()
-    } else {
-        reference_denoise(&Plan::Serial, fixture, &case, steps)
-    };
+    let want = references.denoise(&plan, fixture, &case, steps);
+    let serial = references.denoise(&Plan::Serial, fixture, &case, steps);
     let label = format!(
         "{run} {fixture}/{} {steps} steps",
         case_path.file_stem().expect("stem").to_string_lossy()
