@@ -77,8 +77,8 @@ pub fn list_text() -> String {
     );
     let _ = writeln!(
         s,
-        "  pipefusion   pipefusion: stages of consecutive blocks, each stage --ulysses-degree \
-         ranks splitting every patch again (PipeFusion × Ulysses)"
+        "  pipefusion   pipefusion: stages of consecutive blocks, each stage --ulysses-degree × \
+         --ring-degree ranks splitting every patch again (PipeFusion × Ulysses / Ring / USP)"
     );
     let _ = writeln!(
         s,
@@ -94,7 +94,7 @@ pub fn list_text() -> String {
     let _ = writeln!(
         s,
         "  world size = dp_degree × cfg_degree × the strategy's group (usp: ulysses_degree × ring_degree; \
-         pipefusion: stages × ulysses_degree)"
+         pipefusion: stages × ulysses_degree × ring_degree)"
     );
     let _ = writeln!(s);
     let _ = writeln!(s, "Schedulers (--scheduler NAME; default: the pipeline's own):");

@@ -58,7 +58,7 @@ struct ParallelArgs {
     /// Strategy option `ulysses_degree` (usp; pipefusion: ranks of each stage).
     #[arg(long)]
     ulysses_degree: Option<usize>,
-    /// Strategy option `ring_degree` (usp).
+    /// Strategy option `ring_degree` (usp; pipefusion: ring positions of each stage).
     #[arg(long)]
     ring_degree: Option<usize>,
     /// Strategy option `blocks_per_stage` (pipefusion), e.g. "2,2".

@@ -532,11 +532,16 @@ fn batch_generation_writes_every_image_and_its_metadata() {
 }
 
 #[test]
-fn pipefusion_stages_of_ulysses_groups_run_and_bad_degrees_are_named() {
+fn pipefusion_stages_of_ulysses_groups_and_rings_run_and_bad_degrees_are_named() {
     let png = tmp("pf-ulysses").join("out.png");
-    // Two stages of two Ulysses ranks; then the same inside CFG parallelism (8 ranks).
-    for extra in [&[][..], &["--cfg-degree", "2"][..]] {
-        let world = if extra.is_empty() { "4" } else { "8" };
+    // Two stages of two Ulysses ranks; the same inside CFG parallelism (8 ranks); two
+    // stages of a two-rank ring; two stages of USP 2 × 2 (8 ranks).
+    for (world, extra) in [
+        ("4", &["--ulysses-degree", "2"][..]),
+        ("8", &["--ulysses-degree", "2", "--cfg-degree", "2"][..]),
+        ("4", &["--ring-degree", "2"][..]),
+        ("8", &["--ring-degree", "2", "--ulysses-degree", "2"][..]),
+    ] {
         let mut args = vec![
             "run",
             "configs/demo.toml",
@@ -544,8 +549,6 @@ fn pipefusion_stages_of_ulysses_groups_run_and_bad_degrees_are_named() {
             "pipefusion",
             "--world-size",
             world,
-            "--ulysses-degree",
-            "2",
             "--steps",
             "3",
             "--output",
@@ -567,6 +570,22 @@ fn pipefusion_stages_of_ulysses_groups_run_and_bad_degrees_are_named() {
     ]);
     assert!(
         err.contains("`ulysses_degree`") && err.contains("does not divide the 4 ranks"),
+        "{err}"
+    );
+    let err = fails(&[
+        "run",
+        "configs/demo.toml",
+        "--strategy",
+        "pipefusion",
+        "--world-size",
+        "6",
+        "--ring-degree",
+        "2",
+        "--ulysses-degree",
+        "2",
+    ]);
+    assert!(
+        err.contains("`ring_degree`") && err.contains("= 4 does not divide the 6 ranks"),
         "{err}"
     );
 }

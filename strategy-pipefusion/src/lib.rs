@@ -46,15 +46,34 @@
 //! steps the patch (identically) and sends it back to rank `j` of stage 0. The definition is
 //! PipeFusion's: Ulysses attention is exact, so which K/V are fresh or stale does not change.
 //!
+//! ## PipeFusion × Ring and × USP (`ring_degree = r > 1`)
+//! A stage may also be a ring of `r` positions, each a Ulysses group of `u` ranks (USP; `u`
+//! may be 1): the mesh `pipefusion × ring × ulysses`, a stage's `u·r` ranks neighbours, and
+//! every patch split by token rows over them in stage order, so ring position `i` holds the
+//! rows of its Ulysses group (its *superband* of the patch). The K/V buffer is sharded by ring
+//! position as well: position `i` keeps, per own layer, the K/V of its superband of **every**
+//! patch, concatenated in patch order (`[2, B, H/u, p_i, d]`, `Σ p_i = p`), so a patch's fresh
+//! K/V overwrite a slot of the local buffer and a patch pass attends its queries to every
+//! position's whole buffer round the ring (as xDiT's ring attention does with its K/V cache);
+//! attention over keys does not depend on their order, so the buffer's order is free.
+//!
+//! The synchronous warmup step splits the *whole* latent over the stage instead (position
+//! `i` holds superband `i` of the latent, not of every patch), so its buffers are not its
+//! own K/V: as the blocks pass round the ring, each position keeps the tokens of every
+//! block its buffer holds ([`RingAttention::attend_visiting`]) — every token passes every
+//! position once, so the buffers fill with no transfer of their own. The definition (and
+//! the conformance reference) is PipeFusion's: ring attention is exact.
+//!
 //! ## Constraints
-//! `L ≥ N/u` (every stage holds at least one block); `1 ≤ M ≤ token rows`, and every patch
-//! has at least `u` token rows; `u` divides the heads and `N`;
+//! `L ≥ N/(u·r)` (every stage holds at least one block); `1 ≤ M ≤ token rows`, and every
+//! patch has at least `u·r` token rows; `u` divides the heads, `u·r` divides `N`;
 //! `warmup_steps ≥ 1` (the buffers must be full before stale reads).
 //!
 //! ## Config keys
 //! `num_pipeline_patch` (M, default = the number of stages), `warmup_steps` (default 1),
 //! `blocks_per_stage` (comma-separated counts, e.g. `"10,9,9"`; default even),
-//! `ulysses_degree` (ranks of each stage, default 1).
+//! `ulysses_degree` (Ulysses ranks of each stage, default 1), `ring_degree` (ring positions
+//! of each stage, default 1); stages = `N / (ulysses_degree · ring_degree)`.
 //!
 //! ## Communication (per denoising step, per rank `s`)
 //! `B` the model batch (guidance included), `Bi` the image batch, `p` tokens, `hs` hidden:
@@ -67,9 +86,14 @@
 //! In a synchronous step the same volumes move as one message each. With `u > 1` a rank
 //! sends its rows' share of the activations (`B · n · hs`), and adds per own layer and patch
 //! (token count `T`, its rows `n`) the Ulysses all-to-alls `3·B·H·n·d·(u−1)/u + B·(H/u)·d·(T−n)`,
-//! and on the last stage the all-gather of its rows of the prediction (`B·C_out·rows·W·(u−1)`).
-//! Memory: the K/V buffers hold `L_s · 2 · B · p · hs / u` elements on a rank of stage `s`
-//! (own layers only); parameters ≈ block parameters / (N/u) + the replicated embeddings.
+//! and on the last stage the all-gather of its rows of the prediction
+//! (`B·C_out·rows·W·(u·r−1)`). With `r > 1`, per own layer and pass, ring position `i` sends
+//! `2·B·(H/u)·d·Σ_(j≠i+1) m_j`, `m_j` being position `j`'s tokens of the pass in a
+//! synchronous step and of its buffers (`p_j`) in a patch pass: a patch pass circulates the
+//! whole sharded buffer, `M` times a step — the price of holding `1/r` of it.
+//! Memory: the K/V buffers hold `L_s · 2 · B · p · hs / (u·r)` elements on a rank of stage
+//! `s` (own layers only); parameters ≈ block parameters / (N/(u·r)) + the replicated
+//! embeddings.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -78,6 +102,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::split::balanced;
+use strategy_ring::RingAttention;
 use parallel_core::{
     AttentionSite, Axis, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
     LoadPlan, Mesh, ModelDesc, ModelFamily, OpKind, OptionInfo, OptionValue, ParallelError,
@@ -112,8 +137,11 @@ pub struct PipeFusionConfig {
     pub warmup_steps: usize,
     /// Blocks of each stage (`None`: as even as possible, earlier stages longer).
     pub blocks_per_stage: Option<Vec<usize>>,
-    /// Ranks of each stage, a Ulysses group splitting every patch again (1: one rank).
+    /// Ulysses ranks of each stage, splitting every patch again (1: none).
     pub ulysses_degree: usize,
+    /// Ring positions of each stage (each a Ulysses group), splitting every patch again
+    /// (1: none). A stage has `ulysses_degree × ring_degree` ranks.
+    pub ring_degree: usize,
 }
 
 impl Default for PipeFusionConfig {
@@ -123,6 +151,7 @@ impl Default for PipeFusionConfig {
             warmup_steps: DEFAULT_WARMUP_STEPS,
             blocks_per_stage: None,
             ulysses_degree: 1,
+            ring_degree: 1,
         }
     }
 }
@@ -152,6 +181,12 @@ impl PipeFusionConfig {
         self
     }
 
+    /// This config with stages of `r` ring positions.
+    pub fn with_ring_degree(mut self, r: usize) -> Self {
+        self.ring_degree = r;
+        self
+    }
+
     /// The config of registry options (the one parser of PipeFusion's option values).
     pub fn from_options(opts: &StrategyOptions) -> Result<Self> {
         let blocks = match opts.string("blocks_per_stage", "")?.as_str() {
@@ -170,6 +205,7 @@ impl PipeFusionConfig {
             warmup_steps: opts.usize("warmup_steps", DEFAULT_WARMUP_STEPS)?,
             blocks_per_stage: blocks,
             ulysses_degree: opts.usize("ulysses_degree", 1)?,
+            ring_degree: opts.usize("ring_degree", 1)?,
         })
     }
 }
@@ -192,22 +228,32 @@ impl StrategyConfig for PipeFusionConfig {
         if self.ulysses_degree != 1 {
             o.set("ulysses_degree", OptionValue::Int(self.ulysses_degree as i64));
         }
+        if self.ring_degree != 1 {
+            o.set("ring_degree", OptionValue::Int(self.ring_degree as i64));
+        }
         o
     }
 }
 
-/// PipeFusion over its group: `N/u` stages of `u` Ulysses ranks each.
+/// PipeFusion over its group: `N/(u·r)` stages of `r` ring positions × `u` Ulysses ranks.
 pub struct PipeFusion<B: Backend> {
     world: Comm<B>,
-    /// The stages at this rank's Ulysses coordinate, in order: rank `s` is stage `s`.
+    /// The stages at this rank's (ring, Ulysses) coordinate, in order: rank `s` is stage `s`.
     pipe: Comm<B>,
-    /// This rank's stage: its `u` Ulysses ranks.
+    /// This rank's stage: its `u·r` ranks (rank `i·u + j` at ring position `i`, Ulysses `j`).
     stage: Comm<B>,
+    /// This rank's Ulysses group within the stage.
+    ulysses: Comm<B>,
+    /// The ring over this stage's Ulysses groups (one rank: no ring).
+    ring: RingAttention<B>,
+    /// Stage passes this request (sync or patch): each one's ring messages are tagged by it.
+    passes: u32,
     links: Links<B>,
     patches: Option<usize>,
     warmup_steps: usize,
     blocks_per_stage: Option<Vec<usize>>,
-    /// Per own layer (indexed from the stage's first block): `[2, B, H/u, p, d]`.
+    /// Per own layer (indexed from the stage's first block): `[2, B, H/u, p_i, d]`, the K/V
+    /// of this rank's ring position's rows of every patch (with `r = 1`: every token, `p`).
     buffers: Vec<Option<Tensor<B, 5>>>,
     /// Sends started and not yet waited on (waited as they complete, all by the end).
     sending: VecDeque<PendingSend>,
@@ -261,21 +307,39 @@ impl<B: Backend> PipeFusion<B> {
             warmup_steps,
             blocks_per_stage,
             ulysses_degree: u,
+            ring_degree: r,
         } = config.clone();
-        if u == 0 || !world.size().is_multiple_of(u) {
+        let size = world.size();
+        for (key, degree) in [("ulysses_degree", u), ("ring_degree", r)] {
+            if degree == 0 || !size.is_multiple_of(degree) {
+                return Err(bad(
+                    key,
+                    format!(
+                        "{degree} does not divide the {size} ranks (stages × ulysses_degree × \
+                         ring_degree = ranks)"
+                    ),
+                ));
+            }
+        }
+        if !size.is_multiple_of(u * r) {
             return Err(bad(
-                "ulysses_degree",
+                "ring_degree",
                 format!(
-                    "{u} does not divide the {} ranks (stages × ulysses_degree = ranks)",
-                    world.size()
+                    "ulysses_degree {u} × ring_degree {r} = {} does not divide the {size} ranks \
+                     (stages × ulysses_degree × ring_degree = ranks)",
+                    u * r
                 ),
             ));
         }
-        let mesh =
-            Mesh::new(world.size(), &[(Axis::PipeFusion, world.size() / u), (Axis::Ulysses, u)])
-                .map_err(|e| bad("ulysses_degree", e.to_string()))?;
+        let mesh = Mesh::new(
+            size,
+            &[(Axis::PipeFusion, size / (u * r)), (Axis::Ring, r), (Axis::Ulysses, u)],
+        )
+        .map_err(|e| bad("ulysses_degree", e.to_string()))?;
         let pipe = world.split(&mesh, &[Axis::PipeFusion])?;
-        let stage = world.split(&mesh, &[Axis::Ulysses])?;
+        let stage = world.split(&mesh, &[Axis::Ring, Axis::Ulysses])?;
+        let ulysses = world.split(&mesh, &[Axis::Ulysses])?;
+        let ring = RingAttention::new(world.split(&mesh, &[Axis::Ring])?);
         let n = pipe.size();
         if warmup_steps == 0 {
             return Err(bad(
@@ -299,6 +363,9 @@ impl<B: Backend> PipeFusion<B> {
             world,
             pipe,
             stage,
+            ulysses,
+            ring,
+            passes: 0,
             links,
             sending: VecDeque::new(),
             patches,
@@ -314,9 +381,14 @@ impl<B: Backend> PipeFusion<B> {
         self.patches.unwrap_or(self.pipe.size())
     }
 
-    /// Ranks of each stage (the Ulysses degree).
+    /// Ulysses ranks of each stage's ring positions (the Ulysses degree).
     pub fn ulysses_degree(&self) -> usize {
-        self.stage.size()
+        self.ulysses.size()
+    }
+
+    /// Ring positions of each stage (the ring degree).
+    pub fn ring_degree(&self) -> usize {
+        self.ring.comm().size()
     }
 
     /// The blocks of every stage.
@@ -375,17 +447,18 @@ impl<B: Backend> PipeFusion<B> {
                 ),
             ));
         }
-        let u = self.ulysses_degree();
+        let (u, r) = (self.ulysses_degree(), self.ring_degree());
         let patches = balanced(rows, m);
-        if let Some(short) = patches.iter().find(|p| p.len() < u) {
+        if let Some(short) = patches.iter().find(|p| p.len() < u * r) {
             return Err(bad(
                 "num_pipeline_patch",
                 format!(
                     "{m} patches of the latent's {rows} token rows leave a patch of {} rows, \
-                     fewer than the ulysses_degree {u} ranks that split every patch; use at \
-                     most {} patches",
+                     fewer than the {} ranks of a stage (ulysses_degree {u} × ring_degree {r}) \
+                     that split every patch; use at most {} patches",
                     short.len(),
-                    rows / u
+                    u * r,
+                    rows / (u * r)
                 ),
             ));
         }
@@ -401,13 +474,26 @@ impl<B: Backend> PipeFusion<B> {
         (self.pipe.size() - 1) * self.stage.size()
     }
 
-    /// This rank's share of token rows `rows` (a patch, or the whole latent), and every
-    /// stage member's token count of them, in stage order.
-    fn my_rows(&self, rows: &Range<usize>, cols: usize) -> (Range<usize>, Vec<usize>) {
+    /// How token rows `rows` (a patch, or the whole latent) are split over this stage.
+    fn split(&self, rows: &Range<usize>, cols: usize) -> PassSplit {
+        let u = self.ulysses_degree();
         let parts = balanced(rows.len(), self.stage.size());
-        let counts = parts.iter().map(|r| r.len() * cols).collect();
-        let mine = &parts[self.stage.rank()];
-        (rows.start + mine.start..rows.start + mine.end, counts)
+        let i = self.ring.comm().rank();
+        let at = |p: &Range<usize>| rows.start + p.start..rows.start + p.end;
+        let group = &parts[i * u..(i + 1) * u];
+        PassSplit {
+            mine: at(&parts[self.stage.rank()]),
+            ulysses_tokens: group.iter().map(|p| p.len() * cols).collect(),
+            ring_rows: (0..self.ring_degree())
+                .map(|o| at(&(parts[o * u].start..parts[(o + 1) * u - 1].end)))
+                .collect(),
+        }
+    }
+
+    /// Token ranges of what ring position `i`'s K/V buffers hold, in buffer order: its rows
+    /// of every patch.
+    fn buffer_pieces(patches: &[PassSplit], i: usize, cols: usize) -> Vec<Range<usize>> {
+        patches.iter().map(|p| p.ring_rows[i].start * cols..p.ring_rows[i].end * cols).collect()
     }
 
     /// Runs this stage's blocks on this rank's token rows `mine` of patch `patch` (token
@@ -416,8 +502,8 @@ impl<B: Backend> PipeFusion<B> {
         &mut self,
         model: &dyn StagedDenoiser<B>,
         hidden: Tensor<B, 3>,
-        patch: Range<usize>,
-        (mine, counts): (Range<usize>, Vec<usize>),
+        split: &PassSplit,
+        pass: Pass,
         cond: &parallel_core::Conditioning,
     ) -> Result<Tensor<B, 3>> {
         let blocks = model.held_blocks();
@@ -425,16 +511,19 @@ impl<B: Backend> PipeFusion<B> {
         if self.buffers.len() < blocks.len() {
             self.buffers.resize_with(blocks.len(), || None);
         }
+        self.ring.begin_forward(self.passes);
+        self.passes += 1;
         let mut seams = PfSeams {
             buffers: &mut self.buffers,
             first,
-            stage: (self.stage.size() > 1).then_some(&self.stage),
-            counts,
-            patch_tokens: cond.grid.token_range(&patch),
+            ulysses: (self.ulysses.size() > 1).then_some(&self.ulysses),
+            ulysses_tokens: split.ulysses_tokens.clone(),
+            ring: (self.ring.comm().size() > 1).then_some(&mut self.ring),
+            pass,
         };
         let mut h = hidden;
         for i in blocks {
-            h = model.block(i, h, mine.clone(), cond, &mut seams)?;
+            h = model.block(i, h, split.mine.clone(), cond, &mut seams)?;
         }
         Ok(h)
     }
@@ -467,20 +556,27 @@ impl<B: Backend> PipeFusion<B> {
     ) -> Result<Option<Tensor<B, 4>>> {
         let (s, n) = (self.pipe.rank(), self.pipe.size());
         let cond = model.condition(input)?;
-        let rows = 0..cond.grid.rows;
-        let (mine, counts) = self.my_rows(&rows, cond.grid.cols);
+        let cols = cond.grid.cols;
+        let split = self.split(&(0..cond.grid.rows), cols);
+        let request = self.request.get(NAME)?.clone();
+        let patches: Vec<PassSplit> =
+            self.patch_rows(model.desc(), &request)?.iter().map(|p| self.split(p, cols)).collect();
+        let pass = Pass::Sync {
+            origins: split.ring_rows.iter().map(|r| r.start * cols..r.end * cols).collect(),
+            pieces: Self::buffer_pieces(&patches, self.ring.comm().rank(), cols),
+        };
         let tag = Tag::new(ACT_SYNC).step(step as u32);
         let hidden = if s == 0 {
-            model.embed(input, mine.clone(), &cond)?
+            model.embed(input, split.mine.clone(), &cond)?
         } else {
             self.prev()?.recv(0, tag.layer(s as u32))?
         };
-        let hidden = self.run_stage(model, hidden, rows, (mine.clone(), counts), &cond)?;
+        let hidden = self.run_stage(model, hidden, &split, pass, &cond)?;
         if s + 1 < n {
             self.next()?.send(hidden, 1, tag.layer(s as u32 + 1))?;
             Ok(None)
         } else {
-            Ok(Some(self.gather_noise(model.head(hidden, mine, &cond)?)?))
+            Ok(Some(self.gather_noise(model.head(hidden, split.mine, &cond)?)?))
         }
     }
 
@@ -520,15 +616,44 @@ fn bad(key: &str, reason: String) -> ParallelError {
     ParallelError::BadOption { strategy: NAME.into(), key: key.into(), reason }
 }
 
+/// How one pass's token rows (a patch, or the whole latent) are split over a stage.
+struct PassSplit {
+    /// This rank's token rows.
+    mine: Range<usize>,
+    /// Tokens of each member of this rank's Ulysses group, in group order.
+    ulysses_tokens: Vec<usize>,
+    /// Token rows of each ring position (its Ulysses group's rows together), in ring order.
+    ring_rows: Vec<Range<usize>>,
+}
+
+/// What a stage pass does with the K/V buffers.
+enum Pass {
+    /// The whole latent, fresh: attention over every token's fresh K/V, and the buffers
+    /// rebuilt from them.
+    Sync {
+        /// Tokens of each ring position's K/V block in this pass, in ring order.
+        origins: Vec<Range<usize>>,
+        /// Tokens this rank's buffers hold, in buffer order.
+        pieces: Vec<Range<usize>>,
+    },
+    /// One patch: its fresh K/V replace their slot of the buffers, starting at `offset`;
+    /// attention reads the whole buffer (of every ring position).
+    Patch {
+        /// The patch's first token in this rank's buffers.
+        offset: usize,
+    },
+}
+
 struct PfSeams<'a, B: Backend> {
     buffers: &'a mut Vec<Option<Tensor<B, 5>>>,
     first: usize,
-    /// The stage's Ulysses group (`None` with one rank per stage).
-    stage: Option<&'a Comm<B>>,
-    /// Tokens of every stage member's share of the patch, in stage order.
-    counts: Vec<usize>,
-    /// The patch's tokens (this rank's are a part of them).
-    patch_tokens: Range<usize>,
+    /// The Ulysses group (`None` with one Ulysses rank).
+    ulysses: Option<&'a Comm<B>>,
+    /// Tokens of every Ulysses group member's share of the pass, in group order.
+    ulysses_tokens: Vec<usize>,
+    /// The ring over the stage's Ulysses groups (`None` with one ring position).
+    ring: Option<&'a mut RingAttention<B>>,
+    pass: Pass,
 }
 
 impl<B: Backend> Seams<B> for PfSeams<'_, B> {
@@ -539,42 +664,83 @@ impl<B: Backend> Seams<B> for PfSeams<'_, B> {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>> {
-        let (q, k, v) = match self.stage {
+        let PfSeams { buffers, first, ulysses, ulysses_tokens, ring, pass } = self;
+        let (q, k, v) = match ulysses {
             // [B, 3, H, n, d]: one all-to-all for q, k and v (scatter heads, gather the
-            // patch's tokens in stage order).
-            Some(stage) => {
+            // Ulysses group's tokens in group order).
+            Some(group) => {
                 let qkv = Tensor::stack::<5>(vec![q, k, v], 1);
-                let qkv = stage.all_to_all(qkv, 2, 3)?;
+                let qkv = group.all_to_all(qkv, 2, 3)?;
                 let part = |i| qkv.clone().narrow(1, i, 1).squeeze_dim::<4>(1);
                 (part(0), part(1), part(2))
             }
             None => (q, k, v),
         };
-        let tokens = self.patch_tokens.clone();
-        let slot = &mut self.buffers[site.layer - self.first];
-        let fresh: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
-        let kv = if tokens.start == 0 && tokens.end == site.total_tokens {
-            fresh
-        } else {
-            let Some(buffer) = slot.take() else {
-                return Err(ParallelError::State {
-                    strategy: NAME.into(),
-                    reason: format!(
-                        "layer {} has no K/V buffer yet: a patch step ran before a warmup step",
-                        site.layer
-                    ),
-                });
-            };
-            let d = buffer.dims();
-            buffer.slice_assign([0..d[0], 0..d[1], 0..d[2], tokens, 0..d[4]], fresh)
+        let layer = site.layer;
+        let slot = &mut buffers[layer - *first];
+        let out = match pass {
+            Pass::Sync { origins, pieces } => match ring {
+                // Attention round the ring; from every block that passes, keep the tokens
+                // this rank's buffers hold.
+                Some(ring) => {
+                    let mut kept: Vec<(usize, Tensor<B, 5>)> = Vec::new();
+                    let mut keep = |origin: usize, kv: &Tensor<B, 5>| -> Result<()> {
+                        let block = &origins[origin];
+                        let mut offset = 0;
+                        for piece in pieces.iter() {
+                            let (a, b) = (piece.start.max(block.start), piece.end.min(block.end));
+                            if a < b {
+                                let part = kv.clone().narrow(3, a - block.start, b - a);
+                                kept.push((offset + a - piece.start, part));
+                            }
+                            offset += piece.len();
+                        }
+                        Ok(())
+                    };
+                    let out = ring.attend_visiting(layer, q, k, v, &mut keep)?;
+                    kept.sort_by_key(|(offset, _)| *offset);
+                    *slot = Some(Tensor::cat(kept.into_iter().map(|(_, t)| t).collect(), 3));
+                    out
+                }
+                // One ring position: the buffers hold every token in order, all fresh.
+                None => {
+                    *slot = Some(Tensor::stack(vec![k.clone(), v.clone()], 0));
+                    sdpa(q, k, v, None)
+                }
+            },
+            Pass::Patch { offset } => {
+                let fresh: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
+                let n = fresh.dims()[3];
+                let kv = match slot.take() {
+                    Some(buffer) if !(*offset == 0 && n == buffer.dims()[3]) => {
+                        let d = buffer.dims();
+                        let at = *offset..*offset + n;
+                        buffer.slice_assign([0..d[0], 0..d[1], 0..d[2], at, 0..d[4]], fresh)
+                    }
+                    // The patch is everything this rank's buffers hold (one patch).
+                    Some(_) => fresh,
+                    None => {
+                        return Err(ParallelError::State {
+                            strategy: NAME.into(),
+                            reason: format!(
+                                "layer {layer} has no K/V buffer yet: a patch step ran before a \
+                                 warmup step"
+                            ),
+                        });
+                    }
+                };
+                *slot = Some(kv.clone());
+                let k_all = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
+                let v_all = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
+                match ring {
+                    Some(ring) => ring.attend(layer, q, k_all, v_all)?,
+                    None => sdpa(q, k_all, v_all, None),
+                }
+            }
         };
-        *slot = Some(kv.clone());
-        let k_full = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
-        let v_full = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
-        let out = sdpa(q, k_full, v_full, None);
-        match self.stage {
-            // Back to the token split: scatter the patch's tokens by share, gather heads.
-            Some(stage) => Ok(stage.all_to_all_sizes(out, 2, &self.counts, 1)?),
+        match ulysses {
+            // Back to the token split: scatter the group's tokens by share, gather heads.
+            Some(group) => Ok(group.all_to_all_sizes(out, 2, ulysses_tokens, 1)?),
             None => Ok(out),
         }
     }
@@ -604,8 +770,14 @@ pub fn info() -> StrategyInfo {
             OptionInfo {
                 key: "ulysses_degree",
                 default: "1",
-                doc: "ranks of each stage: a Ulysses group splitting every patch again by \
-                      token rows (PipeFusion × Ulysses; must divide the heads and the ranks)",
+                doc: "Ulysses ranks of each stage, splitting every patch again by token rows \
+                      (PipeFusion × Ulysses; must divide the heads and the ranks)",
+            },
+            OptionInfo {
+                key: "ring_degree",
+                default: "1",
+                doc: "ring positions of each stage, splitting every patch again by token rows \
+                      (PipeFusion × Ring; × ulysses_degree: PipeFusion × USP)",
             },
         ],
         suite: suite(),
@@ -613,7 +785,8 @@ pub fn info() -> StrategyInfo {
 }
 
 /// The conformance cases: one patch, which must equal serial exactly (every patch is the
-/// whole latent, so no K/V is ever stale); the default `M = N`; `M = 2N`; two warmup steps.
+/// whole latent, so no K/V is ever stale); the default `M = N`; `M = 2N`; two warmup steps;
+/// stages that are Ulysses groups, rings and both.
 fn suite() -> Vec<SuiteCase> {
     let case = |sizes: &[usize], patches: usize, warmup: usize| {
         SuiteCase::new(sizes, Reference::PipelinedPatches { patches, warmup_steps: warmup })
@@ -630,6 +803,12 @@ fn suite() -> Vec<SuiteCase> {
         // PipeFusion × Ulysses: 2 stages of 2 Ulysses ranks.
         m(SuiteCase::new(&[4], Reference::Serial), 1).with("ulysses_degree", u(2)),
         m(case(&[4], 2, 1), 2).with("ulysses_degree", u(2)),
+        // PipeFusion × Ring: 2 stages of a 2-rank ring; with 4 patches a ring position's
+        // buffer holds rows of every patch, which the whole-latent warmup splits otherwise.
+        m(SuiteCase::new(&[4], Reference::Serial), 1).with("ring_degree", u(2)),
+        m(case(&[4], 4, 1), 4).with("ring_degree", u(2)),
+        // PipeFusion × USP: 2 stages of 2 ring positions × 2 Ulysses ranks.
+        m(case(&[8], 2, 1), 2).with("ulysses_degree", u(2)).with("ring_degree", u(2)),
     ]
 }
 
@@ -740,6 +919,16 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
             });
         }
         let patches = self.patch_rows(model.desc(), &request)?;
+        let splits: Vec<PassSplit> = patches.iter().map(|r| self.split(r, cols)).collect();
+        // Where each patch's K/V go in this rank's buffers.
+        let offsets: Vec<usize> = Self::buffer_pieces(&splits, self.ring.comm().rank(), cols)
+            .iter()
+            .scan(0, |at, piece| {
+                let offset = *at;
+                *at += piece.len();
+                Some(offset)
+            })
+            .collect();
         let mut latents = latents;
         let steps = sampler.num_steps();
         for step in 0..steps {
@@ -761,7 +950,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
             let cond = staged.condition(&input)?;
             for (m, rows) in patches.iter().enumerate() {
                 let lat_rows = rows.start * p..rows.end * p;
-                let (mine, counts) = self.my_rows(rows, cols);
+                let split = &splits[m];
                 let act = Tag::new(ACT).step(step as u32).patch(m as u32);
                 let hidden = if s == 0 {
                     // The latent patch of the previous step arrives from the last stage
@@ -772,19 +961,19 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                         latents = assign_rows(latents, lat_rows.clone(), patch);
                     }
                     let input = sampler.model_input(step, &latents)?;
-                    staged.embed(&input, mine.clone(), &cond)?
+                    staged.embed(&input, split.mine.clone(), &cond)?
                 } else {
                     self.prev()?.recv(0, act.layer(s as u32))?
                 };
-                let hidden =
-                    self.run_stage(staged, hidden, rows.clone(), (mine.clone(), counts), &cond)?;
+                let pass = Pass::Patch { offset: offsets[m] };
+                let hidden = self.run_stage(staged, hidden, split, pass, &cond)?;
                 if s + 1 < n {
                     // Started, not waited: the next stage takes it when it gets to it.
                     let send = self.next()?.send_async(hidden, 1, act.layer(s as u32 + 1))?;
                     self.sent(send)?;
                     continue;
                 }
-                let noise = self.gather_noise(staged.head(hidden, mine, &cond)?)?;
+                let noise = self.gather_noise(staged.head(hidden, split.mine.clone(), &cond)?)?;
                 let current = latents.clone().narrow(2, lat_rows.start, lat_rows.len());
                 let next = sampler.step(step, lat_rows.clone(), noise, current)?;
                 latents = assign_rows(latents, lat_rows.clone(), next.clone());
@@ -819,7 +1008,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         step: StepKind,
     ) -> Result<ExpectedComm> {
         let (s, n) = (self.pipe.rank(), self.pipe.size());
-        let u = self.ulysses_degree();
+        let (u, r) = (self.ulysses_degree(), self.ring_degree());
         let tokens = model.tokens(request.grid);
         let g = request.grid;
         let b = request.batch;
@@ -834,11 +1023,12 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                      the last, after which it broadcasts it (·(N−1))"
                 }
             },
-            if u > 1 {
+            if u * r > 1 {
                 format!(
-                    "; × Ulysses u={u}: per own layer and patch 3·B·H·n·d·(u−1)/u + \
-                     B·(H/u)·d·(T−n) all-to-all, the last stage all-gathers its rows of the \
-                     prediction (·(u−1))"
+                    "; × Ulysses u={u} × Ring r={r}: per own layer and pass 3·B·H·n·d·(u−1)/u + \
+                     B·(H/u)·d·(T_g−n) all-to-all, ring L_s·2·B·(H/u)·d·Σ_(j≠i+1) m_j (m_j: ring \
+                     position j's tokens of the pass, or of its buffers in a patch pass), the \
+                     last stage all-gathers its rows of the prediction (·(u·r−1))"
                 )
             } else {
                 String::new()
@@ -855,22 +1045,41 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         };
         let layers = self.stages(model)?[s].len();
         let (h, d) = (model.num_heads, model.head_dim);
+        let cols = tokens.cols;
+        let stage = self.stage.size();
+        // In a patch pass every ring position sends its whole buffer round the ring.
+        let patches: Vec<PassSplit> =
+            self.patch_rows(model, request)?.iter().map(|p| self.split(p, cols)).collect();
+        let buffered: Vec<usize> = (0..r)
+            .map(|o| Self::buffer_pieces(&patches, o, cols).iter().map(|t| t.len()).sum())
+            .collect();
+        let sync = step.is_warmup(self.warmup_steps);
         for rows in &passes {
-            let (mine, counts) = self.my_rows(rows, tokens.cols);
-            let mine_tokens = mine.len() * tokens.cols;
+            let split = self.split(rows, cols);
+            let mine_tokens = split.mine.len() * cols;
             if u > 1 {
-                let patch_tokens: usize = counts.iter().sum();
+                let group_tokens: usize = split.ulysses_tokens.iter().sum();
                 let there = 3 * b * h * mine_tokens * d * (u - 1) / u;
-                let back = b * (h / u) * d * (patch_tokens - mine_tokens);
+                let back = b * (h / u) * d * (group_tokens - mine_tokens);
                 e.add(OpKind::AllToAll, (layers * (there + back)) as u64);
+            }
+            if r > 1 {
+                let blocks: Vec<usize> = if sync {
+                    split.ring_rows.iter().map(|t| t.len() * cols).collect()
+                } else {
+                    buffered.clone()
+                };
+                let i = self.ring.comm().rank();
+                let per_layer = RingAttention::<B>::sent_per_layer(&blocks, i, b * (h / u) * d);
+                e.add(OpKind::Send, per_layer * layers as u64);
             }
             if s + 1 < n {
                 e.add(OpKind::Send, (b * mine_tokens * model.hidden_size) as u64);
-            } else if u > 1 {
-                let rows = mine.len() * model.patch_size;
+            } else if stage > 1 {
+                let rows = split.mine.len() * model.patch_size;
                 e.add(
                     OpKind::AllGather,
-                    (b * model.out_channels * rows * g.width * (u - 1)) as u64,
+                    (b * model.out_channels * rows * g.width * (stage - 1)) as u64,
                 );
             }
         }
@@ -1004,7 +1213,27 @@ mod tests {
         // 8 token rows in 8 patches of 1 row cannot be split over 2 ranks each.
         let p = PipeFusion::new(rank(4, 0), &config.clone().with_num_pipeline_patch(8)).unwrap();
         let e = p.validate(&desc(6), &request).unwrap_err().to_string();
-        assert!(e.contains("fewer than the ulysses_degree 2") && e.contains("at most 4"), "{e}");
+        assert!(e.contains("fewer than the 2 ranks of a stage") && e.contains("at most 4"), "{e}");
+    }
+
+    #[test]
+    fn ring_positions_buffer_their_rows_of_every_patch() {
+        // 8 ranks: 2 stages × ring 2 × Ulysses 2; rank 6 = stage 1, ring position 1, Ulysses 0.
+        let config = PipeFusionConfig::default().with_ulysses_degree(2).with_ring_degree(2);
+        let p = PipeFusion::new(rank(8, 6), &config).unwrap();
+        assert_eq!((p.ulysses_degree(), p.ring_degree(), p.pipe.rank()), (2, 2, 1));
+        assert_eq!((p.stage.rank(), p.ring.comm().rank(), p.ulysses.rank()), (2, 1, 0));
+        // A patch of 8 token rows (3 columns) over the stage's 4 ranks: 2 rows each.
+        let split = p.split(&(8..16), 3);
+        assert_eq!(split.mine, 12..14);
+        assert_eq!(split.ulysses_tokens, vec![6, 6]);
+        assert_eq!(split.ring_rows, vec![8..12, 12..16]);
+        // Two patches of 8 rows: position 1 buffers rows 4..8 and 12..16 (as tokens).
+        let patches = [p.split(&(0..8), 3), split];
+        assert_eq!(PipeFusion::<Flex>::buffer_pieces(&patches, 1, 3), vec![12..24, 36..48]);
+        assert_eq!(PipeFusion::<Flex>::buffer_pieces(&patches, 0, 3), vec![0..12, 24..36]);
+        let e = PipeFusion::new(rank(6, 0), &config).err().unwrap().to_string();
+        assert!(e.contains("ring_degree") && e.contains("= 4 does not divide the 6 ranks"), "{e}");
     }
 
     #[test]

@@ -166,6 +166,22 @@ impl<B: Backend> RingAttention<B> {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>> {
+        self.attend_visiting(layer, q, k, v, &mut |_, _| Ok(()))
+    }
+
+    /// [`attend`](Self::attend), showing `visit` every K/V block as it is used:
+    /// `visit(origin, kv)` with the ring rank the block comes from and `kv` its keys and
+    /// values stacked, `[2, batch, heads, n_origin, head_dim]` — every rank's block once,
+    /// this rank's own first. PipeFusion × Ring keeps the parts of other ranks' blocks its
+    /// stale K/V buffer needs this way, with no transfer of its own.
+    pub fn attend_visiting(
+        &mut self,
+        layer: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        visit: &mut dyn FnMut(usize, &Tensor<B, 5>) -> Result<()>,
+    ) -> Result<Tensor<B, 4>> {
         let n = self.ring.size();
         let r = self.ring.rank();
         let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
@@ -189,6 +205,7 @@ impl<B: Backend> RingAttention<B> {
             } else {
                 None
             };
+            visit(origin, &kv)?;
             let k_blk = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
             let v_blk = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
             let (out, lse) = sdpa_with_lse(q.clone(), k_blk, v_blk);
