@@ -47,6 +47,9 @@ pub enum HarnessError {
     /// A tensor file (`--latents`, `forward --inputs`, `--save-latents`).
     #[error(transparent)]
     Weights(#[from] weights::WeightError),
+    /// `harness eval`: the Inception weights, a statistics file, an image or image folder.
+    #[error(transparent)]
+    Quality(#[from] quality::QualityError),
 }
 
 impl HarnessError {

@@ -59,6 +59,7 @@ pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod forward;
 pub mod generate;
 pub mod inputs;

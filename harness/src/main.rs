@@ -29,6 +29,9 @@ enum Command {
     List,
     /// Every strategy side by side: latency, speed-up, memory, communication, quality.
     Bench(Box<harness::bench::BenchArgs>),
+    /// Image quality: FID (as pytorch-fid), PSNR and SSIM (as scikit-image).
+    #[command(subcommand)]
+    Eval(harness::eval::EvalCommand),
 }
 
 /// The parallel split, shared by `run` and `forward`.
@@ -289,6 +292,7 @@ fn run(cli: Cli) -> harness::Result<()> {
         Command::Bench(args) => {
             harness::bench::run_cli(&args)?;
         }
+        Command::Eval(cmd) => harness::eval::run_cli(&cmd)?,
     }
     Ok(())
 }

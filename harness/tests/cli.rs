@@ -806,3 +806,51 @@ fn list_shows_models_strategies_with_options_and_schedulers() {
         assert!(stdout.contains(want), "{want} missing:\n{stdout}");
     }
 }
+
+#[test]
+fn eval_fid_of_pytorch_fid_statistics_and_its_refusals() {
+    let q = repo("fixtures/quality");
+    let a = q.join("stats-compressed.npz");
+    let b = q.join("stats-plain.npz");
+    // pytorch-fid's distance between these statistics: fixtures/quality/frechet.json, "a-b".
+    let out = succeeds(&["eval", "fid", s(&a), s(&b)]);
+    let fid: f64 = out.trim().strip_prefix("FID: ").unwrap().parse().unwrap();
+    assert!((fid - 11.580036029887623).abs() < 1e-5, "{out}");
+    let err = fails(&["eval", "fid", s(&a)]);
+    assert!(err.contains("--save-stats"), "{err}");
+    let err = fails(&["eval", "fid", s(&q.join("images")), s(&b)]);
+    assert!(err.contains("--inception") && err.contains("convert_inception.py"), "{err}");
+    let dir = tmp("eval-fid");
+    let pth = dir.join("pt_inception-2015-12-05-6726825d.pth");
+    std::fs::write(&pth, b"not really").unwrap();
+    let err = fails(&["eval", "fid", s(&q.join("images")), s(&b), "--inception", s(&pth)]);
+    assert!(err.contains("convert it once") && err.contains("convert_inception.py"), "{err}");
+    let err = fails(&["eval", "fid", s(&q.join("images/a-64x64.png")), s(&b)]);
+    assert!(err.contains("neither an image folder nor a .npz"), "{err}");
+}
+
+#[test]
+fn eval_compare_pairs_images_by_name() {
+    let q = repo("fixtures/quality/images");
+    let (reference, generated) = (tmp("eval-compare-ref"), tmp("eval-compare-gen"));
+    for name in ["x.png", "y.png"] {
+        std::fs::copy(q.join("b-96x128.png"), reference.join(name)).unwrap();
+    }
+    std::fs::copy(q.join("pair-noise.png"), generated.join("x.png")).unwrap();
+    std::fs::copy(q.join("pair-same.png"), generated.join("y.png")).unwrap();
+    let json = generated.join("scores.json");
+    let out = succeeds(&["eval", "compare", s(&reference), s(&generated), "--json", s(&json)]);
+    // scikit-image's numbers for the noisy pair: fixtures/quality/ssim.json.
+    assert!(out.contains("26.80") && out.contains("0.7685"), "{out}");
+    assert!(out.contains("inf") && out.contains("1.0000"), "{out}");
+    let scores: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!((scores["worst_ssim"].as_f64().unwrap() - 0.7684559525649655).abs() < 1e-9);
+    std::fs::copy(q.join("a-64x64.png"), generated.join("z.png")).unwrap();
+    let err = fails(&["eval", "compare", s(&reference), s(&generated)]);
+    assert!(err.contains("has no image named z.png"), "{err}");
+    std::fs::copy(q.join("a-64x64.png"), reference.join("z.png")).unwrap();
+    std::fs::copy(q.join("d-40x48.png"), generated.join("z.png")).unwrap();
+    let err = fails(&["eval", "compare", s(&reference), s(&generated)]);
+    assert!(err.contains("is 64×64 but this image 40×48"), "{err}");
+}

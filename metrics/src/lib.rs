@@ -21,6 +21,8 @@
 //! assert_eq!(metrics::compare(&[1.0f64], &[1.0f64]).psnr, f64::INFINITY);
 //! ```
 
+pub mod image;
+
 /// The errors of an array against a reference; see the [crate docs](crate).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Comparison {

@@ -102,13 +102,13 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use parallel_core::attention::sdpa;
 use parallel_core::split::balanced;
-use strategy_ring::RingAttention;
 use parallel_core::{
     AttentionSite, Axis, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
     LoadPlan, Mesh, ModelDesc, ModelFamily, OpKind, OptionInfo, OptionValue, ParallelError,
     ParallelStrategy, PendingSend, Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser,
     StepKind, StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag,
 };
+use strategy_ring::RingAttention;
 
 /// The registered name.
 pub const NAME: &str = "pipefusion";
