@@ -5,6 +5,11 @@
 //!   `--save-stats` the statistics of folder `A` are written in pytorch-fid's format.
 //! - `eval compare REFERENCE GENERATED`: per image pair, matched by file name, PSNR and SSIM
 //!   (as scikit-image computes them, `metrics::image`); the mean and the worst pair.
+//! - `eval strategies CONFIG --prompts FILE --strategies a,b,…`: the quality experiment in one
+//!   command — the same prompts and seeds generated with serial and with each strategy
+//!   (`OUT/serial/00000.png`, `OUT/<strategy>/…`, batch generation), then PSNR/SSIM against
+//!   serial and, with `--inception`, FID against serial and against `--reference` (a folder
+//!   of real images or its `.npz`); one row per strategy, also written to `OUT/eval.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +27,64 @@ pub enum EvalCommand {
     Fid(FidArgs),
     /// PSNR and SSIM of every generated image against the reference of the same file name.
     Compare(CompareArgs),
+    /// The same prompts with serial and each strategy: PSNR/SSIM against serial, FID.
+    Strategies(Box<StrategiesArgs>),
+}
+
+/// `harness eval strategies`.
+#[derive(Debug, Args)]
+pub struct StrategiesArgs {
+    /// A TOML run config: model, steps, guidance, scheduler, base seed (`configs/demo.toml`).
+    pub config: PathBuf,
+    /// Prompts, one per line or JSONL with `prompt`, `negative_prompt`, `seed` (as `harness
+    /// run --prompts`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Images per prompt (seeds base + index).
+    #[arg(long, default_value_t = 1)]
+    pub images_per_prompt: usize,
+    /// The strategies to compare with serial, comma-separated; each `name` or
+    /// `name:key=value:key=value` (e.g. `distrifusion:warmup_steps=1`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub strategies: Vec<String>,
+    /// Ranks of every strategy but serial.
+    #[arg(long, default_value_t = 2)]
+    pub world_size: usize,
+    /// Threads of each rank's pool (default: cores / world size).
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+    /// Where every strategy's images go (`OUT/serial`, `OUT/<label>`) and `eval.json`.
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// pytorch-fid's FID Inception weights (safetensors): adds FID columns.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub inception: Option<PathBuf>,
+    /// Real images (a folder, or its pytorch-fid `.npz`) for FID against a reference.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Images per Inception batch.
+    #[arg(long, default_value_t = 50)]
+    pub batch_size: usize,
+    /// Also write the comparison page here (`DIR/index.html` and its images).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}
+
+/// One row of `eval strategies`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StrategyRow {
+    /// The strategy and its options, as given.
+    pub label: String,
+    /// Ranks.
+    pub world_size: usize,
+    /// Wall seconds per image (the whole batch over its images).
+    pub seconds_per_image: f64,
+    /// PSNR/SSIM against serial's images of the same prompt and seed.
+    pub vs_serial: Comparison,
+    /// FID against serial's images (with `--inception`).
+    pub fid_vs_serial: Option<f64>,
+    /// FID against `--reference` (with `--inception` and `--reference`).
+    pub fid_vs_reference: Option<f64>,
 }
 
 /// `harness eval fid`.
@@ -65,11 +128,20 @@ pub fn run_cli(cmd: &EvalCommand) -> Result<()> {
             let out = fid(a)?;
             print!("{out}");
         }
+        EvalCommand::Strategies(a) => {
+            let rows = strategies(a)?;
+            print!("{}", strategies_table(&rows));
+            if let Some(dir) = &a.report {
+                let title = format!("{} — strategies against serial", a.config.display());
+                let page = crate::report::write_eval_report(dir, &a.output_dir, &rows, &title)?;
+                println!("report: {}", page.display());
+            }
+        }
         EvalCommand::Compare(a) => {
             let c = compare(&a.reference, &a.generated)?;
             if let Some(path) = &a.json {
                 let text = serde_json::to_string_pretty(&c).expect("plain data serialises");
-                std::fs::write(path, text + "\n").map_err(|e| io(path, e))?;
+                std::fs::write(path, text + "\n").map_err(|e| HarnessError::io(path, e))?;
             }
             print!("{}", c.table());
         }
@@ -77,12 +149,8 @@ pub fn run_cli(cmd: &EvalCommand) -> Result<()> {
     Ok(())
 }
 
-fn io(path: &Path, e: std::io::Error) -> HarnessError {
-    HarnessError::Io { path: path.to_path_buf(), reason: e.to_string() }
-}
-
-fn config(location: impl std::fmt::Display, reason: String) -> HarnessError {
-    HarnessError::Config { location: location.to_string(), reason }
+fn config(location: impl std::fmt::Display, reason: impl Into<String>) -> HarnessError {
+    HarnessError::config(location.to_string(), reason)
 }
 
 /// The statistics of a folder (with the network) or of a `.npz`.
@@ -96,10 +164,7 @@ fn stats_of(
         return Ok(read_stats(path)?);
     }
     if !path.is_dir() {
-        return Err(config(
-            path.display(),
-            "neither an image folder nor a .npz of statistics".into(),
-        ));
+        return Err(config(path.display(), "neither an image folder nor a .npz of statistics"));
     }
     if net.is_none() {
         let Some(w) = inception else {
@@ -136,7 +201,7 @@ pub fn fid(a: &FidArgs) -> Result<String> {
     if a.b.is_none() && a.save_stats.is_none() {
         return Err(config(
             "eval fid",
-            "needs a second folder or .npz to compare with, or --save-stats FILE.npz".into(),
+            "needs a second folder or .npz to compare with, or --save-stats FILE.npz",
         ));
     }
     let mut net = None;
@@ -255,4 +320,131 @@ pub fn compare(reference: &Path, generated: &Path) -> Result<Comparison> {
         worst_ssim: pairs.iter().map(|p| p.ssim).fold(f64::INFINITY, f64::min),
         pairs,
     })
+}
+
+/// A file-name-safe label of a strategy spec (`distrifusion:warmup_steps=1` →
+/// `distrifusion-warmup_steps=1`).
+pub fn label_dir(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "_=.-".contains(c) { c } else { '-' })
+        .collect()
+}
+
+/// `eval strategies`: runs serial and every strategy on the same prompts and measures them.
+///
+/// # Errors
+/// A bad config, prompt file or strategy spec (named), a failed run, images that cannot be
+/// compared.
+pub fn strategies(a: &StrategiesArgs) -> Result<Vec<StrategyRow>> {
+    let base = crate::RunConfig::from_file(&a.config)?;
+    std::fs::create_dir_all(&a.output_dir).map_err(|e| HarnessError::io(&a.output_dir, e))?;
+    let mut specs = vec!["serial".to_string()];
+    specs.extend(a.strategies.iter().filter(|s| s.as_str() != "serial").cloned());
+    let mut net = None;
+    let inception = a.inception.as_deref();
+    let reference = match (&a.reference, inception) {
+        (Some(r), Some(_)) => Some(stats_of(r, &mut net, inception, a.batch_size)?),
+        (Some(_), None) => {
+            return Err(config("--reference", "FID against a reference needs --inception"));
+        }
+        _ => None,
+    };
+    // Every run's settings first, each checked before any image is drawn.
+    let mut runs = Vec::new();
+    for spec in &specs {
+        let mut parts = spec.split(':');
+        let name = parts.next().unwrap_or_default();
+        let mut cfg = base.clone();
+        cfg.prompts = Some(a.prompts.clone());
+        cfg.images_per_prompt = a.images_per_prompt;
+        let dir = a.output_dir.join(label_dir(spec));
+        cfg.output_dir = Some(dir.clone());
+        cfg.parallel.strategy = name.to_string();
+        cfg.parallel.world_size = if name == "serial" { 1 } else { a.world_size };
+        cfg.parallel.options.clear();
+        if a.threads_per_rank.is_some() {
+            cfg.parallel.threads_per_rank = a.threads_per_rank;
+        }
+        for opt in parts {
+            cfg.parallel
+                .set_option(opt)
+                .map_err(|e| config(format!("--strategies {spec}"), e.to_string()))?;
+        }
+        crate::RunPlan::new(&cfg)
+            .map_err(|e| config(format!("--strategies {spec}"), e.to_string()))?;
+        runs.push((spec, name, dir, cfg));
+    }
+    let mut rows = Vec::new();
+    let mut serial_stats = None;
+    for (spec, name, dir, cfg) in runs {
+        eprintln!(
+            "eval strategies: {spec} on {} ranks → {}",
+            cfg.parallel.world_size,
+            dir.display()
+        );
+        let report =
+            crate::run_with_options(&cfg, &crate::RunOptions { decode: true, progress: false })?;
+        let images = report.images.len().max(1);
+        let serial_dir = a.output_dir.join("serial");
+        let stats = if inception.is_some() {
+            Some(stats_of(&dir, &mut net, inception, a.batch_size)?)
+        } else {
+            None
+        };
+        if name == "serial" {
+            serial_stats = stats.clone();
+        }
+        let fid_vs = |other: &Option<Stats>| -> Result<Option<f64>> {
+            match (&stats, other) {
+                (Some(s), Some(o)) => Ok(Some(frechet_distance(s, o)?)),
+                _ => Ok(None),
+            }
+        };
+        rows.push(StrategyRow {
+            label: spec.to_string(),
+            world_size: report.world_size,
+            seconds_per_image: report.total_time.as_secs_f64() / images as f64,
+            vs_serial: compare(&serial_dir, &dir)?,
+            fid_vs_serial: fid_vs(&serial_stats)?,
+            fid_vs_reference: fid_vs(&reference)?,
+        });
+    }
+    let json = a.output_dir.join("eval.json");
+    let text = serde_json::to_string_pretty(&rows).expect("plain data serialises");
+    std::fs::write(&json, text + "\n").map_err(|e| HarnessError::io(&json, e))?;
+    Ok(rows)
+}
+
+/// The table `eval strategies` prints.
+pub fn strategies_table(rows: &[StrategyRow]) -> String {
+    let opt = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.3}"));
+    let mut s = format!(
+        "{:<34} {:>5} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10}\n",
+        "strategy",
+        "ranks",
+        "s/image",
+        "PSNR mean",
+        "PSNR worst",
+        "SSIM",
+        "SSIM min",
+        "FID serial",
+        "FID ref"
+    );
+    for r in rows {
+        let c = &r.vs_serial;
+        s += &format!(
+            "{:<34} {:>5} {:>9.2} {:>10} {:>10} {:>8.4} {:>8.4} {:>10} {:>10}\n",
+            r.label,
+            r.world_size,
+            r.seconds_per_image,
+            c.mean_psnr.map_or("inf".into(), fmt_db),
+            fmt_db(c.worst_psnr),
+            c.mean_ssim,
+            c.worst_ssim,
+            opt(r.fid_vs_serial),
+            opt(r.fid_vs_reference)
+        );
+    }
+    s
 }

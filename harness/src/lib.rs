@@ -68,6 +68,7 @@ pub mod list;
 pub mod model;
 pub mod noise;
 pub mod pipeline;
+pub mod report;
 pub mod run;
 pub mod sampler;
 pub mod shared;

@@ -12,6 +12,9 @@
 //! - [`frechet_distance`]: `‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)` in `f64` by symmetric
 //!   eigen-decompositions (nalgebra).
 //!
+//! [`shapes`] is the demo pipeline's own measure: does an image show the coloured shape its
+//! caption names.
+//!
 //! Checked against pytorch-fid itself (`tests/reference.rs`, fixtures by
 //! `tools/fixtures/quality.py`): features on the same weights, distances on stored feature
 //! sets, `.npz` files numpy wrote.
@@ -30,6 +33,7 @@ pub mod frechet;
 pub mod images;
 pub mod inception;
 pub mod npz;
+pub mod shapes;
 
 pub use frechet::{Stats, frechet_distance};
 pub use images::{image_files, load_rgb8, stats_of_files};
