@@ -163,6 +163,19 @@ pub fn run_cli(args: &BenchArgs) -> Result<BenchReport> {
     Ok(report)
 }
 
+/// `harness bench`, and with `--report DIR` its page.
+///
+/// # Errors
+/// As [`run_cli`], and a page that cannot be written.
+pub fn run_cli_with_report(args: &BenchArgs) -> crate::Result<BenchReport> {
+    let report = run_cli(args)?;
+    if let Some(dir) = &args.report {
+        let page = crate::report::write_bench_report(dir, &report)?;
+        eprintln!("report: {}", page.display());
+    }
+    Ok(report)
+}
+
 /// Runs every configuration of `config` over `specs`; `progress` gets a line per
 /// configuration as it ends.
 pub fn run_bench(

@@ -290,7 +290,7 @@ fn run(cli: Cli) -> harness::Result<()> {
         }
         Command::List => print!("{}", harness::list::list_text()),
         Command::Bench(args) => {
-            harness::bench::run_cli(&args)?;
+            harness::bench::run_cli_with_report(&args)?;
         }
         Command::Eval(cmd) => harness::eval::run_cli(&cmd)?,
     }

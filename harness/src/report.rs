@@ -1,10 +1,15 @@
-//! The comparison report: one HTML page a person looks at (`eval strategies --report DIR`).
+//! The comparison reports: HTML pages a person looks at (`eval strategies --report DIR`,
+//! `bench --report DIR`).
 //!
 //! `DIR/index.html` is self-contained apart from the images beside it (`DIR/img/…`): the
 //! table (speed, PSNR/SSIM against serial, FID where measured), bar charts of seconds per
 //! image and speed-up (inline SVG), and for every prompt the serial image beside every
 //! strategy's, each with its difference heat-map `|image − serial|` (largest channel
 //! difference, amplified ×[`HEAT_GAIN`], colour scale drawn under the grid).
+//!
+//! The benchmark's page has the machine and model, the full table, the latency and speed-up
+//! chart per world size, and bar charts of memory per rank and of the bytes each
+//! configuration sent per step against its formula.
 //!
 //! A small inline script marks the page once every image has loaded (`<body
 //! data-images="loaded/total" data-errors="n">`), so a headless browser can check it.
@@ -127,12 +132,182 @@ fn heat_legend() -> String {
     )
 }
 
+/// A bar chart of two values per label (`a` dark, `b` light), e.g. measured against formula.
+fn pair_chart(
+    title: &str,
+    unit: &str,
+    labels: &[String],
+    a: &[f64],
+    b: &[f64],
+    names: [&str; 2],
+) -> String {
+    let (bar_h, gap, left, width) = (11.0, 10.0, 260.0, 300.0);
+    let max =
+        a.iter().chain(b).copied().filter(|v| v.is_finite()).fold(0.0f64, f64::max).max(1e-12);
+    let height = 52.0 + labels.len() as f64 * (2.0 * bar_h + gap);
+    let w = left + width + 110.0;
+    let mut s = format!(
+        "<svg class=\"chart\" role=\"img\" aria-label=\"{t}\" width=\"{w}\" height=\"{height}\" \
+         viewBox=\"0 0 {w} {height}\"><text x=\"0\" y=\"16\" class=\"ct\">{t}</text>\
+         <rect x=\"{left}\" y=\"24\" width=\"10\" height=\"10\" class=\"bar\"/><text x=\"{l1}\" \
+         y=\"33\" class=\"cl\">{n0}</text><rect x=\"{l2}\" y=\"24\" width=\"10\" height=\"10\" \
+         class=\"bar two\"/><text x=\"{l3}\" y=\"33\" class=\"cl\">{n1}</text>",
+        t = esc(title),
+        l1 = left + 14.0,
+        l2 = left + 200.0,
+        l3 = left + 214.0,
+        n0 = esc(names[0]),
+        n1 = esc(names[1]),
+    );
+    for (i, l) in labels.iter().enumerate() {
+        let y = 44.0 + i as f64 * (2.0 * bar_h + gap);
+        let _ = write!(
+            s,
+            "<text x=\"{lx}\" y=\"{ty}\" text-anchor=\"end\" class=\"cl\">{l}</text>",
+            lx = left - 8.0,
+            ty = y + 15.0,
+            l = esc(l)
+        );
+        for (k, (v, class)) in [(a[i], "bar"), (b[i], "bar two")].into_iter().enumerate() {
+            let yy = y + k as f64 * bar_h;
+            let len = if v.is_finite() { v / max * width } else { 0.0 };
+            let _ = write!(
+                s,
+                "<rect x=\"{left}\" y=\"{yy}\" width=\"{len:.1}\" height=\"{h}\" class=\"{class}\"/>\
+                 <text x=\"{vx:.1}\" y=\"{ty:.1}\" class=\"cv\">{}</text>",
+                human(v, unit),
+                h = bar_h - 1.0,
+                vx = left + len + 6.0,
+                ty = yy + 9.0,
+            );
+        }
+    }
+    s + "</svg>"
+}
+
+/// `1.5e7` bytes → `15.0 MB`.
+fn human(v: f64, unit: &str) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    let (d, p) = [(1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(d, _)| v.abs() >= *d)
+        .unwrap_or((1.0, ""));
+    format!("{:.1} {p}{unit}", v / d)
+}
+
+/// Writes `dir/index.html` (and `dir/chart.svg`, inlined) for a benchmark; returns the
+/// page's path.
+///
+/// # Errors
+/// The chart or the page cannot be written.
+pub fn write_bench_report(dir: &Path, report: &crate::bench::BenchReport) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(dir, e))?;
+    let chart = dir.join("chart.svg");
+    crate::bench::report::write_svg(report, &chart)?;
+    let svg = std::fs::read_to_string(&chart).map_err(|e| HarnessError::io(&chart, e))?;
+    let m = &report.model;
+    let title = format!("{} ({} layers): strategies side by side", m.name, m.layers);
+    let mut html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\
+         <style>{STYLE}</style></head><body data-images=\"0/0\" data-errors=\"0\"><h1>{t}</h1>\
+         <p class=\"sub\">{} ({} parameters{}), on {} ({} cores used; SIMD: {}); {} timed \
+         request(s) per configuration after {} untimed; guidance scale {}; seed {}.</p>",
+        esc(&m.class_name),
+        human(m.params as f64, ""),
+        if m.random_weights { ", random weights" } else { "" },
+        esc(&report.machine.cpu),
+        report.cores,
+        esc(&report.machine.simd_flags.join(" ")),
+        report.repetitions,
+        report.warmup_runs,
+        report.guidance_scale,
+        report.seed,
+        t = esc(&title),
+    );
+    html += "<h2>Results</h2><table><tr><th>configuration</th><th>ranks × threads</th><th>px</th>\
+             <th>latency / image (s)</th><th>ms / step</th><th>speed-up</th><th>steady speed-up</th>\
+             <th>peak RSS</th><th>params / rank</th><th>sent / step (rank 0)</th><th>measured ÷ \
+             formula</th><th>PSNR vs serial</th></tr>";
+    let ok: Vec<&crate::bench::ConfigResult> =
+        report.results.iter().filter(|r| r.error.is_none()).collect();
+    let opt = |x: Option<f64>, suffix: &str| x.map_or("–".into(), |v| format!("{v:.2}{suffix}"));
+    for r in &report.results {
+        if let Some(e) = &r.error {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td colspan=\"9\">did not run: {}</td></tr>",
+                esc(&r.label),
+                r.world_size,
+                r.resolution,
+                esc(e)
+            );
+            continue;
+        }
+        let ratio = r.comm_ratio.first().copied().flatten();
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{} × {}</td><td>{}</td><td>{:.3}</td><td>{:.1}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&r.label),
+            r.world_size,
+            r.threads_per_rank,
+            r.resolution,
+            r.latency_per_image_s,
+            r.latency_per_step_ms,
+            opt(r.speedup, "×"),
+            opt(r.steady_speedup, "×"),
+            human(r.peak_rss_bytes as f64, "B"),
+            human(r.param_bytes.iter().copied().max().unwrap_or(0) as f64, "B"),
+            human(r.comm_bytes_per_step.first().copied().unwrap_or(0.0), "B"),
+            opt(ratio, ""),
+            r.psnr_db.map_or("∞".into(), |p| format!("{p:.1} dB")),
+        );
+    }
+    html += "</table><h2>Latency and speed-up per world size</h2><div class=\"inline-svg\">";
+    // The chart file without its XML declaration.
+    html += svg.find("<svg").map_or("", |at| svg[at..].trim_end());
+    html += "</div><h2>Memory and communication</h2><div class=\"charts\">";
+    let labels: Vec<String> =
+        ok.iter().map(|r| format!("{} n={} {}px", r.label, r.world_size, r.resolution)).collect();
+    let max_of = |v: &[u64]| v.iter().copied().max().unwrap_or(0) as f64;
+    let params: Vec<f64> = ok.iter().map(|r| max_of(&r.param_bytes)).collect();
+    let buffers: Vec<f64> = ok.iter().map(|r| max_of(&r.buffer_bytes)).collect();
+    html += &pair_chart(
+        "memory per rank (largest rank)",
+        "B",
+        &labels,
+        &params,
+        &buffers,
+        ["parameters", "strategy buffers"],
+    );
+    let sent: Vec<f64> =
+        ok.iter().map(|r| r.comm_bytes_per_step.iter().copied().fold(0.0, f64::max)).collect();
+    let formula: Vec<f64> = ok
+        .iter()
+        .map(|r| r.comm_formula_bytes_per_step.iter().copied().fold(0.0, f64::max))
+        .collect();
+    html += &pair_chart(
+        "bytes sent per step (busiest rank)",
+        "B",
+        &labels,
+        &sent,
+        &formula,
+        ["measured by the transport", "formula (expected_comm)"],
+    );
+    html += "</div></body></html>\n";
+    let page = dir.join("index.html");
+    std::fs::write(&page, html).map_err(|e| HarnessError::io(&page, e))?;
+    Ok(page)
+}
+
 const STYLE: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}\
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}.sub{color:#666;margin:0 0 16px}\
 table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #e3e3e3;text-align:right}\
 th:first-child,td:first-child{text-align:left}th{background:#f5f5f5}tr.serial td{color:#555}\
 .charts{display:flex;flex-wrap:wrap;gap:24px}.ct{font-weight:600;font-size:13px}.cl,.cv{font-size:12px;fill:#333}\
-.bar{fill:#4a7bd0}.bar.serial{fill:#9aa5b1}.grid{display:grid;gap:10px;align-items:start}\
+.bar{fill:#4a7bd0}.bar.serial{fill:#9aa5b1}.bar.two{fill:#a9c2ee}.inline-svg svg{max-width:100%;height:auto}.grid{display:grid;gap:10px;align-items:start}\
 .cell{text-align:center;font-size:12px}.cell img{width:100%;image-rendering:pixelated;border:1px solid #ccc;display:block}\
 .cell .heat{margin-top:3px}.prompt{font-weight:600;margin:18px 0 6px}.head{font-weight:600;font-size:12px;text-align:center}";
 

@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Where to write the SVG chart.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Also write the report page here (`DIR/index.html`: table and charts).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
     /// A link model to run every parallel configuration under (repeatable; `none` for
     /// instant transfers): a preset (nvlink-a100, nvlink-h100, pcie4, pcie5, ib100, eth25) or
     /// bandwidth=…,latency=…, optionally ,dilation=F.
