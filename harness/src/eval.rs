@@ -116,6 +116,9 @@ pub struct CompareArgs {
     /// Also write every pair's numbers here as JSON.
     #[arg(long, value_name = "FILE.json")]
     pub json: Option<PathBuf>,
+    /// LPIPS (AlexNet) weights as safetensors (tools/fid/convert_lpips.py): adds LPIPS.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub lpips: Option<PathBuf>,
 }
 
 /// Runs `harness eval …`, printing its result.
@@ -138,7 +141,13 @@ pub fn run_cli(cmd: &EvalCommand) -> Result<()> {
             }
         }
         EvalCommand::Compare(a) => {
-            let c = compare(&a.reference, &a.generated)?;
+            let lpips = match &a.lpips {
+                Some(w) => {
+                    Some(quality::Lpips::<burn_flex::Flex>::from_file(w, &Default::default())?)
+                }
+                None => None,
+            };
+            let c = compare_with(&a.reference, &a.generated, lpips.as_ref())?;
             if let Some(path) = &a.json {
                 let text = serde_json::to_string_pretty(&c).expect("plain data serialises");
                 std::fs::write(path, text + "\n").map_err(|e| HarnessError::io(path, e))?;
@@ -229,6 +238,8 @@ pub struct PairScore {
     pub psnr: f64,
     /// Mean SSIM.
     pub ssim: f64,
+    /// LPIPS (AlexNet), when its weights were given.
+    pub lpips: Option<f64>,
 }
 
 /// Every pair of a comparison, with the mean and worst.
@@ -244,23 +255,36 @@ pub struct Comparison {
     pub mean_ssim: f64,
     /// Lowest SSIM.
     pub worst_ssim: f64,
+    /// Mean LPIPS (with its weights).
+    pub mean_lpips: Option<f64>,
+    /// Highest LPIPS (with its weights).
+    pub worst_lpips: Option<f64>,
 }
 
 impl Comparison {
     /// The printed table.
     pub fn table(&self) -> String {
-        let mut s = format!("{:<28} {:>10} {:>8}\n", "image", "PSNR (dB)", "SSIM");
+        let lp = |x: Option<f64>| x.map_or(String::new(), |v| format!(" {v:>8.4}"));
+        let mut s = format!(
+            "{:<28} {:>10} {:>8}{}\n",
+            "image",
+            "PSNR (dB)",
+            "SSIM",
+            if self.mean_lpips.is_some() { "    LPIPS" } else { "" }
+        );
         for p in &self.pairs {
-            s += &format!("{:<28} {:>10} {:>8.4}\n", p.file, fmt_db(p.psnr), p.ssim);
+            s += &format!("{:<28} {:>10} {:>8.4}{}\n", p.file, fmt_db(p.psnr), p.ssim, lp(p.lpips));
         }
         s += &format!(
-            "{:<28} {:>10} {:>8.4}\n{:<28} {:>10} {:>8.4}\n",
+            "{:<28} {:>10} {:>8.4}{}\n{:<28} {:>10} {:>8.4}{}\n",
             "mean",
             self.mean_psnr.map_or("inf".into(), fmt_db),
             self.mean_ssim,
+            lp(self.mean_lpips),
             "worst",
             fmt_db(self.worst_psnr),
-            self.worst_ssim
+            self.worst_ssim,
+            lp(self.worst_lpips),
         );
         s
     }
@@ -276,6 +300,18 @@ fn fmt_db(x: f64) -> String {
 /// # Errors
 /// A folder without images, an image with no counterpart (named), images of different sizes.
 pub fn compare(reference: &Path, generated: &Path) -> Result<Comparison> {
+    compare_with(reference, generated, None)
+}
+
+/// [`compare`], with LPIPS too when `lpips` is given.
+///
+/// # Errors
+/// As [`compare`].
+pub fn compare_with(
+    reference: &Path,
+    generated: &Path,
+    lpips: Option<&quality::Lpips<burn_flex::Flex>>,
+) -> Result<Comparison> {
     let files = image_files(generated)?;
     let mut pairs = Vec::new();
     let mut missing = Vec::new();
@@ -302,7 +338,11 @@ pub fn compare(reference: &Path, generated: &Path) -> Result<Comparison> {
         }
         let ssim =
             ssim_u8(&a, &b, ImageDims::rgb(da.0, da.1)).map_err(|e| config(g.display(), e))?;
-        pairs.push(PairScore { file: name, psnr: psnr_u8(&a, &b), ssim });
+        let lpips = match lpips {
+            Some(net) => Some(net.distance(&a, &b, da)?),
+            None => None,
+        };
+        pairs.push(PairScore { file: name, psnr: psnr_u8(&a, &b), ssim, lpips });
     }
     if !missing.is_empty() {
         missing.truncate(5);
@@ -318,6 +358,8 @@ pub fn compare(reference: &Path, generated: &Path) -> Result<Comparison> {
         worst_psnr: pairs.iter().map(|p| p.psnr).fold(f64::INFINITY, f64::min),
         mean_ssim: pairs.iter().map(|p| p.ssim).sum::<f64>() / n,
         worst_ssim: pairs.iter().map(|p| p.ssim).fold(f64::INFINITY, f64::min),
+        mean_lpips: lpips.map(|_| pairs.iter().filter_map(|p| p.lpips).sum::<f64>() / n),
+        worst_lpips: lpips.map(|_| pairs.iter().filter_map(|p| p.lpips).fold(0.0, f64::max)),
         pairs,
     })
 }

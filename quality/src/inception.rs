@@ -54,7 +54,9 @@ impl ParamSource for WeightStore {
 /// `h` the FNV-1a-32 hash of the tensor's name and `u_i = ((i·2654435761 + h) mod 2³²)/2³²`,
 /// conv weights are `(u − ū_filter)·√(40/fan_in)`, batch-norm weights `1 + 0.2(u − ½)`, biases
 /// and running means `0.05(u − ½)`, running variances `0.8 + 0.4u` (computed in `f64`, rounded
-/// to `f32` once). Tests use them to compare with pytorch-fid without its 90 MB of weights.
+/// to `f32` once); for LPIPS, its AlexNet's weights (`net.*.weight`) as conv weights, its
+/// biases as batch-norm biases, its linear heads (`lin*`) `0.1u`. Tests use them to compare
+/// with pytorch-fid and lpips without their weights.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PatternWeights;
 
@@ -75,7 +77,12 @@ impl ParamSource for PatternWeights {
     fn take(&mut self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let n: usize = shape.iter().product();
         let u = Self::uniform(key, n);
-        let v: Vec<f64> = if key.ends_with("conv.weight") {
+        let conv =
+            key.ends_with("conv.weight") || (key.starts_with("net.") && key.ends_with(".weight"));
+        let v: Vec<f64> = if key.starts_with("lin") {
+            // LPIPS's linear heads: non-negative, as trained ones are.
+            u.iter().map(|x| 0.1 * x).collect()
+        } else if conv {
             let fan_in: usize = shape[1..].iter().product();
             let gain = (40.0 / fan_in as f64).sqrt();
             u.chunks(fan_in)
@@ -86,7 +93,10 @@ impl ParamSource for PatternWeights {
                 .collect()
         } else if key.ends_with("bn.weight") {
             u.iter().map(|x| 1.0 + 0.2 * (x - 0.5)).collect()
-        } else if key.ends_with("bn.bias") || key.ends_with("running_mean") {
+        } else if key.ends_with("bn.bias")
+            || key.ends_with("running_mean")
+            || (key.starts_with("net.") && key.ends_with(".bias"))
+        {
             u.iter().map(|x| 0.05 * (x - 0.5)).collect()
         } else if key.ends_with("running_var") {
             u.iter().map(|x| 0.8 + 0.4 * x).collect()

@@ -12,6 +12,9 @@
 //! - [`frechet_distance`]: `‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½)` in `f64` by symmetric
 //!   eigen-decompositions (nalgebra).
 //!
+//! [`lpips::Lpips`] is LPIPS (AlexNet) as the `lpips` package computes it, for `harness eval
+//! compare --lpips`.
+//!
 //! [`shapes`] is the demo pipeline's own measure: does an image show the coloured shape its
 //! caption names.
 //!
@@ -32,12 +35,14 @@ use std::path::PathBuf;
 pub mod frechet;
 pub mod images;
 pub mod inception;
+pub mod lpips;
 pub mod npz;
 pub mod shapes;
 
 pub use frechet::{Stats, frechet_distance};
 pub use images::{image_files, load_rgb8, stats_of_files};
 pub use inception::{FEATURES, FidInception, ParamSource, PatternWeights};
+pub use lpips::Lpips;
 
 /// What went wrong, naming the file or input at fault.
 #[derive(Debug, thiserror::Error)]

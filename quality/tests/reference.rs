@@ -113,3 +113,22 @@ fn psnr_and_ssim_equal_scikit_image() {
         }
     }
 }
+
+/// lpips 0.1.4's LPIPS (net='alex') of the stored pairs, on pattern weights (AlexNet trunk
+/// and linear heads). Bound 1e-5 relative (float32 through five convolutions; measured in
+/// the output).
+#[test]
+fn lpips_equals_the_lpips_package() {
+    let net = quality::Lpips::<Flex>::load(&mut PatternWeights, &Default::default()).unwrap();
+    let want = json("lpips.json");
+    for pair in want["pairs"].as_array().unwrap() {
+        let load =
+            |k: &str| load_rgb8(&dir().join("images").join(pair[k].as_str().unwrap())).unwrap();
+        let ((a, size), (b, _)) = (load("reference"), load("image"));
+        let got = net.distance(&a, &b, size).unwrap();
+        let d = pair["lpips"].as_f64().unwrap();
+        let err = if d == 0.0 { got.abs() } else { ((got - d) / d).abs() };
+        eprintln!("{}: LPIPS {got:.8} vs {d:.8} (rel {err:.1e})", pair["image"]);
+        assert!(err <= 1e-5, "{}: {got} vs {d}", pair["image"]);
+    }
+}
