@@ -110,6 +110,25 @@ impl ParamSource for PatternWeights {
     }
 }
 
+/// Opens a weights file that must be safetensors; a PyTorch pickle is refused with the
+/// conversion command `convert` (a `tools/fid/` script and its arguments).
+pub(crate) fn open_safetensors(path: &Path, convert: &str) -> Result<WeightStore> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if matches!(ext, "pth" | "pt" | "bin" | "ckpt") {
+        return Err(QualityError::Weights {
+            path: path.to_path_buf(),
+            reason: format!(
+                "a PyTorch pickle is not read here; convert it once with `python {convert}` \
+                 (keys unchanged)"
+            ),
+        });
+    }
+    WeightStore::open_file(path).map_err(|e| QualityError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("{e}; expected safetensors written by `python {convert}`"),
+    })
+}
+
 /// `BasicConv2d` with its batch norm folded in, then ReLU.
 #[derive(Debug, Clone)]
 struct ConvBn<B: Backend> {
@@ -396,23 +415,11 @@ impl<B: Backend> FidInception<B> {
     /// [`QualityError::Weights`] naming the file: not safetensors (a `.pth` says how to
     /// convert it), a missing key, a wrong shape, or a key no FID Inception has.
     pub fn from_file(path: &Path, device: &B::Device) -> Result<Self> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if matches!(ext, "pth" | "pt" | "bin" | "ckpt") {
-            return Err(QualityError::Weights {
-                path: path.to_path_buf(),
-                reason: "a PyTorch pickle is not read here; convert it once with `python \
-                         tools/fid/convert_inception.py pt_inception-2015-12-05-6726825d.pth \
-                         fid_inception.safetensors` (keys unchanged)"
-                    .into(),
-            });
-        }
-        let mut store = WeightStore::open_file(path).map_err(|e| QualityError::Weights {
-            path: path.to_path_buf(),
-            reason: format!(
-                "{e}; expected pytorch-fid's FID Inception weights converted with \
-                 tools/fid/convert_inception.py"
-            ),
-        })?;
+        let mut store = open_safetensors(
+            path,
+            "tools/fid/convert_inception.py pt_inception-2015-12-05-6726825d.pth \
+             fid_inception.safetensors",
+        )?;
         store.skip_prefix("fc.");
         let counters: Vec<String> =
             store.keys().filter(|k| k.ends_with("num_batches_tracked")).map(String::from).collect();

@@ -18,7 +18,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::{conv2d, max_pool2d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Tensor, TensorData};
-use weights::WeightStore;
 
 use crate::inception::ParamSource;
 use crate::{QualityError, Result};
@@ -51,19 +50,10 @@ impl<B: Backend> Lpips<B> {
     /// [`QualityError::Weights`]: a pickle (with the conversion command), a missing or
     /// misshapen tensor, a tensor LPIPS (alex) does not have.
     pub fn from_file(path: &Path, device: &B::Device) -> Result<Self> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if matches!(ext, "pth" | "pt" | "bin" | "ckpt") {
-            return Err(QualityError::Weights {
-                path: path.to_path_buf(),
-                reason: "a PyTorch pickle is not read here; convert it once with `python \
-                         tools/fid/convert_lpips.py alexnet-owt-7be5be79.pth lpips_alex.safetensors`"
-                    .into(),
-            });
-        }
-        let mut store = WeightStore::open_file(path).map_err(|e| QualityError::Weights {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let mut store = crate::inception::open_safetensors(
+            path,
+            "tools/fid/convert_lpips.py alexnet-owt-7be5be79.pth lpips_alex.safetensors",
+        )?;
         store.skip_prefix("scaling_layer.");
         // `lins.K` is the state dict's second name of `linK` (a ModuleList of the same heads).
         store.skip_prefix("lins.");
