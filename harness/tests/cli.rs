@@ -696,7 +696,7 @@ fn forward_runs_a_unet_folder_with_its_strategies_and_refuses_transformer_only_o
     let got = weights::read_tensors(&out).unwrap();
     let want = weights::read_tensors(&repo(case)).unwrap();
     let rel = metrics::rel_l2(&got["sample"].values, &want["out"].values);
-    // The U-Net's serial-vs-diffusers bar (models-unet/tests/diffusers_parity.rs); measured
+    // The U-Net's serial-vs-diffusers bar (models-unet/tests/integration/diffusers_parity.rs); measured
     // 1.04e-6 on this case (AMD EPYC, AVX2).
     assert!(rel <= 1e-5, "relative L2 {rel:e}");
     // The U-Net strategies on 2 ranks: a lone forward is exact for each (DistriFusion's is a

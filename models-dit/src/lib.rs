@@ -1,7 +1,7 @@
 //! # models-dit
 //!
 //! The DiT family of diffusion transformers, computing exactly what diffusers 0.42 computes
-//! (checked against its outputs in `tests/diffusers_parity.rs`), written once for one device
+//! (checked against its outputs in `tests/integration/diffusers_parity.rs`), written once for one device
 //! and exposing the seams where parallel strategies act:
 //!
 //! - [`PixArtTransformer2DModel`]: PixArt-α (512 px; 1024 px multi-scale with resolution and

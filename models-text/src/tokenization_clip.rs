@@ -14,7 +14,7 @@
 //! `CLIPTokenizer` of transformers 4, which split CJK characters one by one and could run
 //! `ftfy`, is gone); this builds the same pipeline with the same Rust library, so the only
 //! room for a difference is the regex engine (`onig` in Python's `tokenizers`, `fancy-regex`
-//! here), checked on the fixture prompts (`tests/tokenizer_files.rs`). A `tokenizer.json` is
+//! here), checked on the fixture prompts (`tests/integration/tokenizer_files.rs`). A `tokenizer.json` is
 //! not loaded as it is: like transformers, only its vocabulary and merges are taken and the
 //! pipeline above is rebuilt around them.
 

@@ -208,7 +208,7 @@ impl TokenizedPrompts {
 /// stored in `tokenizer.json`, with the special and added tokens of the configuration files
 /// resolved as transformers resolves them (`tokenizer_config.rs`). So any folder that loads in
 /// transformers gives its ids. Checked id for id against transformers 5.24 on the fixtures
-/// (`tests/tokenizer.rs`, `tests/tokenizer_files.rs`).
+/// (`tests/integration/tokenizer.rs`, `tests/integration/tokenizer_files.rs`).
 ///
 /// [`PromptTokenizer::from_file`] loads one `tokenizer.json` as it is (T5, for files whose
 /// stored pipeline is transformers' own, such as those transformers 5 writes).

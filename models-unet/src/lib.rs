@@ -3,7 +3,7 @@
 //! The Stable Diffusion U-Net, diffusers' `UNet2DConditionModel` (0.42), for SD 1.x (conv
 //! `proj_in`/`proj_out`), SD 2.x (linear projections, per-level heads, `upcast_attention`)
 //! and SDXL (`transformer_layers_per_block`, `addition_embed_type = "text_time"`), computing
-//! what diffusers computes (checked against its outputs in `tests/diffusers_parity.rs`) and
+//! what diffusers computes (checked against its outputs in `tests/integration/diffusers_parity.rs`) and
 //! written once for one device with the seams where the U-Net strategies act.
 //!
 //! | piece | file | diffusers |

@@ -49,9 +49,9 @@
 //! sigmas and every step coefficient), in the same order, and the tensor operations are applied
 //! in diffusers' order. Two torch details matter for bit equality of the tables:
 //! `torch.linspace` in float32 fills each half with one fused rounding from its own end, and
-//! `torch.cumprod` on CPU accumulates in float64. `tests/diffusers_parity.rs` checks all of it
-//! against reference files made by diffusers; `tests/variants.rs` covers the options those
-//! files do not, and `tests/pndm.rs` covers PNDM.
+//! `torch.cumprod` on CPU accumulates in float64. `tests/integration/diffusers_parity.rs` checks all of it
+//! against reference files made by diffusers; `tests/integration/variants.rs` covers the options those
+//! files do not, and `tests/integration/pndm.rs` covers PNDM.
 //!
 //! # Configs
 //!

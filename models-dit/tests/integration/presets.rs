@@ -2,10 +2,8 @@
 //! real checkpoints (counts from diffusers 0.42.1 on the meta device), and a one-block
 //! random-weight build of each family run through every stage (shape test).
 
-mod common;
-
+use crate::common::B;
 use burn::tensor::{Distribution, Int, Tensor};
-use common::B;
 use models_dit::{DitError, DitModel, ModelConfig, PRESETS};
 use parallel_core::{Denoiser, DenoiserInput, LoadPlan, ModelFamily, Serial, StagedDenoiser};
 

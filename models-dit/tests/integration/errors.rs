@@ -1,12 +1,10 @@
 //! Bad folders and bad inputs give clear errors (naming the file, key, shapes, dtype or
 //! class at fault), never a panic. Bad folders are built in a temp dir from the fixtures.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::{B, TempDir, fixtures, read_case};
 use burn::tensor::{Int, Tensor};
-use common::{B, TempDir, fixtures, read_case};
 use models_dit::{DitError, DitModel, WEIGHTS_FILE};
 use parallel_core::{Denoiser, LoadPlan, Serial, StagedDenoiser};
 use safetensors::tensor::TensorView;

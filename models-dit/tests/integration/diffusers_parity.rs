@@ -1,9 +1,7 @@
 //! Every fixture case of every model against diffusers 0.42.1's output on the same weights
 //! and inputs (float32, CPU).
 
-mod common;
-
-use common::{B, cases, errors, fixtures, read_case};
+use crate::common::{B, cases, errors, fixtures, read_case};
 use models_dit::DitModel;
 use parallel_core::{Denoiser, LoadPlan, Serial};
 

@@ -15,11 +15,10 @@
 //! independent implementations (a pure-Python CLIP BPE, `sentencepiece.SentencePieceProcessor`)
 //! and records where they differ (`independent_agrees`); see tools/fixtures/README.md.
 
-mod common;
-
+use crate::common;
 use std::path::{Path, PathBuf};
 
-use common::{scratch_dir, tokenizer_dir};
+use crate::common::{scratch_dir, tokenizer_dir};
 use models_text::{CLIP_MAX_LENGTH, PromptTokenizer, TOKENIZER_FILES, TextError, TokenizerKind};
 use serde_json::Value;
 

@@ -26,10 +26,9 @@
 //! pooling rule changes `pooler_output` by 1.0–1.4, an untransposed square projection by
 //! O(1). The fixture script measures the first three on the transformers side as well.
 
-mod common;
-
+use crate::common;
+use crate::common::{B, Reference, rel_l2, rel_max, text_dir};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use common::{B, Reference, rel_l2, rel_max, text_dir};
 use models_text::{
     BaseModelOutputWithPooling, CLIPPooling, CLIPTextModel, CLIPTextModelWithProjection,
     pooled_positions,

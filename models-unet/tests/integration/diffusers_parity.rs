@@ -2,9 +2,7 @@
 //! inputs (float32, CPU): SD 1.5-, SD 2.1- and SDXL-style models, square, non-square and
 //! not-a-multiple-of-8 latents, float and integer timesteps, batch 2.
 
-mod common;
-
-use common::{B, cases, errors, fixtures, read_case};
+use crate::common::{B, cases, errors, fixtures, read_case};
 use models_unet::UnetModel;
 use parallel_core::LoadPlan;
 

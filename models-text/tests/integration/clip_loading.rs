@@ -2,12 +2,10 @@
 //! the key or the file. Folders are built from the fixtures' weights with keys added, removed
 //! or renamed, or the config edited.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{B, scratch_dir, text_dir};
+use crate::common::{B, scratch_dir, text_dir};
 use models_text::{
     CLIPActivation, CLIPPooling, CLIPTextModel, CLIPTextModelWithProjection, TextError,
 };

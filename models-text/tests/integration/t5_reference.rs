@@ -18,10 +18,9 @@
 //! - The pipeline's `prompt_embeds` (`pipeline_4steps.safetensors`): relative L2 ≤ 5e-6, as
 //!   above (measured 2.6e-7 positive, 9.0e-8 negative); masks exact.
 
-mod common;
-
+use crate::common;
+use crate::common::{B, Reference, rel_l2, rel_max, tiny};
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use common::{B, Reference, rel_l2, rel_max, tiny};
 use models_text::{PIXART_ALPHA_MAX_LENGTH, PromptTokenizer, T5EncoderModel, encode_prompts};
 
 /// Relative L2 bar of the encoder's outputs: measured worst 7.2e-7 (unmasked

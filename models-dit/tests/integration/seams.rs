@@ -2,10 +2,8 @@
 //! seams equals those rows of the full forward, and a pipeline of stage instances (each
 //! loading only its blocks) equals the whole model.
 
-mod common;
-
+use crate::common::{B, errors, fixtures, read_case};
 use burn::tensor::Tensor;
-use common::{B, errors, fixtures, read_case};
 use models_dit::DitModel;
 use parallel_core::attention::sdpa;
 use parallel_core::{AttentionSite, Denoiser, LoadPlan, Result, Seams, Serial, StagedDenoiser};
@@ -15,7 +13,7 @@ use parallel_core::{AttentionSite, Denoiser, LoadPlan, Result, Seams, Serial, St
 /// (AMD EPYC, AVX2), with 1 and with all rayon threads: **0** — band K/V, band outputs and
 /// pipeline stages are bitwise equal to the full forward in every case below. The bar is not
 /// zero so that a reordering backend or SIMD width still passes: 1e-6 is ~3× the
-/// reassociation error that tensor-parallel sums show (3.2e-7, `tests/tensor_parallel.rs`),
+/// reassociation error that tensor-parallel sums show (3.2e-7, `tests/integration/tensor_parallel.rs`),
 /// and it still exposes any token mixing or position-embedding offset (those move the output
 /// by ≥ 1e-2; attending to the band's own tokens only gives 1.1e-1, below).
 const SAME: f64 = 1e-6;
@@ -95,7 +93,7 @@ fn bands_equal_full(model: &str, case: &str, bands: &[std::ops::Range<usize>]) {
              {max:.2e}",
             case.name, seams.worst_kv
         );
-        // Max-relative: measured 0 (bitwise); 3 × SAME, as in `tests/tensor_parallel.rs`.
+        // Max-relative: measured 0 (bitwise); 3 × SAME, as in `tests/integration/tensor_parallel.rs`.
         assert!(l2 < SAME && max < 3.0 * SAME, "{model} rows {rows:?}: {l2:e} {max:e}");
         covered += rows.len();
     }
@@ -168,7 +166,7 @@ fn pipeline_equals_full(model: &str, case: &str, stages: &[LoadPlan]) {
         case_name,
         stages.len()
     );
-    // Max-relative: measured 0 (bitwise); 3 × SAME, as in `tests/tensor_parallel.rs`.
+    // Max-relative: measured 0 (bitwise); 3 × SAME, as in `tests/integration/tensor_parallel.rs`.
     assert!(l2 < SAME && max < 3.0 * SAME, "{model}: {l2:e} {max:e}");
     assert!(stage_bytes > full.param_bytes(), "stages replicate the conditioning");
 }

@@ -55,7 +55,7 @@ fn rel_errors(ours: &[f32], theirs: &[f32]) -> (f64, f64) {
 
 #[test]
 fn variants_equal_diffusers() {
-    let text = include_str!("data/variants.json");
+    let text = include_str!("../data/variants.json");
     let variants: Variants = serde_json::from_str(text).unwrap();
     let tensor = |v: &[f32]| -> Tensor<B, 4> {
         Tensor::from_data(TensorData::new(v.to_vec(), variants.shape), &Default::default())

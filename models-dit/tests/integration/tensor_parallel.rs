@@ -3,10 +3,8 @@
 //! reduce seam, together compute the unsharded model's output; and each rank holds the bytes
 //! the parameter table says.
 
-mod common;
-
+use crate::common::{B, errors, fixtures, read_case};
 use burn::tensor::Tensor;
-use common::{B, errors, fixtures, read_case};
 use models_dit::{DitError, DitModel};
 use parallel_core::{
     Comm, Denoiser, LaunchOptions, LoadPlan, ParamInfo, ReduceSite, Result, Seams, Serial, Shard,

@@ -2,9 +2,8 @@
 //! tokenizer.safetensors`, `prompts.json`): ids and masks must be **exactly** equal — token
 //! ids admit no tolerance.
 
-mod common;
-
-use common::{Reference, reference, tiny};
+use crate::common;
+use crate::common::{Reference, reference, tiny};
 use models_text::{PIXART_ALPHA_MAX_LENGTH, PromptTokenizer, TextError, preprocess_prompt};
 
 fn prompts() -> Vec<serde_json::Value> {

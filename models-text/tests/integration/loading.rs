@@ -2,12 +2,10 @@
 //! key or the file. Folders are built from the fixture's weights with keys added, removed or
 //! renamed.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{B, scratch_dir, tiny};
+use crate::common::{B, scratch_dir, tiny};
 use models_text::{T5EncoderModel, TextError};
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;

@@ -9,12 +9,10 @@
 //! padding, its statistics and attention local): that the exact seams are needed is checked
 //! too, so the test cannot pass with a forward that ignores the seams.
 
-mod common;
-
 use std::collections::HashMap;
 
+use crate::common::{B, cases, errors, fixtures, read_case};
 use burn::tensor::Tensor;
-use common::{B, cases, errors, fixtures, read_case};
 use models_unet::UnetModel;
 use parallel_core::attention::sdpa;
 use parallel_core::{

@@ -1,10 +1,8 @@
 //! Bad folders and inputs are errors naming the key, file or tensor at fault, never panics.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{B, fixtures, read_case};
+use crate::common::{B, fixtures, read_case};
 use models_unet::UnetModel;
 use parallel_core::{Denoiser, LoadPlan, Serial, Shard};
 

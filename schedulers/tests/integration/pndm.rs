@@ -82,7 +82,7 @@ impl Case {
 }
 
 fn fixture() -> Fixture {
-    serde_json::from_str(include_str!("data/pndm.json")).unwrap()
+    serde_json::from_str(include_str!("../data/pndm.json")).unwrap()
 }
 
 fn values(t: Tensor<B, 4>) -> Vec<f32> {
