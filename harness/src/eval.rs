@@ -85,6 +85,9 @@ pub struct StrategyRow {
     pub fid_vs_serial: Option<f64>,
     /// FID against `--reference` (with `--inception` and `--reference`).
     pub fid_vs_reference: Option<f64>,
+    /// Images that show the coloured shape their prompt names, and images whose prompt has
+    /// the demo pipeline's form ("a red circle"; [`quality::shapes`]); `None` when none has.
+    pub shapes_agree: Option<[usize; 2]>,
 }
 
 /// `harness eval fid`.
@@ -450,6 +453,7 @@ pub fn strategies(a: &StrategiesArgs) -> Result<Vec<StrategyRow>> {
             vs_serial: compare(&serial_dir, &dir)?,
             fid_vs_serial: fid_vs(&serial_stats)?,
             fid_vs_reference: fid_vs(&reference)?,
+            shapes_agree: shape_agreement(&dir)?,
         });
     }
     let json = a.output_dir.join("eval.json");
@@ -458,11 +462,41 @@ pub fn strategies(a: &StrategiesArgs) -> Result<Vec<StrategyRow>> {
     Ok(rows)
 }
 
+/// How many of the images in a batch folder show the coloured shape their prompt names
+/// (`metadata.jsonl`'s prompts of the demo's form; IoU ≥ [`quality::shapes::IOU_MIN`]), of
+/// how many such prompts; `None` when no prompt has that form.
+///
+/// # Errors
+/// The metadata or an image cannot be read.
+pub fn shape_agreement(dir: &Path) -> Result<Option<[usize; 2]>> {
+    let meta = dir.join("metadata.jsonl");
+    let text = std::fs::read_to_string(&meta).map_err(|e| HarnessError::io(&meta, e))?;
+    let (mut agree, mut total) = (0, 0);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| HarnessError::io(&meta, e))?;
+        let (Some(prompt), Some(file)) = (v["prompt"].as_str(), v["file"].as_str()) else {
+            continue;
+        };
+        let Some((colour, shape)) = quality::shapes::parse_caption(prompt) else { continue };
+        let (rgb, (h, w)) = quality::load_rgb8(&dir.join(file))?;
+        total += 1;
+        let a = quality::shapes::agreement(&rgb, h, w);
+        agree += usize::from(a.agrees(colour, shape, quality::shapes::IOU_MIN));
+    }
+    Ok((total > 0).then_some([agree, total]))
+}
+
+/// `agreeing/total`, or `–`.
+pub fn fmt_agreement(a: Option<[usize; 2]>) -> String {
+    a.map_or("–".into(), |[k, n]| format!("{k}/{n}"))
+}
+
 /// The table `eval strategies` prints.
 pub fn strategies_table(rows: &[StrategyRow]) -> String {
     let opt = |x: Option<f64>| x.map_or("–".to_string(), |v| format!("{v:.3}"));
     let mut s = format!(
-        "{:<34} {:>5} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10}\n",
+        "{:<34} {:>5} {:>9} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>7}\n",
         "strategy",
         "ranks",
         "s/image",
@@ -471,12 +505,13 @@ pub fn strategies_table(rows: &[StrategyRow]) -> String {
         "SSIM",
         "SSIM min",
         "FID serial",
-        "FID ref"
+        "FID ref",
+        "shapes"
     );
     for r in rows {
         let c = &r.vs_serial;
         s += &format!(
-            "{:<34} {:>5} {:>9.2} {:>10} {:>10} {:>8.4} {:>8.4} {:>10} {:>10}\n",
+            "{:<34} {:>5} {:>9.2} {:>10} {:>10} {:>8.4} {:>8.4} {:>10} {:>10} {:>7}\n",
             r.label,
             r.world_size,
             r.seconds_per_image,
@@ -485,7 +520,8 @@ pub fn strategies_table(rows: &[StrategyRow]) -> String {
             c.mean_ssim,
             c.worst_ssim,
             opt(r.fid_vs_serial),
-            opt(r.fid_vs_reference)
+            opt(r.fid_vs_reference),
+            fmt_agreement(r.shapes_agree)
         );
     }
     s

@@ -338,7 +338,8 @@ pub fn write_eval_report(
     // The table.
     html += "<h2>Summary</h2><table><tr><th>strategy</th><th>ranks</th><th>s / image</th>\
              <th>speed-up</th><th>PSNR mean (dB)</th><th>PSNR worst</th><th>SSIM mean</th>\
-             <th>SSIM worst</th><th>FID vs serial</th><th>FID vs reference</th></tr>";
+             <th>SSIM worst</th><th>FID vs serial</th><th>FID vs reference</th>\
+             <th>shapes as named</th></tr>";
     let db = |x: f64| if x.is_finite() { format!("{x:.2}") } else { "∞".into() };
     let opt = |x: Option<f64>| x.map_or("–".into(), |v| format!("{v:.3}"));
     for (i, r) in rows.iter().enumerate() {
@@ -346,7 +347,7 @@ pub fn write_eval_report(
         let _ = write!(
             html,
             "<tr{}><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}×</td><td>{}</td><td>{}</td>\
-             <td>{:.4}</td><td>{:.4}</td><td>{}</td><td>{}</td></tr>",
+             <td>{:.4}</td><td>{:.4}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             if i == 0 { " class=\"serial\"" } else { "" },
             esc(&r.label),
             r.world_size,
@@ -358,6 +359,7 @@ pub fn write_eval_report(
             c.worst_ssim,
             opt(r.fid_vs_serial),
             opt(r.fid_vs_reference),
+            crate::eval::fmt_agreement(r.shapes_agree),
         );
     }
     html += "</table><h2>Speed</h2><div class=\"charts\">";

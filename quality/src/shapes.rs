@@ -23,6 +23,24 @@ pub const COLOURS: [(&str, [u8; 3]); 6] = [
 /// The shapes, as the training script draws them.
 pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "diamond"];
 
+/// The IoU an image must reach to agree: the training script's threshold (`IOU_MIN` of
+/// `tools/demo_model/train.py`, saved as `iou_min` in the demo reference's `check.json`).
+pub const IOU_MIN: f64 = 0.75;
+
+/// The colour and shape a caption of the demo's form names (`"a red circle"`, `"an orange
+/// square"`: article, palette colour, shape; case and surrounding spaces ignored), or `None`.
+pub fn parse_caption(caption: &str) -> Option<(&'static str, &'static str)> {
+    let lower = caption.trim().to_lowercase();
+    let words: Vec<&str> = lower.split_whitespace().collect();
+    let [article, colour, shape] = words.as_slice() else { return None };
+    if !matches!(*article, "a" | "an") {
+        return None;
+    }
+    let colour = COLOURS.iter().find(|(c, _)| c == colour)?.0;
+    let shape = SHAPES.iter().find(|s| *s == shape)?;
+    Some((colour, shape))
+}
+
 /// What an image shows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agreement {
@@ -119,6 +137,15 @@ pub fn agreement(rgb: &[u8], height: usize, width: usize) -> Agreement {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn captions_of_the_demo_form_are_parsed_and_others_are_not() {
+        assert_eq!(super::parse_caption(" An Orange square "), Some(("orange", "square")));
+        assert_eq!(super::parse_caption("a red circle"), Some(("red", "circle")));
+        assert_eq!(super::parse_caption("a photo of a cat"), None);
+        assert_eq!(super::parse_caption("a pink circle"), None);
+        assert_eq!(super::parse_caption("the red circle"), None);
+    }
+
     use super::*;
 
     /// An ideal render of `shape` (hard edges) in `colour` on white, centroid (30, 34), r 10.
