@@ -63,6 +63,11 @@ pub struct ParallelConfig {
     /// generating its own image (replica `r` from seed `seed + r`), sharing nothing per step
     /// (in one process they share the weights). 1 (default): one image.
     pub dp_degree: usize,
+    /// Set from the environment, not the file: this process's place in a multi-process
+    /// world (`harness launch`, torchrun-style variables; see [`crate::multiprocess`]).
+    /// `None`: every rank is a thread of this process.
+    #[serde(skip)]
+    pub process: Option<crate::multiprocess::ProcessEnv>,
 }
 
 impl Default for ParallelConfig {
@@ -78,6 +83,7 @@ impl Default for ParallelConfig {
             vae_parallel: false,
             cfg_degree: 1,
             dp_degree: 1,
+            process: None,
         }
     }
 }
@@ -139,6 +145,32 @@ impl ParallelConfig {
             HarnessError::config("parallel.cfg_degree (--cfg-degree)", reason)
         })?;
         self.link_model()?;
+        if let Some(p) = &self.process {
+            if self.link.is_some() {
+                return Err(HarnessError::config(
+                    "parallel.link (--link)",
+                    "a link model times the in-process transport; between processes the link is \
+                     real (drop the link model, or run without harness launch)",
+                ));
+            }
+            if self.dp_degree != 1 {
+                return Err(HarnessError::config(
+                    "parallel.dp_degree (--dp-degree)",
+                    "data-parallel replicas are not split over processes yet (each replica's \
+                     images would be written by a different process): under harness launch \
+                     run one job per replica, or run the replicas in one process",
+                ));
+            }
+            if self.world_size != p.world_size {
+                return Err(HarnessError::config(
+                    "parallel.world_size (--world-size)",
+                    format!(
+                        "{} disagrees with the launcher's WORLD_SIZE {}",
+                        self.world_size, p.world_size
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -47,6 +47,21 @@ pub enum HarnessError {
     /// A tensor file (`--latents`, `forward --inputs`, `--save-latents`).
     #[error(transparent)]
     Weights(#[from] weights::WeightError),
+    /// `harness launch`: a rank failed (its exit or signal and its error message); the
+    /// launcher stopped the others.
+    #[error("{reason}")]
+    Launch {
+        /// Which rank, how it ended, what it said.
+        reason: String,
+    },
+    /// Not a failure: this process held a rank other than 0 of a multi-process world, and
+    /// its work is done; rank 0's process writes the outputs and reports the run (the
+    /// binary exits 0 on it, printing nothing).
+    #[error("rank {rank} finished; rank 0's process reports the run")]
+    WorkerDone {
+        /// This process's rank.
+        rank: usize,
+    },
     /// `harness eval`: the Inception weights, a statistics file, an image or image folder.
     #[error(transparent)]
     Quality(#[from] quality::QualityError),

@@ -135,7 +135,7 @@ impl Job<'_> {
         devices: Vec<B::Device>,
     ) -> Result<(HostTensor, Option<f64>, Vec<RankReport>)> {
         let launch = launch_options::<B>(self.parallel, devices)?;
-        let outputs = launch_ranks(self.parallel.world_size, &launch, |comm| self.rank(comm))?;
+        let outputs = launch_ranks(self.parallel, &launch, |comm| self.rank(comm))?;
         let mut ranks = Vec::new();
         let mut result = None;
         for (report, r0) in outputs {

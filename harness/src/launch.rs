@@ -22,7 +22,9 @@ use crate::error::{HarnessError, Result};
 pub fn threads_per_rank(parallel: &ParallelConfig) -> usize {
     parallel.threads_per_rank.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / parallel.world_size.max(1)).max(1)
+        // Under a launcher the ranks sharing this machine's cores are its local ranks.
+        let sharing = parallel.process.as_ref().map_or(parallel.world_size, |p| p.local_world_size);
+        (cores / sharing.max(1)).max(1)
     })
 }
 
@@ -44,14 +46,42 @@ pub fn launch_options<B: Backend>(
     Ok(options)
 }
 
-/// Runs `f` on `world_size` ranks (threads) and returns every rank's result in rank order,
-/// or the root-cause error (see the [module docs](self)).
-pub fn launch_ranks<B, T, F>(world_size: usize, options: &LaunchOptions<B>, f: F) -> Result<Vec<T>>
+/// Runs `f` on the `parallel.world_size` ranks (threads) and returns every rank's result in
+/// rank order, or the root-cause error (see the [module docs](self)).
+///
+/// Under a launcher (`parallel.process`), this process runs only its own rank, joined to the
+/// others over TCP: rank 0's process gets its one result, any other process
+/// [`HarnessError::WorkerDone`] once its rank has finished.
+pub fn launch_ranks<B, T, F>(
+    parallel: &ParallelConfig,
+    options: &LaunchOptions<B>,
+    f: F,
+) -> Result<Vec<T>>
 where
     B: Backend,
     T: Send,
     F: Fn(Comm<B>) -> Result<T> + Sync,
 {
+    let world_size = parallel.world_size;
+    if let Some(p) = &parallel.process {
+        let error: Mutex<Option<HarnessError>> = Mutex::new(None);
+        let outcome = parallel_core::launch_process(&p.group(), options, |comm| {
+            let rank = comm.rank();
+            f(comm).map_err(|e| {
+                let reason = e.to_string();
+                *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                ParallelError::RankFailed { rank, reason }
+            })
+        });
+        return match outcome {
+            Ok(v) if p.rank == 0 => Ok(vec![v]),
+            Ok(_) => Err(HarnessError::WorkerDone { rank: p.rank }),
+            Err(e) => Err(error
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or(HarnessError::Parallel(e))),
+        };
+    }
     let errors: Mutex<Vec<Option<HarnessError>>> =
         Mutex::new((0..world_size).map(|_| None).collect());
     let results = parallel_core::launch(world_size, options, |comm| {
@@ -97,10 +127,14 @@ mod tests {
     use super::*;
     use crate::CpuBackend;
 
+    fn world(world_size: usize) -> ParallelConfig {
+        ParallelConfig { world_size, ..ParallelConfig::default() }
+    }
+
     #[test]
     fn the_root_cause_is_reported_not_the_peers_aborts() {
         let options = LaunchOptions::<CpuBackend>::default().with_timeout(Duration::from_secs(20));
-        let e = launch_ranks(3, &options, |comm| {
+        let e = launch_ranks(&world(3), &options, |comm| {
             if comm.rank() == 2 {
                 return Err(HarnessError::config("height", "not a multiple of 16"));
             }
@@ -114,7 +148,7 @@ mod tests {
     #[test]
     fn a_panicking_rank_is_an_error_not_a_hang() {
         let options = LaunchOptions::<CpuBackend>::default().with_timeout(Duration::from_secs(20));
-        let e = launch_ranks(2, &options, |comm| {
+        let e = launch_ranks(&world(2), &options, |comm| {
             if comm.rank() == 1 {
                 panic!("boom");
             }

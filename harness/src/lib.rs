@@ -66,6 +66,7 @@ pub mod inputs;
 pub mod launch;
 pub mod list;
 pub mod model;
+pub mod multiprocess;
 pub mod noise;
 pub mod pipeline;
 pub mod report;

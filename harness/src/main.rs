@@ -32,6 +32,8 @@ enum Command {
     /// Image quality: FID (as pytorch-fid), PSNR and SSIM (as scikit-image).
     #[command(subcommand)]
     Eval(harness::eval::EvalCommand),
+    /// One process per rank, as torchrun: `harness launch --nproc-per-node 2 -- run …`.
+    Launch(harness::multiprocess::LaunchArgs),
 }
 
 /// The parallel split, shared by `run` and `forward`.
@@ -265,7 +267,8 @@ fn init_logger(verbose: u8) {
 fn run(cli: Cli) -> harness::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let cfg = args.config()?;
+            let mut cfg = args.config()?;
+            under_launcher(&mut cfg.parallel, args.parallel.world_size)?;
             let options = harness::RunOptions { decode: true, progress: !args.no_progress };
             let report = harness::run_with_options(&cfg, &options)?;
             for r in &report.ranks {
@@ -285,6 +288,7 @@ fn run(cli: Cli) -> harness::Result<()> {
         Command::Forward(args) => {
             let mut parallel = ParallelConfig::default();
             args.parallel.apply(&mut parallel)?;
+            under_launcher(&mut parallel, args.parallel.world_size)?;
             let report = harness::forward(&args.model, &args.inputs, &args.output, &parallel)?;
             println!("{}", report.summary());
         }
@@ -293,7 +297,29 @@ fn run(cli: Cli) -> harness::Result<()> {
             harness::bench::run_cli_with_report(&args)?;
         }
         Command::Eval(cmd) => harness::eval::run_cli(&cmd)?,
+        Command::Launch(args) => {
+            harness::multiprocess::launch(&args)?;
+        }
     }
+    Ok(())
+}
+
+/// Under a launcher (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` set), this process
+/// runs one rank of the launcher's world; `--world-size`, if given, must agree.
+fn under_launcher(p: &mut ParallelConfig, flag: Option<usize>) -> harness::Result<()> {
+    let Some(env) = harness::multiprocess::process_env(|k| std::env::var(k).ok())? else {
+        return Ok(());
+    };
+    if let Some(w) = flag
+        && w != env.world_size
+    {
+        return Err(HarnessError::config(
+            "--world-size",
+            format!("{w} disagrees with the launcher's WORLD_SIZE {}", env.world_size),
+        ));
+    }
+    p.world_size = env.world_size;
+    p.process = Some(env);
     Ok(())
 }
 
@@ -301,7 +327,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logger(cli.verbose);
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) | Err(HarnessError::WorkerDone { .. }) => ExitCode::SUCCESS,
         Err(e) => {
             report(&e);
             ExitCode::FAILURE

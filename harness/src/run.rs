@@ -378,7 +378,7 @@ impl RunPlan {
         let threads = launch.threads_per_rank.unwrap_or(1);
         let models = SharedModels::<B>::new();
         let dp = parallel.dp_degree;
-        let outputs = launch_ranks(parallel.world_size, &launch, |comm| {
+        let outputs = launch_ranks(parallel, &launch, |comm| {
             if dp == 1 {
                 return rank_main::<B>(comm, self, options, &models, start, 0);
             }

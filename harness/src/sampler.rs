@@ -315,6 +315,7 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
             if let Some(bar) = &self.progress {
                 bar.set_position(step as u64);
             }
+            log::debug!("step {}/{} begins", step + 1, self.schedule.len());
         }
         let images = latents.dims()[0];
         self.height = Some(latents.dims()[2]);

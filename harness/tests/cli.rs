@@ -1108,3 +1108,279 @@ fn bench_report_renders_in_a_browser() {
     }
     check_in_browser(&dir.join("report/index.html"), 0, &dir.join("bench-report.png"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Multi-process runs: `harness launch`, and ranks started by hand with torchrun's variables
+// ---------------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The harness as rank `rank` of `world` ranks, rendezvous on loopback `port`.
+fn rank_process(args: &[&str], rank: usize, world: usize, port: u16) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_harness"));
+    c.args(args)
+        .current_dir(repo(""))
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string());
+    c
+}
+
+/// `harness launch --nproc-per-node n -- args…`, which must succeed; its stdout.
+fn launched(n: usize, args: &[&str]) -> String {
+    let port = free_port().to_string();
+    let n = n.to_string();
+    let mut all = vec!["launch", "--nproc-per-node", &n, "--master-port", &port, "--"];
+    all.extend_from_slice(args);
+    succeeds(&all)
+}
+
+fn sample_of(path: &Path) -> Vec<f64> {
+    weights::read_tensors(path).unwrap().remove("sample").unwrap().values
+}
+
+#[test]
+fn launched_forwards_of_every_strategy_equal_the_in_process_run() {
+    let dir = tmp("launch-forward");
+    let case = "fixtures/dit/pixart-alpha/cases/square.safetensors";
+    let cases: &[(&str, usize, &[&str])] = &[
+        ("tensor", 2, &[]),
+        ("ulysses", 2, &[]),
+        ("ring", 2, &[]),
+        ("usp", 4, &["--ulysses-degree", "2"]),
+        ("distrifusion", 2, &[]),
+        ("naive_patch", 2, &[]),
+        ("pipefusion", 2, &["--num-pipeline-patch", "2"]),
+    ];
+    for (strategy, n, extra) in cases {
+        let (a, b) =
+            (dir.join(format!("{strategy}-threads.st")), dir.join(format!("{strategy}-procs.st")));
+        let world = n.to_string();
+        let mut common = vec!["forward", "--model", "fixtures/dit/pixart-alpha", "--inputs", case];
+        common.extend_from_slice(&["--strategy", strategy, "--threads-per-rank", "1"]);
+        common.extend_from_slice(extra);
+        let mut threads = common.clone();
+        threads.extend_from_slice(&["--world-size", &world, "--output", s(&a)]);
+        succeeds(&threads);
+        let mut procs = common.clone();
+        procs.extend_from_slice(&["--output", s(&b)]);
+        let stdout = launched(*n, &procs);
+        assert!(stdout.contains("relative L2 error"), "{strategy}: {stdout}");
+        // The same program on the same bits: the TCP transport moves and sums exactly what
+        // the in-process one does (parallel-core/tests/tcp.rs), so nothing may differ.
+        assert!(sample_of(&a) == sample_of(&b), "{strategy}: processes differ from threads");
+    }
+}
+
+#[test]
+fn launched_runs_equal_the_in_process_run_image_and_latents() {
+    let dir = tmp("launch-run");
+    let cases: &[(usize, &[&str])] = &[
+        (2, &["--strategy", "pipefusion", "--num-pipeline-patch", "2", "--warmup-steps", "1"]),
+        (4, &["--strategy", "ulysses", "--cfg-degree", "2", "--vae-parallel"]),
+    ];
+    for (i, (n, extra)) in cases.iter().enumerate() {
+        let files =
+            |tag: &str| (dir.join(format!("{i}-{tag}.png")), dir.join(format!("{i}-{tag}.st")));
+        let ((png_a, lat_a), (png_b, lat_b)) = (files("threads"), files("procs"));
+        let mut common = vec!["run", "configs/demo.toml", "--steps", "3", "--no-progress"];
+        common.extend_from_slice(&["--threads-per-rank", "1"]);
+        common.extend_from_slice(extra);
+        let world = n.to_string();
+        let mut threads = common.clone();
+        threads.extend_from_slice(&["--world-size", &world, "--output", s(&png_a)]);
+        threads.extend_from_slice(&["--save-latents", s(&lat_a)]);
+        succeeds(&threads);
+        let mut procs = common.clone();
+        procs.extend_from_slice(&["--output", s(&png_b), "--save-latents", s(&lat_b)]);
+        let stdout = launched(*n, &procs);
+        assert!(
+            stdout.contains("3 steps") && stdout.contains(&format!("on {n} ranks")),
+            "{stdout}"
+        );
+        assert_eq!(
+            std::fs::read(&png_a).unwrap(),
+            std::fs::read(&png_b).unwrap(),
+            "{extra:?}: PNG"
+        );
+        let lat = |p: &Path| weights::read_tensors(p).unwrap().remove("latents").unwrap().values;
+        assert!(lat(&lat_a) == lat(&lat_b), "{extra:?}: latents");
+    }
+}
+
+/// A long run of two ranks for the kill tests: 300 steps of the tiny pipeline.
+fn long_run(png: &Path) -> Vec<&str> {
+    vec![
+        "run",
+        "-vv",
+        "configs/demo.toml",
+        "--steps",
+        "300",
+        "--strategy",
+        "ulysses",
+        "--no-progress",
+        "--timeout-secs",
+        "30",
+        "--output",
+        s(png),
+    ]
+}
+
+#[test]
+fn a_rank_killed_mid_run_makes_the_other_exit_naming_it() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tmp("launch-kill");
+    let png = dir.join("never.png");
+    let port = free_port();
+    let args = long_run(&png);
+    let mut r0 = rank_process(&args, 0, 2, port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r1 = rank_process(&args, 1, 2, port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(r0.stderr.take().unwrap()).lines().map_while(Result::ok);
+    assert!(lines.by_ref().any(|l| l.contains("step 3/300 begins")), "rank 0 never reached step 3");
+    r1.kill().unwrap(); // SIGKILL: no abort, no goodbye
+    let killed = std::time::Instant::now();
+    let rest: Vec<String> = lines.collect();
+    let status = r0.wait().unwrap();
+    let _ = r1.wait();
+    println!("rank 0 exited {:?} after rank 1 was killed", killed.elapsed());
+    assert_eq!(status.code(), Some(1), "{rest:?}");
+    // Detected from the closed connection, not by the 30 s timeout.
+    assert!(killed.elapsed() < std::time::Duration::from_secs(15), "{:?}", killed.elapsed());
+    let error = rest.iter().find(|l| l.starts_with("error: ")).expect("an error line");
+    assert!(error.contains("rank 1 failed") && error.contains("connection lost"), "{error}");
+    assert!(!png.exists());
+}
+
+#[test]
+fn the_launcher_stops_every_rank_when_one_is_killed_and_names_it() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tmp("launcher-kill");
+    let png = dir.join("never.png");
+    let port = free_port().to_string();
+    let mut args = vec!["-v", "launch", "--nproc-per-node", "2", "--master-port", &port, "--"];
+    args.extend(long_run(&png));
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(&args)
+        .current_dir(repo(""))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(launcher.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let mut pid = None;
+    for l in lines.by_ref() {
+        if let Some(p) = l.strip_prefix("info: launch: rank 1 is process ") {
+            pid = Some(p.trim().to_string());
+        }
+        if l.contains("[rank 0]") && l.contains("step 3/300 begins") {
+            break;
+        }
+    }
+    let pid = pid.expect("the launcher names rank 1's process");
+    assert!(Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    let killed = std::time::Instant::now();
+    let rest: Vec<String> = lines.collect();
+    let status = launcher.wait().unwrap();
+    println!("the launcher exited {:?} after rank 1 was killed", killed.elapsed());
+    assert_eq!(status.code(), Some(1), "{rest:?}");
+    assert!(killed.elapsed() < std::time::Duration::from_secs(15), "{:?}", killed.elapsed());
+    let error = rest.last().expect("the launcher's error");
+    assert!(
+        error.starts_with("error: rank 1 was killed by signal 9 (SIGKILL)")
+            && error.contains("were stopped"),
+        "{error}"
+    );
+}
+
+/// A rank started by hand that must fail; its stderr.
+fn rank_fails(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn multi_process_settings_and_rendezvous_failures_are_named() {
+    let dir = tmp("launch-errors");
+    let out = dir.join("x.safetensors");
+    let forward = [
+        "forward",
+        "--model",
+        "fixtures/dit/pixart-alpha",
+        "--inputs",
+        "fixtures/dit/pixart-alpha/cases/square.safetensors",
+        "--output",
+        s(&out),
+        "--strategy",
+        "ulysses",
+        "--timeout-secs",
+        "2",
+    ];
+    // A rank that never arrives.
+    let port = free_port();
+    let e = rank_fails(rank_process(&forward, 0, 2, port));
+    assert!(e.contains(&format!("rendezvous at 127.0.0.1:{port} (rank 0)")), "{e}");
+    assert!(e.contains("rank 1 never arrived within 2 s"), "{e}");
+    // WORLD_SIZE that differs between ranks.
+    let port = free_port();
+    let mut r0 = rank_process(&forward, 0, 2, port);
+    let mut r0 =
+        r0.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let e = rank_fails(rank_process(&forward, 1, 3, port));
+    assert!(e.contains("rank 0 has WORLD_SIZE 2 but rank 1 has WORLD_SIZE 3"), "{e}");
+    assert!(!r0.wait().unwrap().success());
+    // A port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let e = rank_fails(rank_process(&forward, 0, 2, taken.local_addr().unwrap().port()));
+    assert!(e.contains("another run is using MASTER_PORT"), "{e}");
+    // Malformed variables, and flags that disagree with the launcher.
+    let e = rank_fails(rank_process(&forward, 2, 2, 29500));
+    assert!(e.contains("environment variable RANK: 2 must be below WORLD_SIZE 2"), "{e}");
+    let mut c = rank_process(&forward, 0, 2, 29500);
+    c.env("MASTER_ADDR", "10.0.0.300");
+    let e = rank_fails(c);
+    assert!(e.contains("MASTER_ADDR") && e.contains("not an IP address"), "{e}");
+    let mut c = rank_process(&forward, 0, 2, 29500);
+    c.env("MASTER_PORT", "port");
+    assert!(rank_fails(c).contains("environment variable MASTER_PORT: `port` is not a TCP port"));
+    let mut with_world = forward.to_vec();
+    with_world.extend_from_slice(&["--world-size", "3"]);
+    let e = rank_fails(rank_process(&with_world, 0, 2, 29500));
+    assert!(e.contains("--world-size: 3 disagrees with the launcher's WORLD_SIZE 2"), "{e}");
+    let mut with_link = forward.to_vec();
+    with_link.extend_from_slice(&["--link", "pcie4"]);
+    let e = rank_fails(rank_process(&with_link, 0, 2, 29500));
+    assert!(e.contains("parallel.link") && e.contains("the link is real"), "{e}");
+    // The launcher's own settings.
+    let e = fails(&["launch", "--nproc-per-node", "2", "--", "bench"]);
+    assert!(e.contains("runs `run` or `forward`") && e.contains("`bench`"), "{e}");
+    let e = fails(&[
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "2",
+        "--",
+        "run",
+    ]);
+    assert!(e.contains("--node-rank: 2 must be below --nnodes 2"), "{e}");
+    let e = fails(&["launch", "--nproc-per-node", "1", "--master-addr", "a b", "--", "run"]);
+    assert!(e.contains("--master-addr"), "{e}");
+}

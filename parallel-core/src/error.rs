@@ -100,6 +100,28 @@ pub enum CommError {
         /// What is wrong, with the shapes involved.
         detail: String,
     },
+    /// A connection between two ranks of a multi-process world failed.
+    #[error("{op} on rank {rank}: the connection to rank {peer} failed: {detail}")]
+    Transport {
+        /// The operation.
+        op: String,
+        /// The rank (world numbering).
+        rank: usize,
+        /// The rank at the other end (world numbering).
+        peer: usize,
+        /// The socket error.
+        detail: String,
+    },
+    /// A multi-process world could not be formed at its rendezvous.
+    #[error("rendezvous at {addr} (rank {rank}): {detail}")]
+    Rendezvous {
+        /// The master address (`MASTER_ADDR:MASTER_PORT`).
+        addr: String,
+        /// The rank that failed to join.
+        rank: usize,
+        /// What went wrong, naming the rank or setting at fault.
+        detail: String,
+    },
     /// A rank index outside the group, or a group that cannot be formed.
     #[error("{op} on rank {rank}: {detail}")]
     InvalidRank {

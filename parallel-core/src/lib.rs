@@ -76,7 +76,8 @@ pub mod strategy;
 pub use cfg::CfgParallel;
 pub use comm::{
     Clock, Comm, CommStats, Communicator, LaunchOptions, Link, LinkModel, LinkSpecError, LocalComm,
-    ManualClock, OpKind, OpStats, Pending, PendingSend, Tag, WallClock, launch,
+    ManualClock, OpKind, OpStats, Pending, PendingSend, ProcessGroup, Tag, TcpComm, TcpWorld,
+    WallClock, launch, launch_loopback, launch_process,
 };
 pub use error::{CommError, ParallelError, Result};
 pub use mesh::{Axis, Mesh};

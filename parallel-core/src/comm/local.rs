@@ -416,7 +416,7 @@ where
     })
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -432,7 +432,7 @@ fn size_of<B: Backend>(t: &FloatTensor<B>) -> (u64, u64) {
 }
 
 /// The `n` ring chunks of `size` elements, as (start, len): larger ones first.
-fn chunks(size: usize, n: usize) -> Vec<(usize, usize)> {
+pub(super) fn chunks(size: usize, n: usize) -> Vec<(usize, usize)> {
     let mut start = 0;
     (0..n)
         .map(|i| {

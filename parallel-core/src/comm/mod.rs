@@ -49,10 +49,16 @@
 mod link;
 mod local;
 mod stats;
+mod store;
+mod tcp;
 
 pub use link::{Clock, Link, LinkModel, LinkSpecError, ManualClock, PRESETS, Preset, WallClock};
 pub use local::{LaunchOptions, LocalComm, launch};
 pub use stats::{CommStats, OpKind, OpStats, all_reduce_elements, ring_chunks};
+pub use store::{StoreClient, StoreServer};
+pub use tcp::{
+    ProcessGroup, TcpComm, TcpWorld, free_loopback_port, join, launch_loopback, launch_process,
+};
 
 use std::fmt;
 use std::sync::Arc;
