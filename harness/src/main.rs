@@ -318,6 +318,9 @@ fn under_launcher(p: &mut ParallelConfig, flag: Option<usize>) -> harness::Resul
             format!("{w} disagrees with the launcher's WORLD_SIZE {}", env.world_size),
         ));
     }
+    if std::env::var(harness::multiprocess::LIFELINE).is_ok_and(|v| v == "1") {
+        harness::multiprocess::watch_launcher(env.rank);
+    }
     p.world_size = env.world_size;
     p.process = Some(env);
     Ok(())

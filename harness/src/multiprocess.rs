@@ -10,7 +10,8 @@
 //! [`launch`] (the `harness launch` command) starts the ranks of this machine, forwards their
 //! standard error with a `[rank r]` prefix, and when one fails stops the others and exits
 //! non-zero with the first failure's message — the root cause, not a peer's "rank r failed"
-//! echo of it.
+//! echo of it. A rank whose launcher dies (even by SIGKILL) stops as well: the launcher holds
+//! the write end of every rank's stdin, and a rank ends when it closes ([`watch_launcher`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -160,6 +161,9 @@ pub struct LaunchOutcome {
 struct Rank {
     rank: usize,
     child: Child,
+    /// The write end of the child's stdin, held open for as long as the launcher lives: its
+    /// closing is how the child learns that the launcher died ([`watch_launcher`]).
+    _lifeline: Option<std::process::ChildStdin>,
     /// The last `error: …` line it wrote.
     error: Arc<Mutex<Option<String>>>,
     status: Option<ExitStatus>,
@@ -246,7 +250,8 @@ pub fn launch(args: &LaunchArgs) -> Result<LaunchOutcome> {
             .env("GROUP_RANK", args.node_rank.to_string())
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", args.master_port.to_string())
-            .stdin(Stdio::null())
+            .env(LIFELINE, "1")
+            .stdin(Stdio::piped())
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())
             .spawn();
@@ -263,7 +268,8 @@ pub fn launch(args: &LaunchArgs) -> Result<LaunchOutcome> {
             let error = error.clone();
             std::thread::spawn(move || forward_stderr(rank, err, &error))
         });
-        ranks.push(Rank { rank, child, error, status: None, forwarder });
+        let lifeline = child.stdin.take();
+        ranks.push(Rank { rank, child, _lifeline: lifeline, error, status: None, forwarder });
     }
     let started: Vec<usize> = ranks.iter().map(|r| r.rank).collect();
     let mut first_failure: Option<(Instant, usize)> = None;
@@ -321,6 +327,33 @@ pub fn launch(args: &LaunchArgs) -> Result<LaunchOutcome> {
             text
         },
     })
+}
+
+/// The variable `harness launch` sets on its ranks: their stdin is the launcher's lifeline.
+pub const LIFELINE: &str = "HARNESS_LAUNCHER_LIFELINE";
+
+/// Under `harness launch` (`HARNESS_LAUNCHER_LIFELINE=1`): a thread that waits for the
+/// launcher's end of this process's stdin to close — the launcher died (killed, crashed) —
+/// and then ends this rank with an error, so that no rank outlives its launcher (its peers
+/// see the lost connection and end too). Nothing else reads the harness's stdin.
+pub fn watch_launcher(rank: usize) {
+    let spawned = std::thread::Builder::new().name("launcher-lifeline".into()).spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        // The launcher read this rank's stderr: it may be gone too, so no `eprintln!`.
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: rank {rank}: its launcher exited (killed?); this rank stops too"
+        );
+        std::process::exit(1);
+    });
+    if let Err(e) = spawned {
+        log::warn!(
+            "rank {rank}: cannot watch the launcher ({e}); it may outlive a killed launcher"
+        );
+    }
 }
 
 /// Kills every rank still running and reaps it.

@@ -167,12 +167,25 @@ impl RunReport {
     pub fn summary(&self) -> String {
         let (h, w) = self.image_size;
         let target = match (&self.image, &self.saved_latents) {
-            (Some(_), _) if self.images.len() > 1 => format!(
-                " → {} images ({} data-parallel replicas): {}",
-                self.images.len(),
-                self.replicas,
-                self.images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            ),
+            (Some(_), _) if self.images.len() > 1 => {
+                // A folder and a count, not every file of a batch.
+                let dirs: std::collections::BTreeSet<&std::path::Path> =
+                    self.images.iter().filter_map(|p| p.parent()).collect();
+                let place = match (dirs.len(), self.images.first(), self.images.last()) {
+                    (1, _, _) => {
+                        let d = dirs.first().map(|d| d.display().to_string()).unwrap_or_default();
+                        format!(" in {}", if d.is_empty() { ".".into() } else { d })
+                    }
+                    (_, Some(a), Some(b)) => format!(": {} … {}", a.display(), b.display()),
+                    _ => String::new(),
+                };
+                let replicas = if self.replicas > 1 {
+                    format!(" ({} data-parallel replicas)", self.replicas)
+                } else {
+                    String::new()
+                };
+                format!(" → {} images{replicas}{place}", self.images.len())
+            }
             (Some(p), _) => format!(" → {}", p.display()),
             (None, Some(p)) => format!(" → {}", p.display()),
             (None, None) => String::new(),
