@@ -105,7 +105,7 @@ fn bar_chart(title: &str, unit: &str, labels: &[String], values: &[f64]) -> Stri
             lx = left - 8.0,
             ty = y + 15.0,
             l = esc(l),
-            serial = if i == 0 { " serial" } else { "" },
+            serial = if l == "serial" { " serial" } else { "" },
             vx = left + len + 6.0,
         );
     }
