@@ -68,6 +68,10 @@ pub struct ParallelConfig {
     /// `None`: every rank is a thread of this process.
     #[serde(skip)]
     pub process: Option<crate::multiprocess::ProcessEnv>,
+    /// CUDA: the GPU of rank `i` is `devices[i mod len]` (empty, the default: GPU `i mod
+    /// visible GPUs`; under a launcher `i` is the process's `LOCAL_RANK`). See
+    /// [`crate::devices`].
+    pub devices: Vec<usize>,
 }
 
 impl Default for ParallelConfig {
@@ -84,6 +88,7 @@ impl Default for ParallelConfig {
             cfg_degree: 1,
             dp_degree: 1,
             process: None,
+            devices: Vec::new(),
         }
     }
 }

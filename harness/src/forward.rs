@@ -98,8 +98,7 @@ pub fn forward(
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                let devices =
-                    (0..parallel.world_size).map(|index| burn_cuda::CudaDevice { index }).collect();
+                let devices = crate::devices::cuda_devices(parallel)?;
                 job.execute::<crate::CudaBackend>(devices)?
             }
             #[cfg(not(feature = "cuda"))]

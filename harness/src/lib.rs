@@ -58,6 +58,7 @@
 pub mod batch;
 pub mod bench;
 pub mod config;
+pub mod devices;
 pub mod error;
 pub mod eval;
 pub mod forward;

@@ -76,6 +76,10 @@ struct ParallelArgs {
     /// ib100, eth25) or bandwidth=…,latency=…, optionally ,dilation=F.
     #[arg(long, value_name = "SPEC")]
     link: Option<String>,
+    /// CUDA: the GPU of each rank, `devices[rank mod len]`, e.g. "0,1" (default: rank mod
+    /// visible GPUs).
+    #[arg(long, value_name = "IDS")]
+    devices: Option<String>,
     /// Decode with the VAE split by rows over every rank (exact), not on rank 0 alone.
     #[arg(long)]
     vae_parallel: bool,
@@ -111,6 +115,9 @@ impl ParallelArgs {
         }
         if self.vae_parallel {
             p.vae_parallel = true;
+        }
+        if let Some(v) = &self.devices {
+            p.devices = harness::devices::parse_devices(v)?;
         }
         if let Some(v) = self.cfg_degree {
             p.cfg_degree = v;

@@ -846,9 +846,7 @@ pub fn run_with_options(config: &RunConfig, options: &RunOptions) -> Result<RunR
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                let devices = (0..config.parallel.world_size)
-                    .map(|index| burn_cuda::CudaDevice { index })
-                    .collect();
+                let devices = crate::devices::cuda_devices(&config.parallel)?.into_iter().collect();
                 plan.execute::<crate::CudaBackend>(options, devices)
             }
             #[cfg(not(feature = "cuda"))]
