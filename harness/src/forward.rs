@@ -56,6 +56,9 @@ pub struct ForwardReport {
     pub world_size: usize,
     /// Every rank's counters.
     pub ranks: Vec<RankReport>,
+    /// Wall time of the forward on rank 0 (loading excluded; its waits for the other ranks
+    /// included).
+    pub forward_time: std::time::Duration,
 }
 
 impl ForwardReport {
@@ -66,12 +69,13 @@ impl ForwardReport {
             None => String::new(),
         };
         format!(
-            "wrote `sample` {:?} to {} (strategy {} on {} rank{}){check}",
+            "wrote `sample` {:?} to {} (strategy {} on {} rank{}; forward {:.3} s){check}",
             self.sample.shape,
             self.output.display(),
             self.strategy,
             self.world_size,
             if self.world_size == 1 { "" } else { "s" },
+            self.forward_time.as_secs_f64(),
         )
     }
 }
@@ -93,7 +97,7 @@ pub fn forward(
         return Err(HarnessError::io(inputs, "no such inputs file (--inputs)"));
     }
     let job = Job { folder, config, options, inputs, output, parallel };
-    let (sample, rel_l2, ranks) = match parallel.backend {
+    let (sample, rel_l2, forward_time, ranks) = match parallel.backend {
         BackendKind::Cpu => job.execute::<crate::CpuBackend>(Vec::new())?,
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
@@ -114,6 +118,7 @@ pub fn forward(
         strategy: parallel.strategy.clone(),
         world_size: parallel.world_size,
         ranks,
+        forward_time,
     })
 }
 
@@ -126,13 +131,13 @@ struct Job<'a> {
     parallel: &'a ParallelConfig,
 }
 
-type RankResult = (RankReport, Option<(HostTensor, Option<f64>)>);
+type RankResult = (RankReport, Option<(HostTensor, Option<f64>, std::time::Duration)>);
 
 impl Job<'_> {
     fn execute<B: Backend>(
         &self,
         devices: Vec<B::Device>,
-    ) -> Result<(HostTensor, Option<f64>, Vec<RankReport>)> {
+    ) -> Result<(HostTensor, Option<f64>, std::time::Duration, Vec<RankReport>)> {
         let launch = launch_options::<B>(self.parallel, devices)?;
         let outputs = launch_ranks(self.parallel, &launch, |comm| self.rank(comm))?;
         let mut ranks = Vec::new();
@@ -141,12 +146,12 @@ impl Job<'_> {
             ranks.push(report);
             result = result.or(r0);
         }
-        let (sample, rel) = result.ok_or_else(|| {
+        let (sample, rel, took) = result.ok_or_else(|| {
             HarnessError::Parallel(parallel_core::ParallelError::Model(
                 "rank 0 returned no result".into(),
             ))
         })?;
-        Ok((sample, rel, ranks))
+        Ok((sample, rel, took, ranks))
     }
 
     fn rank<B: Backend>(&self, comm: Comm<B>) -> Result<RankResult> {
@@ -193,7 +198,9 @@ impl Job<'_> {
         let model = self.config.load::<B>(&self.folder, &plan, &device)?;
         strategy.begin_request(&desc, &request)?;
         comm.reset_stats();
+        let started = std::time::Instant::now();
         let sample = strategy.forward(&model, &input, 0)?;
+        let took = started.elapsed();
         let report = RankReport {
             rank: comm.rank(),
             comm: comm.stats(),
@@ -222,6 +229,6 @@ impl Job<'_> {
             }
             None => None,
         };
-        Ok((report, Some((sample, rel))))
+        Ok((report, Some((sample, rel, took))))
     }
 }
