@@ -158,14 +158,6 @@ impl ParallelConfig {
                      real (drop the link model, or run without harness launch)",
                 ));
             }
-            if self.dp_degree != 1 {
-                return Err(HarnessError::config(
-                    "parallel.dp_degree (--dp-degree)",
-                    "data-parallel replicas are not split over processes yet (each replica's \
-                     images would be written by a different process): under harness launch \
-                     run one job per replica, or run the replicas in one process",
-                ));
-            }
             if self.world_size != p.world_size {
                 return Err(HarnessError::config(
                     "parallel.world_size (--world-size)",

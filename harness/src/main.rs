@@ -264,7 +264,30 @@ fn init_logger(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+    // Our crates at the chosen level, dependencies (Burn, CubeCL, tokenizers) at warnings.
+    const OURS: [&str; 16] = [
+        "harness",
+        "parallel_core",
+        "strategy_tensor",
+        "strategy_ulysses",
+        "strategy_ring",
+        "strategy_distrifusion",
+        "strategy_pipefusion",
+        "models_dit",
+        "models_unet",
+        "models_vae",
+        "models_text",
+        "schedulers",
+        "weights",
+        "quality",
+        "kernels",
+        "metrics",
+    ];
+    let filter = std::iter::once("warn".to_string())
+        .chain(OURS.iter().map(|c| format!("{c}={level}")))
+        .collect::<Vec<_>>()
+        .join(",");
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter))
         .format(|buf, record| {
             writeln!(buf, "{}: {}", record.level().as_str().to_lowercase(), record.args())
         })

@@ -402,7 +402,12 @@ impl RunPlan {
             )?;
             let replica = mesh.coord(comm.rank(), parallel_core::Axis::Data);
             let group = comm.split(&mesh, &[parallel_core::Axis::Tensor])?;
-            rank_main::<B>(group, self, options, &models, start, replica)
+            let mut out = rank_main::<B>(group, self, options, &models, start, replica)?;
+            if parallel.process.is_some() {
+                // One rank per process: world rank 0 writes every replica's metadata.
+                out.written = gather_written(&comm, &out.written)?;
+            }
+            Ok(out)
         })?;
         drop(models);
         let mut ranks = Vec::with_capacity(outputs.len());
@@ -542,13 +547,51 @@ struct Rank0 {
 }
 
 /// What one request wrote, for the batch's `metadata.jsonl`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Written {
     index: usize,
     image: Option<PathBuf>,
     seconds: f64,
     /// The process's resident memory after the request (every rank's, in-process).
     rss_bytes: u64,
+}
+
+/// Every rank's [`Written`] records, on world rank 0 (empty elsewhere): in a multi-process
+/// world each replica's rank 0 holds its own, and they travel as JSON bytes (one `f32` per
+/// byte, exact) through two all-gathers, lengths first.
+fn gather_written<B: Backend>(comm: &Comm<B>, mine: &[Written]) -> Result<Vec<Written>> {
+    let bytes = serde_json::to_vec(mine).map_err(|e| {
+        HarnessError::Parallel(parallel_core::ParallelError::Model(format!(
+            "metadata of rank {}: {e}",
+            comm.rank()
+        )))
+    })?;
+    let device = comm.device();
+    let len = Tensor::<B, 1>::from_data(TensorData::new(vec![bytes.len() as f32], [1]), &device);
+    let lens: Vec<f32> = comm.all_gather(len, 0)?.into_data().to_vec().unwrap_or_default();
+    let values: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+    let n = values.len();
+    let all =
+        comm.all_gather(Tensor::<B, 1>::from_data(TensorData::new(values, [n]), &device), 0)?;
+    if comm.rank() != 0 {
+        return Ok(Vec::new());
+    }
+    let all: Vec<f32> = all.into_data().to_vec().unwrap_or_default();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for (rank, &l) in lens.iter().enumerate() {
+        let l = l as usize;
+        let text: Vec<u8> =
+            all.get(at..at + l).unwrap_or_default().iter().map(|&v| v as u8).collect();
+        at += l;
+        let part: Vec<Written> = serde_json::from_slice(&text).map_err(|e| {
+            HarnessError::Parallel(parallel_core::ParallelError::Model(format!(
+                "metadata from rank {rank} does not decode: {e}"
+            )))
+        })?;
+        out.extend(part);
+    }
+    Ok(out)
 }
 
 struct RankOutput {

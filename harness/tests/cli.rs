@@ -1439,3 +1439,40 @@ fn ranks_do_not_outlive_a_killed_launcher() {
     // rank that does not watch its launcher is still running after 3 s.
     assert!(killed.elapsed() < std::time::Duration::from_secs(3), "{:?}", killed.elapsed());
 }
+
+#[test]
+fn launched_data_parallel_batches_equal_the_in_process_batch() {
+    let dir = tmp("launch-dp");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\na blue square\na green triangle\n").unwrap();
+    let (a, b) = (dir.join("threads"), dir.join("procs"));
+    let common =
+        ["run", "configs/demo.toml", "--prompts", s(&prompts), "--steps", "3", "--no-progress"];
+    let mut threads = common.to_vec();
+    threads.extend_from_slice(&["--world-size", "4", "--dp-degree", "2", "--strategy", "ulysses"]);
+    threads.extend_from_slice(&["--threads-per-rank", "1", "--output-dir", s(&a)]);
+    succeeds(&threads);
+    let mut procs = common.to_vec();
+    procs.extend_from_slice(&["--dp-degree", "2", "--strategy", "ulysses"]);
+    procs.extend_from_slice(&["--threads-per-rank", "1", "--output-dir", s(&b)]);
+    let stdout = launched(4, &procs);
+    assert!(stdout.contains("3 images (2 data-parallel replicas)"), "{stdout}");
+    for f in ["00000.png", "00001.png", "00002.png"] {
+        // Image 1 is replica 1's: written by world rank 2's process.
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
+    }
+    // World rank 0 writes every replica's metadata lines (timings aside, the same).
+    let meta = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("metadata.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().retain(|k, _| k != "seconds" && k != "rss_mib");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(meta(&a), meta(&b));
+    assert_eq!(meta(&b).len(), 3);
+}
