@@ -1268,15 +1268,16 @@ fn a_rank_killed_mid_run_makes_the_other_exit_naming_it() {
     assert!(!png.exists());
 }
 
-#[test]
-fn the_launcher_stops_every_rank_when_one_is_killed_and_names_it() {
+/// `harness -v launch` of [`long_run`] on two ranks, read until rank 0 begins step 3: the
+/// launcher, its ranks' process ids (by rank) and the rest of its stderr.
+fn launch_long_run(
+    png: &Path,
+) -> (std::process::Child, Vec<String>, impl Iterator<Item = String> + use<>) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let dir = tmp("launcher-kill");
-    let png = dir.join("never.png");
     let port = free_port().to_string();
     let mut args = vec!["-v", "launch", "--nproc-per-node", "2", "--master-port", &port, "--"];
-    args.extend(long_run(&png));
+    args.extend(long_run(png));
     let mut launcher = Command::new(env!("CARGO_BIN_EXE_harness"))
         .args(&args)
         .current_dir(repo(""))
@@ -1285,17 +1286,27 @@ fn the_launcher_stops_every_rank_when_one_is_killed_and_names_it() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(launcher.stderr.take().unwrap()).lines().map_while(Result::ok);
-    let mut pid = None;
+    let mut pids = Vec::new();
     for l in lines.by_ref() {
-        if let Some(p) = l.strip_prefix("info: launch: rank 1 is process ") {
-            pid = Some(p.trim().to_string());
+        if let Some(rest) = l.strip_prefix("info: launch: rank ")
+            && let Some((_, pid)) = rest.split_once(" is process ")
+        {
+            pids.push(pid.trim().to_string());
         }
         if l.contains("[rank 0]") && l.contains("step 3/1000 begins") {
             break;
         }
     }
-    let pid = pid.expect("the launcher names rank 1's process");
-    assert!(Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    assert_eq!(pids.len(), 2, "the launcher names both ranks' processes");
+    (launcher, pids, lines)
+}
+
+#[test]
+fn the_launcher_stops_every_rank_when_one_is_killed_and_names_it() {
+    let dir = tmp("launcher-kill");
+    let (mut launcher, pids, lines) = launch_long_run(&dir.join("never.png"));
+    let pid = &pids[1];
+    assert!(Command::new("kill").args(["-9", pid]).status().unwrap().success());
     let killed = std::time::Instant::now();
     let rest: Vec<String> = lines.collect();
     let status = launcher.wait().unwrap();
@@ -1400,33 +1411,8 @@ fn gone(pid: &str) -> bool {
 
 #[test]
 fn ranks_do_not_outlive_a_killed_launcher() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let dir = tmp("launcher-dies");
-    let png = dir.join("never.png");
-    let port = free_port().to_string();
-    let mut args = vec!["-v", "launch", "--nproc-per-node", "2", "--master-port", &port, "--"];
-    args.extend(long_run(&png));
-    let mut launcher = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(&args)
-        .current_dir(repo(""))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(launcher.stderr.take().unwrap()).lines().map_while(Result::ok);
-    let mut pids = Vec::new();
-    for l in lines.by_ref() {
-        if let Some(rest) = l.strip_prefix("info: launch: rank ")
-            && let Some((_, pid)) = rest.split_once(" is process ")
-        {
-            pids.push(pid.trim().to_string());
-        }
-        if l.contains("[rank 0]") && l.contains("step 3/1000 begins") {
-            break;
-        }
-    }
-    assert_eq!(pids.len(), 2, "the launcher names both ranks' processes");
+    let (mut launcher, pids, _lines) = launch_long_run(&dir.join("never.png"));
     launcher.kill().unwrap(); // SIGKILL: the launcher cannot stop its ranks itself
     let _ = launcher.wait();
     let killed = std::time::Instant::now();

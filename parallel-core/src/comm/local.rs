@@ -369,36 +369,19 @@ where
                 let threads = options.threads_per_rank;
                 std::thread::Builder::new()
                     .name(format!("rank-{rank}"))
-                    .spawn_scoped(scope, move || {
-                        let work = || catch_unwind(AssertUnwindSafe(|| f(comm)));
-                        let outcome = match threads {
-                            Some(n) => match rayon::ThreadPoolBuilder::new()
-                                .num_threads(n.max(1))
-                                .thread_name(move |i| format!("rank-{rank}-worker-{i}"))
-                                .build()
-                            {
-                                Ok(pool) => pool.install(work),
-                                Err(e) => Ok(Err(ParallelError::RankFailed {
-                                    rank,
-                                    reason: format!("cannot build a thread pool of {n}: {e}"),
-                                })),
-                            },
-                            None => work(),
-                        };
-                        match outcome {
-                            Ok(Ok(v)) => {
-                                world.leave(rank);
-                                Ok(v)
-                            }
-                            Ok(Err(e)) => {
-                                world.fail(rank, e.to_string());
-                                Err(e)
-                            }
-                            Err(panic) => {
-                                let reason = panic_message(panic.as_ref());
-                                world.fail(rank, format!("panicked: {reason}"));
-                                Err(ParallelError::RankFailed { rank, reason })
-                            }
+                    .spawn_scoped(scope, move || match run_rank(rank, threads, || f(comm)) {
+                        Ok(Ok(v)) => {
+                            world.leave(rank);
+                            Ok(v)
+                        }
+                        Ok(Err(e)) => {
+                            world.fail(rank, e.to_string());
+                            Err(e)
+                        }
+                        Err(panic) => {
+                            let reason = panic_message(panic.as_ref());
+                            world.fail(rank, format!("panicked: {reason}"));
+                            Err(ParallelError::RankFailed { rank, reason })
                         }
                     })
                     .expect("spawning a rank thread")
@@ -414,6 +397,65 @@ where
             })
             .collect()
     })
+}
+
+/// What running one rank's work gave: its own result, or the payload of its panic.
+pub(super) type RankOutcome<T> =
+    Result<Result<T, ParallelError>, Box<dyn std::any::Any + Send + 'static>>;
+
+/// Runs rank `rank`'s `work` on a rayon pool of `threads` threads (`None`: the global pool),
+/// catching a panic. Both transports' launchers run their ranks through it.
+pub(super) fn run_rank<T: Send>(
+    rank: usize,
+    threads: Option<usize>,
+    work: impl FnOnce() -> Result<T, ParallelError> + Send,
+) -> RankOutcome<T> {
+    let work = move || catch_unwind(AssertUnwindSafe(work));
+    match threads {
+        Some(n) => match rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .thread_name(move |i| format!("rank-{rank}-worker-{i}"))
+            .build()
+        {
+            Ok(pool) => pool.install(work),
+            Err(e) => Ok(Err(ParallelError::RankFailed {
+                rank,
+                reason: format!("cannot build a thread pool of {n}: {e}"),
+            })),
+        },
+        None => work(),
+    }
+}
+
+/// Checks the members of a [`Communicator::split`] made by world rank `me` of a world of
+/// `world_size`; this rank's index among them.
+pub(super) fn check_split(
+    me: usize,
+    world_size: usize,
+    members: &[usize],
+) -> Result<usize, CommError> {
+    let mut sorted = members.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let invalid = |detail: String| CommError::InvalidRank { op: "split".into(), rank: me, detail };
+    if sorted.len() != members.len() || members.is_empty() {
+        return Err(invalid(format!("members {members:?} must be distinct and non-empty")));
+    }
+    if let Some(&bad) = members.iter().find(|&&m| m >= world_size) {
+        return Err(invalid(format!("rank {bad} is outside a world of {world_size}")));
+    }
+    members
+        .iter()
+        .position(|&m| m == me)
+        .ok_or_else(|| invalid(format!("this rank is not among the members {members:?}")))
+}
+
+/// The `nth` time (from 1) this rank splits onto `members`, counted in `splits`.
+pub(super) fn next_split(splits: &Mutex<HashMap<Vec<usize>, u64>>, members: &[usize]) -> u64 {
+    let mut splits = lock(splits);
+    let c = splits.entry(members.to_vec()).or_insert(0);
+    *c += 1;
+    *c
 }
 
 pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -1220,28 +1262,9 @@ impl<B: Backend> Communicator<B> for LocalComm<B> {
 
     fn split(&self, members: &[usize]) -> Result<Box<dyn Communicator<B>>, CommError> {
         let rg = &self.inner;
-        let me = rg.world_rank();
         let world_size = lock(&rg.world.status).left.len();
-        let mut sorted = members.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let invalid =
-            |detail: String| CommError::InvalidRank { op: "split".into(), rank: me, detail };
-        if sorted.len() != members.len() || members.is_empty() {
-            return Err(invalid(format!("members {members:?} must be distinct and non-empty")));
-        }
-        if let Some(&bad) = members.iter().find(|&&m| m >= world_size) {
-            return Err(invalid(format!("rank {bad} is outside a world of {world_size}")));
-        }
-        let Some(rank) = members.iter().position(|&m| m == me) else {
-            return Err(invalid(format!("this rank is not among the members {members:?}")));
-        };
-        let nth = {
-            let mut splits = lock(&rg.splits);
-            let c = splits.entry(members.to_vec()).or_insert(0);
-            *c += 1;
-            *c
-        };
+        let rank = check_split(rg.world_rank(), world_size, members)?;
+        let nth = next_split(&rg.splits, members);
         let group = lock(&rg.world.groups)
             .entry((members.to_vec(), nth))
             .or_insert_with(|| Arc::new(Group::new(members.to_vec())))

@@ -52,7 +52,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use super::local::{LaunchOptions, chunks, panic_message};
+use super::local::{LaunchOptions, check_split, chunks, next_split, panic_message, run_rank};
 use super::store::{StoreClient, StoreServer};
 use super::{
     Comm, CommStats, Communicator, Completion, OpKind, P2pHandle, P2pOp, RawPending,
@@ -235,13 +235,20 @@ impl Shared {
         })
     }
 
-    /// Waits for the next message of communicator `comm` from world rank `src`.
-    fn take(&self, comm: u64, src: usize, op: &str) -> Result<Message, CommError> {
+    /// Waits until `pick` finds what it wants in the state (it is polled on every arrival),
+    /// the world fails, `peer` leaves, or the timeout passes; `blocked` explains a timeout.
+    fn wait_for<R>(
+        &self,
+        peer: usize,
+        op: &str,
+        blocked: &str,
+        mut pick: impl FnMut(&mut State) -> Option<R>,
+    ) -> Result<R, CommError> {
         let started = Instant::now();
         let mut s = lock(&self.state);
         loop {
-            if let Some(m) = s.inbox.get_mut(&(comm, src)).and_then(VecDeque::pop_front) {
-                return Ok(m);
+            if let Some(r) = pick(&mut s) {
+                return Ok(r);
             }
             if let Some((failed_rank, reason)) = &s.failed {
                 return Err(CommError::PeerFailed {
@@ -251,8 +258,8 @@ impl Shared {
                     reason: reason.clone(),
                 });
             }
-            if s.left[src] {
-                return Err(CommError::PeerLeft { op: op.to_string(), rank: self.rank, peer: src });
+            if s.left[peer] {
+                return Err(CommError::PeerLeft { op: op.to_string(), rank: self.rank, peer });
             }
             let waited = started.elapsed();
             if waited >= self.timeout {
@@ -260,8 +267,8 @@ impl Shared {
                     op: op.to_string(),
                     rank: self.rank,
                     waited,
-                    missing: vec![src],
-                    blocked: String::new(),
+                    missing: vec![peer],
+                    blocked: blocked.to_string(),
                 });
             }
             s = self
@@ -272,46 +279,20 @@ impl Shared {
         }
     }
 
+    /// Waits for the next message of communicator `comm` from world rank `src`.
+    fn take(&self, comm: u64, src: usize, op: &str) -> Result<Message, CommError> {
+        self.wait_for(src, op, "", |s| s.inbox.get_mut(&(comm, src)).and_then(VecDeque::pop_front))
+    }
+
     /// Waits for `dst` to acknowledge one send of communicator `comm`.
     fn take_ack(&self, comm: u64, dst: usize, op: &str) -> Result<(), CommError> {
-        let started = Instant::now();
-        let mut s = lock(&self.state);
-        loop {
-            if let Some(n) = s.acks.get_mut(&(comm, dst))
-                && *n > 0
-            {
-                *n -= 1;
-                return Ok(());
-            }
-            if let Some((failed_rank, reason)) = &s.failed {
-                return Err(CommError::PeerFailed {
-                    op: op.to_string(),
-                    rank: self.rank,
-                    failed_rank: *failed_rank,
-                    reason: reason.clone(),
-                });
-            }
-            if s.left[dst] {
-                return Err(CommError::PeerLeft { op: op.to_string(), rank: self.rank, peer: dst });
-            }
-            let waited = started.elapsed();
-            if waited >= self.timeout {
-                return Err(CommError::Timeout {
-                    op: op.to_string(),
-                    rank: self.rank,
-                    waited,
-                    missing: vec![dst],
-                    blocked: " (its receive was not posted: a send completes when the receiver's \
-                              stream reaches the matching receive)"
-                        .into(),
-                });
-            }
-            s = self
-                .cv
-                .wait_timeout(s, POLL.min(self.timeout - waited))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let blocked = " (its receive was not posted: a send completes when the receiver's stream \
+                       reaches the matching receive)";
+        self.wait_for(dst, op, blocked, |s| {
+            let n = s.acks.get_mut(&(comm, dst)).filter(|n| **n > 0)?;
+            *n -= 1;
+            Some(())
+        })
     }
 
     fn read_loop(self: Arc<Self>, peer: usize, mut stream: TcpStream) {
@@ -1331,34 +1312,19 @@ impl<B: Backend> Communicator<B> for TcpComm<B> {
 
     fn split(&self, members: &[usize]) -> Result<Box<dyn Communicator<B>>, CommError> {
         let shared = &self.stream.shared;
-        let me = shared.rank;
-        let mut sorted = members.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        let invalid =
-            |detail: String| CommError::InvalidRank { op: "split".into(), rank: me, detail };
-        if sorted.len() != members.len() || members.is_empty() {
-            return Err(invalid(format!("members {members:?} must be distinct and non-empty")));
-        }
-        if let Some(&bad) = members.iter().find(|&&m| m >= shared.size) {
-            return Err(invalid(format!("rank {bad} is outside a world of {}", shared.size)));
-        }
-        if !members.contains(&me) {
-            return Err(invalid(format!("this rank is not among the members {members:?}")));
-        }
-        let nth = {
-            let mut splits = lock(&shared.splits);
-            let c = splits.entry(members.to_vec()).or_insert(0);
-            *c += 1;
-            *c
-        };
+        check_split(shared.rank, shared.size, members)?;
+        let nth = next_split(&shared.splits, members);
         let comm = TcpComm::open(
             shared.clone(),
             comm_id(members, nth),
             members.to_vec(),
             self.stream.device.clone(),
         )
-        .map_err(|e| invalid(format!("cannot start the stream thread: {e}")))?;
+        .map_err(|e| CommError::InvalidRank {
+            op: "split".into(),
+            rank: shared.rank,
+            detail: format!("cannot start the stream thread: {e}"),
+        })?;
         Ok(Box::new(comm))
     }
 
@@ -1398,22 +1364,7 @@ where
 {
     let (comm, world) = join(group, options)?;
     let rank = group.rank;
-    let work = move || catch_unwind(AssertUnwindSafe(move || f(comm)));
-    let outcome = match options.threads_per_rank {
-        Some(n) => match rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .thread_name(move |i| format!("rank-{rank}-worker-{i}"))
-            .build()
-        {
-            Ok(pool) => pool.install(work),
-            Err(e) => Ok(Err(ParallelError::RankFailed {
-                rank,
-                reason: format!("cannot build a thread pool of {n}: {e}"),
-            })),
-        },
-        None => work(),
-    };
-    match outcome {
+    match run_rank(rank, options.threads_per_rank, move || f(comm)) {
         Ok(Ok(v)) => {
             world.finish();
             Ok(v)
