@@ -6,6 +6,7 @@
 //! | family | inputs | reference output |
 //! |---|---|---|
 //! | DiT (`PixArtTransformer2DModel.forward`, `DiTTransformer2DModel.forward`) | `hidden_states`, `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `class_labels`, `resolution`, `aspect_ratio` | `sample` |
+//! | MMDiT (`SD3Transformer2DModel.forward`) | `hidden_states`, `timestep`, `encoder_hidden_states`, `pooled_projections` | `sample` |
 //! | U-Net (`UNet2DConditionModel.forward`) | `sample`, `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `text_embeds`, `time_ids` (SDXL) | `out` |
 
 use std::path::Path;
@@ -36,6 +37,10 @@ pub const UNET_INPUT_NAMES: [&str; 6] = [
     "time_ids",
 ];
 
+/// The MMDiT forward-argument names [`read_denoiser_input`] understands.
+pub const MMDIT_INPUT_NAMES: [&str; 4] =
+    ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"];
+
 /// Reads a file of diffusers forward arguments of a `family` model into a [`DenoiserInput`].
 ///
 /// The latents (`hidden_states` / `sample`) and `timestep` are required; the others are
@@ -51,6 +56,7 @@ pub fn read_denoiser_input<B: Backend>(
     let (names, latents, output): (&[&str], _, _) = match family {
         ModelFamily::Dit => (&INPUT_NAMES, "hidden_states", "sample"),
         ModelFamily::Unet => (&UNET_INPUT_NAMES, "sample", "out"),
+        ModelFamily::MmDit => (&MMDIT_INPUT_NAMES, "hidden_states", "sample"),
     };
     if let Some(unknown) =
         tensors.keys().find(|k| !names.contains(&k.as_str()) && k.as_str() != output)
@@ -80,7 +86,7 @@ pub fn read_denoiser_input<B: Backend>(
     if let Some(t) = tensors.get("class_labels") {
         input.class_labels = Some(t.to_int("class_labels", path, device)?);
     }
-    for name in ["resolution", "aspect_ratio", "text_embeds", "time_ids"] {
+    for name in ["resolution", "aspect_ratio", "text_embeds", "time_ids", "pooled_projections"] {
         if let Some(t) = tensors.get(name) {
             input.added_cond.insert(name.to_string(), t.to_float(name, path, device)?);
         }

@@ -140,8 +140,21 @@ impl<B: Backend> FeedForward<B> {
         layer: usize,
         seams: &mut dyn Seams<B>,
     ) -> Result<Tensor<B, 3>> {
+        self.forward_at(x, ReduceSite { layer, projection: Projection::MlpOut }, seams)
+    }
+
+    /// [`forward`](Self::forward) with the down-projection reduced at `site` (an MMDiT's
+    /// text-stream feed-forward is [`Projection::ContextMlpOut`]).
+    ///
+    /// # Shapes
+    /// `[batch, tokens, hidden]` in and out.
+    pub fn forward_at(
+        &self,
+        x: Tensor<B, 3>,
+        site: ReduceSite,
+        seams: &mut dyn Seams<B>,
+    ) -> Result<Tensor<B, 3>> {
         let h = kernels::gelu(linear(&self.net_0_proj, x), self.approximate);
-        let reduce = ReduceSite { layer, projection: Projection::MlpOut };
-        row_parallel(&self.net_2, h, reduce, seams)
+        row_parallel(&self.net_2, h, site, seams)
     }
 }

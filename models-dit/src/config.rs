@@ -13,16 +13,23 @@ use serde::Deserialize;
 use crate::error::{DitError, Result};
 
 /// The class names this crate implements (`Transformer2DModel` is remapped by `norm_type`).
-pub const KNOWN_CLASSES: [&str; 3] =
-    ["PixArtTransformer2DModel", "DiTTransformer2DModel", "Transformer2DModel"];
+pub const KNOWN_CLASSES: [&str; 4] = [
+    "PixArtTransformer2DModel",
+    "DiTTransformer2DModel",
+    "Transformer2DModel",
+    crate::sd3::CLASS_NAME,
+];
 
 /// The named presets (real checkpoints' configs).
-pub const PRESETS: [&str; 5] = [
+pub const PRESETS: [&str; 8] = [
     "PixArt-XL-2-512x512",
     "PixArt-XL-2-1024-MS",
     "PixArt-Sigma-XL-2-1024-MS",
     "DiT-XL-2-256",
     "DiT-XL-2-512",
+    "SD3-medium",
+    "SD3.5-medium",
+    "SD3.5-large",
 ];
 
 fn d_true() -> bool {
@@ -217,6 +224,8 @@ pub enum ModelConfig {
     PixArt(PixArtConfig),
     /// `DiTTransformer2DModel` (class-conditional DiT).
     DiT(DiTConfig),
+    /// `SD3Transformer2DModel` (Stable Diffusion 3 / 3.5, an MMDiT).
+    SD3(crate::sd3::SD3Config),
 }
 
 impl ModelConfig {
@@ -229,6 +238,9 @@ impl ModelConfig {
             .get("_class_name")
             .and_then(|v| v.as_str())
             .ok_or_else(|| bad("no `_class_name` string".into()))?;
+        if class == crate::sd3::CLASS_NAME {
+            return Ok(ModelConfig::SD3(crate::sd3::SD3Config::from_value(value, location)?));
+        }
         let norm_type = value.get("norm_type").and_then(|v| v.as_str());
         let is_pixart = match (class, norm_type) {
             ("PixArtTransformer2DModel", _) => true,
@@ -281,6 +293,9 @@ impl ModelConfig {
             }
             "DiT-XL-2-256" => ModelConfig::DiT(DiTConfig::dit_xl_2_256()),
             "DiT-XL-2-512" => ModelConfig::DiT(DiTConfig::dit_xl_2_512()),
+            "SD3-medium" => ModelConfig::SD3(crate::sd3::SD3Config::sd3_medium()),
+            "SD3.5-medium" => ModelConfig::SD3(crate::sd3::SD3Config::sd35_medium()),
+            "SD3.5-large" => ModelConfig::SD3(crate::sd3::SD3Config::sd35_large()),
             _ => {
                 return Err(DitError::UnknownPreset {
                     name: name.into(),
@@ -295,6 +310,7 @@ impl ModelConfig {
         match self {
             ModelConfig::PixArt(c) => c.validate(location),
             ModelConfig::DiT(c) => c.validate(location),
+            ModelConfig::SD3(c) => c.validate(location),
         }
     }
 
@@ -303,6 +319,7 @@ impl ModelConfig {
         match self {
             ModelConfig::PixArt(_) => "PixArtTransformer2DModel",
             ModelConfig::DiT(_) => "DiTTransformer2DModel",
+            ModelConfig::SD3(_) => crate::sd3::CLASS_NAME,
         }
     }
 
@@ -311,6 +328,7 @@ impl ModelConfig {
         match self {
             ModelConfig::PixArt(c) => c.desc(),
             ModelConfig::DiT(c) => c.desc(),
+            ModelConfig::SD3(c) => c.desc(),
         }
     }
 
@@ -320,6 +338,7 @@ impl ModelConfig {
         match self {
             ModelConfig::PixArt(c) => c.params(elem_bytes),
             ModelConfig::DiT(c) => c.params(elem_bytes),
+            ModelConfig::SD3(c) => c.params(elem_bytes),
         }
     }
 }
@@ -499,6 +518,7 @@ impl PixArtConfig {
             sample_size: self.sample_size,
             heads_per_level: vec![self.num_attention_heads],
             feature_sites: Vec::new(),
+            joint_layers: Vec::new(),
         }
     }
 }
@@ -596,6 +616,7 @@ impl DiTConfig {
             sample_size: self.sample_size,
             heads_per_level: vec![self.num_attention_heads],
             feature_sites: Vec::new(),
+            joint_layers: Vec::new(),
         }
     }
 }

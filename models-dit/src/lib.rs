@@ -86,6 +86,7 @@ mod load;
 mod model;
 mod normalization;
 mod pixart;
+mod sd3;
 mod stages;
 
 pub use attention::{Attention, FeedForward, linear, row_parallel};
@@ -100,3 +101,4 @@ pub use error::{DitError, Result};
 pub use model::{DitModel, WEIGHTS_FILE, load};
 pub use normalization::{AdaLayerNormSingle, AdaLayerNormZero};
 pub use pixart::PixArtTransformer2DModel;
+pub use sd3::{JointTransformerBlock, QkvProjection, SD3Config, SD3Transformer2DModel};

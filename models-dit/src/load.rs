@@ -193,6 +193,7 @@ pub(crate) fn check_plan(desc: &ModelDesc, plan: &LoadPlan) -> Result<Range<usiz
 pub(crate) enum AnyTensor<B: Backend> {
     D1(Tensor<B, 1>),
     D2(Tensor<B, 2>),
+    D3(Tensor<B, 3>),
     D4(Tensor<B, 4>),
 }
 
@@ -227,11 +228,12 @@ impl<B: Backend> Source<B> for StoreSource<'_, B> {
             (&[a, b], Some((d, sh))) => {
                 AnyTensor::D2(s.take_sharded(key, [a, b], d, part(sh), dev)?)
             }
+            (&[a, b, c], None) => AnyTensor::D3(s.take(key, [a, b, c], dev)?),
             (&[a, b, c, e], None) => AnyTensor::D4(s.take(key, [a, b, c, e], dev)?),
             (&[a, b, c, e], Some((d, sh))) => {
                 AnyTensor::D4(s.take_sharded(key, [a, b, c, e], d, part(sh), dev)?)
             }
-            (shape, _) => unreachable!("tables hold 1-, 2- and 4-d tensors, not {shape:?}"),
+            (shape, _) => unreachable!("tables hold 1- to 4-d tensors, not {shape:?}"),
         })
     }
 
@@ -257,8 +259,9 @@ impl<B: Backend> Source<B> for RandomSource<B> {
         Ok(match shape.as_slice() {
             &[a] => AnyTensor::D1(Tensor::random([a], dist, dev)),
             &[a, b] => AnyTensor::D2(Tensor::random([a, b], dist, dev)),
+            &[a, b, c] => AnyTensor::D3(Tensor::random([a, b, c], dist, dev)),
             &[a, b, c, e] => AnyTensor::D4(Tensor::random([a, b, c, e], dist, dev)),
-            shape => unreachable!("tables hold 1-, 2- and 4-d tensors, not {shape:?}"),
+            shape => unreachable!("tables hold 1- to 4-d tensors, not {shape:?}"),
         })
     }
 
@@ -326,6 +329,13 @@ impl<B: Backend> Loaded<B> {
     pub fn t2(&mut self, key: &str) -> Result<Tensor<B, 2>> {
         match self.take(key)? {
             AnyTensor::D2(t) => Ok(t),
+            _ => Err(self.missing(key)),
+        }
+    }
+
+    pub fn t3(&mut self, key: &str) -> Result<Tensor<B, 3>> {
+        match self.take(key)? {
+            AnyTensor::D3(t) => Ok(t),
             _ => Err(self.missing(key)),
         }
     }

@@ -15,6 +15,7 @@ use crate::config::ModelConfig;
 use crate::dit::DiTTransformer2DModel;
 use crate::error::Result;
 use crate::pixart::PixArtTransformer2DModel;
+use crate::sd3::SD3Transformer2DModel;
 
 /// The file name of a diffusers transformer's weights (or the stem of its shard index).
 pub const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
@@ -26,6 +27,9 @@ pub enum DitModel<B: Backend> {
     PixArt(Box<PixArtTransformer2DModel<B>>),
     /// `DiTTransformer2DModel`.
     DiT(Box<DiTTransformer2DModel<B>>),
+    /// `SD3Transformer2DModel` (an MMDiT: no [`StagedDenoiser`] — its text stream passes
+    /// every block beside the image tokens).
+    SD3(Box<SD3Transformer2DModel<B>>),
 }
 
 macro_rules! each {
@@ -33,8 +37,27 @@ macro_rules! each {
         match $self {
             DitModel::PixArt($m) => $e,
             DitModel::DiT($m) => $e,
+            DitModel::SD3($m) => $e,
         }
     };
+}
+
+/// The staged models' arm of a [`StagedDenoiser`] method, and the error for SD3's.
+macro_rules! staged {
+    ($self:expr, $m:ident => $e:expr) => {
+        match $self {
+            DitModel::PixArt($m) => $e,
+            DitModel::DiT($m) => $e,
+            DitModel::SD3(m) => Err(not_staged(m.desc())),
+        }
+    };
+}
+
+fn not_staged(desc: &ModelDesc) -> parallel_core::ParallelError {
+    parallel_core::ParallelError::Model(format!(
+        "{} is not run block by block (an MMDiT's text stream passes every block)",
+        desc.class_name
+    ))
 }
 
 impl<B: Backend> DitModel<B> {
@@ -67,6 +90,9 @@ impl<B: Backend> DitModel<B> {
             ModelConfig::DiT(c) => {
                 DitModel::DiT(Box::new(DiTTransformer2DModel::from_store(c, store, plan, device)?))
             }
+            ModelConfig::SD3(c) => {
+                DitModel::SD3(Box::new(SD3Transformer2DModel::from_store(c, store, plan, device)?))
+            }
         })
     }
 
@@ -78,6 +104,9 @@ impl<B: Backend> DitModel<B> {
             }
             ModelConfig::DiT(c) => {
                 DitModel::DiT(Box::new(DiTTransformer2DModel::random(c, plan, device)?))
+            }
+            ModelConfig::SD3(c) => {
+                DitModel::SD3(Box::new(SD3Transformer2DModel::random(c, plan, device)?))
             }
         })
     }
@@ -98,6 +127,7 @@ impl<B: Backend> DitModel<B> {
         match self {
             DitModel::PixArt(m) => ModelConfig::PixArt(m.config.clone()),
             DitModel::DiT(m) => ModelConfig::DiT(m.config.clone()),
+            DitModel::SD3(m) => ModelConfig::SD3(m.config.clone()),
         }
     }
 
@@ -122,7 +152,10 @@ impl<B: Backend> Denoiser<B> for DitModel<B> {
     }
 
     fn staged(&self) -> Option<&dyn StagedDenoiser<B>> {
-        Some(self)
+        match self {
+            DitModel::SD3(_) => None,
+            _ => Some(self),
+        }
     }
 
     fn param_bytes(&self) -> u64 {
@@ -132,7 +165,7 @@ impl<B: Backend> Denoiser<B> for DitModel<B> {
 
 impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
     fn condition(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Conditioning> {
-        each!(self, m => m.condition(input))
+        staged!(self, m => m.condition(input))
     }
 
     fn embed(
@@ -141,7 +174,7 @@ impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
         rows: Range<usize>,
         cond: &Conditioning,
     ) -> parallel_core::Result<Tensor<B, 3>> {
-        each!(self, m => m.embed(input, rows, cond))
+        staged!(self, m => m.embed(input, rows, cond))
     }
 
     fn block(
@@ -152,7 +185,7 @@ impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
         cond: &Conditioning,
         seams: &mut dyn Seams<B>,
     ) -> parallel_core::Result<Tensor<B, 3>> {
-        each!(self, m => m.block(index, hidden, rows, cond, seams))
+        staged!(self, m => m.block(index, hidden, rows, cond, seams))
     }
 
     fn head(
@@ -161,11 +194,15 @@ impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
         rows: Range<usize>,
         cond: &Conditioning,
     ) -> parallel_core::Result<Tensor<B, 4>> {
-        each!(self, m => m.head(hidden, rows, cond))
+        staged!(self, m => m.head(hidden, rows, cond))
     }
 
     fn held_blocks(&self) -> Range<usize> {
-        each!(self, m => m.held_blocks())
+        match self {
+            DitModel::PixArt(m) => m.held_blocks(),
+            DitModel::DiT(m) => m.held_blocks(),
+            DitModel::SD3(m) => 0..m.desc().num_layers,
+        }
     }
 }
 

@@ -611,6 +611,7 @@ impl UNet2DConditionConfig {
             sample_size: self.sample_size,
             heads_per_level: self.num_attention_heads.clone(),
             feature_sites: self.feature_sites(),
+            joint_layers: Vec::new(),
         }
     }
 

@@ -6,6 +6,37 @@
 
 pub use kernels::{attention as sdpa, attention_with_lse as sdpa_with_lse, merge_partial};
 
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+use crate::seams::{JointOutput, TextQkv};
+
+/// Joint attention of image and text tokens over the keys of both (diffusers'
+/// `JointAttnProcessor2_0`: queries, keys and values of the image tokens, then of the text
+/// tokens, concatenated along the tokens; one attention; the output split back).
+///
+/// # Shapes
+/// `q`, `k`, `v`: `[batch, heads, image tokens, d]`; `text`'s: `[batch, heads, text tokens,
+/// d]`; output: the image tokens' and (with `text.q`) the text tokens' outputs.
+pub fn joint_sdpa<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    text: TextQkv<B>,
+) -> JointOutput<B> {
+    let n = q.dims()[2];
+    let keys = Tensor::cat(vec![k, text.k], 2);
+    let values = Tensor::cat(vec![v, text.v], 2);
+    match text.q {
+        Some(tq) => {
+            let t = tq.dims()[2];
+            let out = sdpa(Tensor::cat(vec![q, tq], 2), keys, values, None);
+            (out.clone().narrow(2, 0, n), Some(out.narrow(2, n, t)))
+        }
+        None => (sdpa(q, keys, values, None), None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

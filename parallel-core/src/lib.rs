@@ -82,16 +82,16 @@ pub use comm::{
 pub use error::{CommError, ParallelError, Result};
 pub use mesh::{Axis, Mesh};
 pub use model::{
-    Conditioning, Denoiser, DenoiserInput, FeatureSite, LatentGrid, LoadPlan, ModelDesc,
-    ModelFamily, ParamInfo, Shard, Sharding, StagedDenoiser, TokenGrid,
+    Conditioning, Denoiser, DenoiserInput, FeatureSite, JointLayer, LatentGrid, LoadPlan,
+    ModelDesc, ModelFamily, ParamInfo, Shard, Sharding, StagedDenoiser, TokenGrid,
 };
 pub use registry::{
     NoOptions, OptionInfo, OptionValue, Reference, Registry, StrategyConfig, StrategyCtor,
     StrategyInfo, StrategyOptions, SuiteCase,
 };
 pub use seams::{
-    AttentionSite, GroupNormMode, GroupNormStats, Halo, Projection, ReduceSite, RowSite, Seams,
-    Serial, group_norm, pad_rows,
+    AttentionSite, GroupNormMode, GroupNormStats, Halo, JointOutput, Projection, ReduceSite,
+    RowSite, Seams, Serial, TextQkv, group_norm, pad_rows,
 };
 pub use strategy::{
     CurrentRequest, DenoiseLoop, ExpectedComm, MemoryReport, ParallelStrategy, RequestInfo,

@@ -23,6 +23,11 @@ pub enum ModelFamily {
     Dit,
     /// A convolutional U-Net with attention blocks (Stable Diffusion): row-split strategies.
     Unet,
+    /// A multimodal diffusion transformer (SD3, SD3.5): image and text tokens in two streams
+    /// that meet in one joint self-attention per block
+    /// ([`joint_attention`](crate::Seams::joint_attention)); the text stream is whole on
+    /// every rank, the image tokens are what a strategy splits.
+    MmDit,
 }
 
 impl fmt::Display for ModelFamily {
@@ -30,6 +35,7 @@ impl fmt::Display for ModelFamily {
         f.write_str(match self {
             ModelFamily::Dit => "DiT",
             ModelFamily::Unet => "U-Net",
+            ModelFamily::MmDit => "MMDiT",
         })
     }
 }
@@ -71,6 +77,35 @@ pub struct ModelDesc {
     /// indices): what a row-split strategy counts its exchanges from. Empty for a DiT, whose
     /// only sites are its `num_layers` self-attentions over `hidden_size`-wide tokens.
     pub feature_sites: Vec<FeatureSite>,
+    /// An MMDiT's blocks, in order (empty for every other family): what a strategy counts the
+    /// text stream's share of its exchanges from.
+    pub joint_layers: Vec<JointLayer>,
+}
+
+/// One block of an MMDiT ([`ModelDesc::joint_layers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JointLayer {
+    /// Whether the text tokens' attention output is used, and the text stream goes on
+    /// through its own output projection and feed-forward: false in SD3's last block
+    /// (`context_pre_only`), where only the image tokens attend.
+    pub text_out: bool,
+    /// Whether an image-only self-attention follows the joint one (SD3.5's dual-attention
+    /// blocks, `attn2`), through [`self_attention`](crate::Seams::self_attention) at the
+    /// same layer.
+    pub image_attention: bool,
+}
+
+impl ModelDesc {
+    /// The self-attentions (through either seam) of one forward: one per block, plus the
+    /// dual-attention blocks' image-only ones.
+    pub fn attention_calls(&self) -> usize {
+        self.num_layers + self.joint_layers.iter().filter(|l| l.image_attention).count()
+    }
+
+    /// Blocks whose text tokens' attention output is used (`0` unless an MMDiT).
+    pub fn text_out_layers(&self) -> usize {
+        self.joint_layers.iter().filter(|l| l.text_out).count()
+    }
 }
 
 /// A place in a U-Net's forward where a band of rows needs what other rows hold
@@ -146,7 +181,7 @@ impl ModelDesc {
     /// a U-Net takes any size, forwarding its up-sampling sizes as diffusers does.
     pub fn check_whole_grid(&self, grid: LatentGrid) -> Result<()> {
         match self.family {
-            ModelFamily::Dit => self.check_grid(grid),
+            ModelFamily::Dit | ModelFamily::MmDit => self.check_grid(grid),
             ModelFamily::Unet if grid.height > 0 && grid.width > 0 => Ok(()),
             ModelFamily::Unet => Err(ParallelError::Model(format!(
                 "latent size {grid} of {} is empty",

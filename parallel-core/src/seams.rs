@@ -7,6 +7,7 @@
 //! | seam | serial default | who overrides it |
 //! |---|---|---|
 //! | [`self_attention`](Seams::self_attention) | attention over the local tokens | Ulysses (all-to-all heads↔tokens), Ring (K/V round the ring, log-sum-exp merge), DistriFusion (stale K/V buffer + async gather), PipeFusion (per-stage K/V buffer), naive patch (the default: local tokens only) |
+//! | [`joint_attention`](Seams::joint_attention) | attention over the local image tokens and all text tokens | Ulysses (image q/k/v all-to-all; text heads sliced locally, text output all-gathered over heads), Ring (image K/V round the ring, text K/V joined once), USP (both) |
 //! | [`reduce_partial`](Seams::reduce_partial) | identity | tensor parallel (all-reduce of row-parallel outputs, linear or a U-Net resnet's second conv; the model adds the bias after) |
 //! | [`conv_halo`](Seams::conv_halo) | no halo rows (the conv pads with zeros) | DistriFusion on a U-Net (neighbours' boundary rows, fresh or stale) |
 //! | [`group_norm_stats`](Seams::group_norm_stats) | local statistics | DistriFusion on a U-Net (sync, stale, corrected-async) |
@@ -31,6 +32,23 @@ pub struct AttentionSite {
     pub total_tokens: usize,
 }
 
+/// The text tokens' side of an MMDiT's joint attention
+/// ([`Seams::joint_attention`]): projections of the text stream, which every rank holds whole.
+#[derive(Debug, Clone)]
+pub struct TextQkv<B: Backend> {
+    /// Queries, `[batch, heads, text tokens, head_dim]`; `None` where the text tokens'
+    /// output is not used (SD3's last block, `context_pre_only`: only image tokens attend).
+    pub q: Option<Tensor<B, 4>>,
+    /// Keys, `[batch, heads, text tokens, head_dim]`.
+    pub k: Tensor<B, 4>,
+    /// Values, `[batch, heads, text tokens, head_dim]`.
+    pub v: Tensor<B, 4>,
+}
+
+/// What a joint attention returns: the image tokens' output (like the image queries) and
+/// the text tokens' (like the text queries, every rank the whole of it), when asked for.
+pub type JointOutput<B> = (Tensor<B, 4>, Option<Tensor<B, 4>>);
+
 /// Which row-parallel projection a partial sum comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Projection {
@@ -40,6 +58,13 @@ pub enum Projection {
     CrossAttnOut,
     /// The feed-forward down-projection.
     MlpOut,
+    /// An MMDiT's text-stream attention output projection (`attn.to_add_out`).
+    ContextAttnOut,
+    /// An MMDiT's text-stream feed-forward down-projection (`ff_context.net.2`).
+    ContextMlpOut,
+    /// The output projection of an SD3.5 dual-attention block's image-only attention
+    /// (`attn2.to_out.0`).
+    DualAttnOut,
     /// A convolution row-parallel over its input channels (a U-Net resnet's `conv2`); its
     /// partial output is passed as `[batch, channels, pixels]`.
     ConvOut,
@@ -217,6 +242,29 @@ pub trait Seams<B: Backend> {
     ) -> Result<Tensor<B, 4>> {
         let _ = site;
         Ok(sdpa(q, k, v, None))
+    }
+
+    /// Joint self-attention of an MMDiT block: this rank's image tokens (`q`, `k`, `v`, as
+    /// for [`self_attention`](Self::self_attention)) and the text tokens (`text`, all of
+    /// them, on every rank) attend together over every image and text key. The serial default
+    /// is [`joint_sdpa`](crate::attention::joint_sdpa): local image keys and all text keys —
+    /// exactly serial where a rank holds every image token, and the local-patch
+    /// approximation otherwise, so a strategy that splits image tokens overrides it.
+    ///
+    /// # Shapes
+    /// `q`, `k`, `v`: `[batch, heads, local image tokens, head_dim]`; `text`: see [`TextQkv`];
+    /// output: the image tokens' `[batch, heads, local image tokens, head_dim]` and, when
+    /// `text.q` is given, the text tokens' `[batch, heads, text tokens, head_dim]`.
+    fn joint_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        let _ = site;
+        Ok(crate::attention::joint_sdpa(q, k, v, text))
     }
 
     /// The sum over ranks of a row-parallel projection's partial output (before its bias).

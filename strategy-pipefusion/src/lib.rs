@@ -1139,6 +1139,7 @@ mod tests {
             sample_size: 16,
             heads_per_level: vec![4],
             feature_sites: Vec::new(),
+            joint_layers: Vec::new(),
         }
     }
 

@@ -82,7 +82,7 @@
 //!     class_name: "Mixer".into(), family: ModelFamily::Dit, num_layers: 1, num_heads: 1,
 //!     head_dim: 4, hidden_size: 4, ff_inner: 4, patch_size: 1, in_channels: 4,
 //!     out_channels: 4, cross_attention: false, row_granularity: 1, sample_size: 8,
-//!     heads_per_level: vec![1], feature_sites: vec![],
+//!     heads_per_level: vec![1], feature_sites: vec![], joint_layers: vec![],
 //! };
 //! let latents = Tensor::<B, 4>::random([1, 4, 8, 8], Distribution::Normal(0.0, 1.0), &Default::default());
 //! let input = |x: &Tensor<B, 4>| DenoiserInput::new(x.clone(), Tensor::zeros([1], &x.device()));

@@ -70,6 +70,10 @@ impl BenchModel {
                 match &mut config {
                     ModelConfig::PixArt(c) => c.num_layers = l,
                     ModelConfig::DiT(c) => c.num_layers = l,
+                    ModelConfig::SD3(c) => {
+                        c.num_layers = l;
+                        c.dual_attention_layers.retain(|&d| d < l);
+                    }
                 }
             }
             let layers = config.desc().num_layers;
@@ -207,6 +211,22 @@ pub fn config_json(config: &ModelConfig) -> Value {
     match config {
         ModelConfig::PixArt(c) => pixart_json(c),
         ModelConfig::DiT(c) => dit_json(c),
+        ModelConfig::SD3(c) => json!({
+            "_class_name": "SD3Transformer2DModel",
+            "sample_size": c.sample_size,
+            "patch_size": c.patch_size,
+            "in_channels": c.in_channels,
+            "num_layers": c.num_layers,
+            "attention_head_dim": c.attention_head_dim,
+            "num_attention_heads": c.num_attention_heads,
+            "joint_attention_dim": c.joint_attention_dim,
+            "caption_projection_dim": c.caption_projection_dim,
+            "pooled_projection_dim": c.pooled_projection_dim,
+            "out_channels": c.out_channels,
+            "pos_embed_max_size": c.pos_embed_max_size,
+            "dual_attention_layers": c.dual_attention_layers,
+            "qk_norm": c.qk_norm,
+        }),
     }
 }
 

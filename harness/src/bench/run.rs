@@ -253,6 +253,20 @@ impl BenchInputs {
                     additional_conditions = Some((h * 8, w * 8));
                 }
             }
+            DenoiserConfig::Dit(ModelConfig::SD3(c)) => {
+                // The joined CLIP + T5 text (the request's text tokens) and the pooled
+                // CLIP embeddings.
+                let (t, ch) = (spec.text_tokens, c.joint_attention_dim);
+                let text = normal_values(spec.seed, "text", batch * t * ch);
+                template.encoder_hidden_states =
+                    Some(Tensor::from_data(TensorData::new(text, [batch, t, ch]), device));
+                let n = c.pooled_projection_dim;
+                let pooled = normal_values(spec.seed, "pooled_projections", batch * n);
+                template.added_cond.insert(
+                    "pooled_projections".into(),
+                    Tensor::from_data(TensorData::new(pooled, [batch, n]), device),
+                );
+            }
             DenoiserConfig::Dit(ModelConfig::DiT(c)) => {
                 // Guidance pairs the null class (unconditional) with class 207.
                 let null = c.num_classes() as i64;

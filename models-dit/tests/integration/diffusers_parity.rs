@@ -1,7 +1,9 @@
 //! Every fixture case of every model against diffusers 0.42.1's output on the same weights
 //! and inputs (float32, CPU).
 
-use crate::common::{B, cases, errors, fixtures, read_case};
+use std::path::Path;
+
+use crate::common::{B, cases_in, errors, fixtures, mmdit_fixtures, read_case};
 use models_dit::DitModel;
 use parallel_core::{Denoiser, LoadPlan, Serial};
 
@@ -21,10 +23,14 @@ const REL_L2: f64 = 1e-5;
 const MAX_REL: f64 = 2e-5;
 
 fn check_model(model: &str) -> (f64, f64) {
+    check_dir(&fixtures().join(model), model)
+}
+
+fn check_dir(dir: &Path, model: &str) -> (f64, f64) {
     let dev = Default::default();
-    let m = DitModel::<B>::load(fixtures().join(model), &LoadPlan::full(), &dev)
+    let m = DitModel::<B>::load(dir, &LoadPlan::full(), &dev)
         .unwrap_or_else(|e| panic!("{model}: {e}"));
-    let files = cases(model);
+    let files = cases_in(dir);
     assert!(!files.is_empty(), "{model}: no cases");
     let (mut worst_l2, mut worst_max) = (0f64, 0f64);
     for file in files {
@@ -62,6 +68,15 @@ fn pixart_sigma_matches_diffusers() {
 #[test]
 fn dit_matches_diffusers() {
     check_model("dit");
+}
+
+/// SD3 (joint blocks, the `context_pre_only` last block, the cropped position table) and
+/// SD3.5 (RMS qk-norm, dual attention in blocks 0 and 1) against diffusers, same bars.
+#[test]
+fn sd3_and_sd35_match_diffusers() {
+    for model in ["sd3", "sd35"] {
+        check_dir(&mmdit_fixtures().join(model), model);
+    }
 }
 
 #[test]

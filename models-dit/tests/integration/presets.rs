@@ -19,9 +19,32 @@ const DIFFUSERS_COUNTS: [(&str, u64, usize); 5] = [
     ("DiT-XL-2-512", 749_826_464, 538),
 ];
 
+/// The same for the SD3-family presets (diffusers 0.42.1, meta device; the position table
+/// `pos_embed.pos_embed` is part of the state dict).
+const SD3_COUNTS: [(&str, u64, usize); 3] = [
+    ("SD3-medium", 2_084_951_104, 683),
+    ("SD3.5-medium", 2_469_663_936, 909),
+    ("SD3.5-large", 8_146_280_768, 1227),
+];
+
+#[test]
+fn every_sd3_preset_matches_the_real_checkpoint() {
+    for (name, count, keys) in SD3_COUNTS {
+        let c = ModelConfig::preset(name).unwrap();
+        let d = c.desc();
+        assert_eq!(d.family, ModelFamily::MmDit, "{name}");
+        assert_eq!(d.joint_layers.len(), d.num_layers);
+        assert_eq!(d.text_out_layers(), d.num_layers - 1, "{name}: only the last is pre-only");
+        let params = c.params(4);
+        assert_eq!(params.len(), keys, "{name}");
+        let n: u64 = params.iter().map(|p| p.shape.iter().product::<usize>() as u64).sum();
+        assert_eq!(n, count, "{name}");
+    }
+}
+
 #[test]
 fn every_preset_matches_the_real_checkpoint() {
-    assert_eq!(PRESETS.len(), DIFFUSERS_COUNTS.len());
+    assert_eq!(PRESETS.len(), DIFFUSERS_COUNTS.len() + SD3_COUNTS.len());
     for (name, count, keys) in DIFFUSERS_COUNTS {
         let c = ModelConfig::preset(name).unwrap();
         c.validate(name).unwrap();
@@ -52,6 +75,7 @@ fn every_preset_matches_the_real_checkpoint() {
                 assert_eq!(c.num_classes(), 1000);
                 assert_eq!(d.sample_size, if name == "DiT-XL-2-256" { 32 } else { 64 });
             }
+            ModelConfig::SD3(_) => unreachable!("SD3 presets are checked on their own"),
         }
     }
     let err = ModelConfig::preset("PixArt-XXL").unwrap_err();

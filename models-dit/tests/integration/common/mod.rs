@@ -18,9 +18,19 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/dit")
 }
 
+/// `fixtures/mmdit/` of the repository (SD3-family transformers).
+pub fn mmdit_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/mmdit")
+}
+
 /// The case files of a fixture model, sorted.
 pub fn cases(model: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(fixtures().join(model).join("cases"))
+    cases_in(&fixtures().join(model))
+}
+
+/// The case files of the fixture model in `dir`, sorted.
+pub fn cases_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("cases"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -74,7 +84,7 @@ pub fn read_case(path: &Path) -> Case {
         DenoiserInput::new(tensor(get("hidden_states").unwrap()), tensor(get("timestep").unwrap()));
     input.encoder_hidden_states = get("encoder_hidden_states").map(tensor);
     input.encoder_attention_mask = get("encoder_attention_mask").map(tensor);
-    for name in ["resolution", "aspect_ratio"] {
+    for name in ["resolution", "aspect_ratio", "pooled_projections"] {
         if let Some(v) = get(name) {
             input.added_cond.insert(name.to_string(), tensor(v));
         }
