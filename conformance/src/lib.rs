@@ -180,6 +180,7 @@ impl fmt::Display for Fixture {
 /// DiTs first, each family sorted by name.
 pub fn fixtures() -> Vec<Fixture> {
     let mut all = family_fixtures("dit", ModelFamily::Dit);
+    all.extend(family_fixtures("mmdit", ModelFamily::MmDit));
     all.extend(family_fixtures("unet", ModelFamily::Unet));
     all
 }
@@ -215,8 +216,13 @@ pub fn fixture(name: &str) -> Fixture {
 /// A case's inputs (a DiT case holds `hidden_states`, a U-Net case `sample`).
 pub fn read_input(path: &Path) -> DenoiserInput<B> {
     let tensors = weights::read_tensors(path).expect("fixture case");
-    let family =
-        if tensors.contains_key("hidden_states") { ModelFamily::Dit } else { ModelFamily::Unet };
+    let family = if tensors.contains_key("pooled_projections") {
+        ModelFamily::MmDit
+    } else if tensors.contains_key("hidden_states") {
+        ModelFamily::Dit
+    } else {
+        ModelFamily::Unet
+    };
     harness::read_denoiser_input::<B>(path, family, &Default::default()).expect("fixture case").0
 }
 
@@ -244,9 +250,12 @@ pub fn not_applicable(
     let errors: Vec<String> =
         results.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()).collect();
     let Some(first) = errors.first() else { return Ok(None) };
-    let family = fixture.family == ModelFamily::Unet
+    let family = (fixture.family == ModelFamily::Unet
         && first.contains("U-Net model")
-        && first.contains("applies to DiT models only");
+        && first.contains("applies to DiT"))
+        || (fixture.family == ModelFamily::MmDit
+            && first.contains("MMDiT model")
+            && first.contains("not implemented yet"));
     let rows = first.contains(&format!("fewer than the {} ranks", run.group_size()));
     // A U-Net takes any latent size whole (diffusers forwards its up-sampling sizes); a row
     // split needs whole rows of the coarsest map.

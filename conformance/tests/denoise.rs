@@ -142,10 +142,7 @@ fn pipefusion_holds_its_own_blocks_and_buffers() {
     let case = read_input(&f.case("square"));
     let d = f.desc();
     let config = models_dit::ModelConfig::from_folder(&f.dir).unwrap();
-    let params = match &config {
-        models_dit::ModelConfig::PixArt(c) => c.params(4),
-        models_dit::ModelConfig::DiT(c) => c.params(4),
-    };
+    let params = config.params(4);
     let block_bytes =
         |b: usize| -> u64 { params.iter().filter(|p| p.block == Some(b)).map(|p| p.bytes()).sum() };
     let total: u64 = params.iter().map(|p| p.bytes()).sum();

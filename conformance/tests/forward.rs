@@ -96,30 +96,34 @@ fn row_splits_refuse_more_ranks_than_rows() {
 
 #[test]
 fn tensor_parallel_parameter_bytes_are_sharded_over_n_plus_replicated() {
-    let f = fixture("pixart-alpha");
-    let input = read_input(&f.case("square"));
-    let config = models_dit::ModelConfig::from_folder(&f.dir).unwrap();
-    let params = match &config {
-        models_dit::ModelConfig::PixArt(c) => c.params(4),
-        models_dit::ModelConfig::DiT(c) => c.params(4),
-    };
-    let (sharded, replicated): (u64, u64) =
-        params.iter().fold((0, 0), |(s, r), p| match p.sharding {
-            parallel_core::Sharding::Replicated => (s, r + p.bytes()),
-            _ => (s + p.bytes(), r),
-        });
-    let registry = registry();
-    for n in [1, 2, 4] {
-        let run = conformance::SuiteRun {
-            strategy: "tensor",
-            options: StrategyOptions::new("tensor"),
-            world_size: n,
-            reference: parallel_core::Reference::Serial,
-            family: None,
-            cfg_degree: 1,
-        };
-        for rep in conformance::forward_on_ranks(&registry, &run, &f, &input) {
-            assert_eq!(rep.unwrap().param_bytes, sharded / n as u64 + replicated, "n={n}");
+    // PixArt, and SD3.5 (both streams' projections and MLPs, the dual attention sharded).
+    for name in ["pixart-alpha", "sd35"] {
+        let f = fixture(name);
+        let input = read_input(&f.case("square"));
+        let config = models_dit::ModelConfig::from_folder(&f.dir).unwrap();
+        let (sharded, replicated): (u64, u64) =
+            config.params(4).iter().fold((0, 0), |(s, r), p| match p.sharding {
+                parallel_core::Sharding::Replicated => (s, r + p.bytes()),
+                _ => (s + p.bytes(), r),
+            });
+        assert!(sharded > replicated, "{name}: most bytes are in the blocks' sharded layers");
+        let registry = registry();
+        for n in [1, 2, 4] {
+            let run = conformance::SuiteRun {
+                strategy: "tensor",
+                options: StrategyOptions::new("tensor"),
+                world_size: n,
+                reference: parallel_core::Reference::Serial,
+                family: None,
+                cfg_degree: 1,
+            };
+            for rep in conformance::forward_on_ranks(&registry, &run, &f, &input) {
+                assert_eq!(
+                    rep.unwrap().param_bytes,
+                    sharded / n as u64 + replicated,
+                    "{name} n={n}"
+                );
+            }
         }
     }
 }

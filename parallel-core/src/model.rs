@@ -165,14 +165,28 @@ impl ModelDesc {
     /// both (Ulysses, Ring and PipeFusion split transformer blocks' tokens or stages, which
     /// a U-Net does not have).
     pub fn require_family(&self, strategy: &str, family: ModelFamily, why: &str) -> Result<()> {
-        if self.family == family {
+        self.require_one_of(strategy, &[family], why)
+    }
+
+    /// [`require_family`](Self::require_family) for a strategy that applies to several
+    /// families.
+    pub fn require_one_of(
+        &self,
+        strategy: &str,
+        families: &[ModelFamily],
+        why: &str,
+    ) -> Result<()> {
+        if families.contains(&self.family) {
             return Ok(());
         }
+        let names: Vec<String> = families.iter().map(|f| f.to_string()).collect();
         Err(ParallelError::Unsupported {
             strategy: strategy.to_string(),
             reason: format!(
-                "{} is a {} model; {strategy} applies to {family} models only ({why})",
-                self.class_name, self.family
+                "{} is a {} model; {strategy} applies to {} models only ({why})",
+                self.class_name,
+                self.family,
+                names.join(" and ")
             ),
         })
     }

@@ -605,6 +605,12 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
+        model.require_one_of(
+            NAME,
+            &[ModelFamily::Dit, ModelFamily::Unet],
+            "its stale K/V buffer of an MMDiT's joint attention — image K/V stale, text K/V \
+             fresh — is not implemented yet",
+        )?;
         row_partition(NAME, model, request.grid, self.world.size()).map(|_| ())
     }
 

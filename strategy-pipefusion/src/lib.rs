@@ -832,7 +832,8 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         model.require_family(
             NAME,
             ModelFamily::Dit,
-            "it pipelines a stack of equal transformer blocks",
+            "it pipelines a stack of equal transformer blocks over image tokens; an MMDiT's \
+             text stream through the pipeline is not implemented yet",
         )?;
         let u = self.ulysses_degree();
         if !model.num_heads.is_multiple_of(u) {

@@ -121,9 +121,9 @@ use burn::tensor::backend::Backend;
 use parallel_core::attention::{merge_partial, sdpa_with_lse};
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
-    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, ModelDesc,
-    ModelFamily, NoOptions, OpKind, ParallelStrategy, Reference, Registry, RequestInfo, Result,
-    Seams, StepKind, StrategyInfo, StrategyOptions, SuiteCase, Tag,
+    AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, JointOutput,
+    ModelDesc, ModelFamily, NoOptions, OpKind, ParallelStrategy, Reference, Registry, RequestInfo,
+    Result, Seams, StepKind, StrategyInfo, StrategyOptions, SuiteCase, Tag, TextQkv,
 };
 
 /// The registered name.
@@ -182,6 +182,52 @@ impl<B: Backend> RingAttention<B> {
         v: Tensor<B, 4>,
         visit: &mut dyn FnMut(usize, &Tensor<B, 5>) -> Result<()>,
     ) -> Result<Tensor<B, 4>> {
+        self.ring(layer, q, k, v, None, visit)
+    }
+
+    /// Joint attention of an MMDiT block over the ring: the local image queries and (when
+    /// given) every text query attend to every rank's image K/V as they travel round the
+    /// ring, and to the text K/V — which every rank holds — once, merged in after the ring
+    /// with its log-sum-exp. Only image K/V travel, so the traffic is
+    /// [`attend`](Self::attend)'s; every rank computes the whole text output (its queries
+    /// are replicated, so are its results).
+    ///
+    /// # Shapes
+    /// As [`attend`](Self::attend) for the image tokens; `text` as
+    /// [`TextQkv`](parallel_core::TextQkv); output: image tokens' and text tokens' outputs.
+    pub fn attend_joint(
+        &mut self,
+        layer: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        let n = q.dims()[2];
+        let TextQkv { q: tq, k: tk, v: tv } = text;
+        let t = tq.as_ref().map(|t| t.dims()[2]);
+        let queries = match tq {
+            Some(tq) => Tensor::cat(vec![q, tq], 2),
+            None => q,
+        };
+        let out = self.ring(layer, queries, k, v, Some((tk, tv)), &mut |_, _| Ok(()))?;
+        Ok(match t {
+            Some(t) => (out.clone().narrow(2, 0, n), Some(out.narrow(2, n, t))),
+            None => (out, None),
+        })
+    }
+
+    /// The ring loop: `q` over every rank's `(k, v)` block, then over `extra` (local keys
+    /// and values no other rank sees) when given.
+    fn ring(
+        &mut self,
+        layer: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        extra: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        visit: &mut dyn FnMut(usize, &Tensor<B, 5>) -> Result<()>,
+    ) -> Result<Tensor<B, 4>> {
         let n = self.ring.size();
         let r = self.ring.rank();
         let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
@@ -221,7 +267,14 @@ impl<B: Backend> RingAttention<B> {
                 None => break,
             }
         }
-        Ok(acc.expect("a ring has at least one rank").0)
+        let (out, lse) = acc.expect("a ring has at least one rank");
+        Ok(match extra {
+            Some((ek, ev)) => {
+                let (o, l) = sdpa_with_lse(q, ek, ev);
+                merge_partial(out, lse, o, l).0
+            }
+            None => out,
+        })
     }
 
     /// Elements rank `r` sends per layer, for block lengths `tokens` (in ring order) and
@@ -251,6 +304,17 @@ impl<B: Backend> Seams<B> for RingSeams<'_, B> {
         v: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>> {
         self.kernel.attend(site.layer, q, k, v)
+    }
+
+    fn joint_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        self.kernel.attend_joint(site.layer, q, k, v, text)
     }
 }
 
@@ -302,9 +366,9 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
-        model.require_family(
+        model.require_one_of(
             NAME,
-            ModelFamily::Dit,
+            &[ModelFamily::Dit, ModelFamily::MmDit],
             "it passes K/V blocks of a stack of transformer blocks round a ring",
         )?;
         row_partition(NAME, model, request.grid, self.world.size()).map(|_| ())
@@ -345,8 +409,8 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
         let per_token = request.batch * model.num_heads * model.head_dim;
         let layer = RingAttention::<B>::sent_per_layer(&tokens, r, per_token);
         let mut e = ExpectedComm::none(format!(
-            "ring: L·2·B·hs·Σ_(j≠r+1) m_j = {}·2·{}·{}·{} + output gather",
-            model.num_layers,
+            "ring: L·2·B·hs·Σ_(j≠r+1) m_j = {}·2·{}·{}·{} + output gather (L: attentions)",
+            model.attention_calls(),
             request.batch,
             model.hidden_size,
             tokens
@@ -356,7 +420,7 @@ impl<B: Backend> ParallelStrategy<B> for Ring<B> {
                 .map(|(_, m)| m)
                 .sum::<usize>()
         ));
-        e.add(OpKind::Send, layer * model.num_layers as u64);
+        e.add(OpKind::Send, layer * model.attention_calls() as u64);
         e.add(
             OpKind::AllGather,
             output_gather_elements(model, request.grid, request.batch, &parts[r], n),

@@ -212,6 +212,26 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
         }
         let p = model.tokens(request.grid).len();
         let size = (request.batch * p * model.hidden_size) as u64;
+        if model.family == ModelFamily::MmDit {
+            // Per block: the image stream's attention and MLP outputs (+ the dual attention's),
+            // and the text stream's where its output is used.
+            let text = (request.batch * request.text_tokens * model.hidden_size) as u64;
+            let ring = |size| all_reduce_elements(size, r as u64, n as u64);
+            let mut e = ExpectedComm::none(format!(
+                "tensor (MMDiT): ring all-reduce of B·p·hs per image reduce (2 per block, +1 \
+                 with dual attention) and of B·T·hs per text reduce (2 per block but the \
+                 last); L={} B={} p={p} T={} hs={} N={n}",
+                model.num_layers, request.batch, request.text_tokens, model.hidden_size
+            ));
+            for layer in &model.joint_layers {
+                let image = 2 + u64::from(layer.image_attention);
+                e.add(OpKind::AllReduce, image * ring(size));
+                if layer.text_out {
+                    e.add(OpKind::AllReduce, 2 * ring(text));
+                }
+            }
+            return Ok(e);
+        }
         let k = if model.cross_attention { 3 } else { 2 };
         let mut e = ExpectedComm::none(format!(
             "tensor: L·k·ring all-reduce of B·p·hs; L={} k={k} B={} p={p} hs={} N={n}",

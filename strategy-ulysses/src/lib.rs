@@ -40,13 +40,13 @@
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use parallel_core::attention::sdpa;
+use parallel_core::attention::{joint_sdpa, sdpa};
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
-    AttentionSite, Axis, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, Mesh,
-    ModelDesc, ModelFamily, NoOptions, OpKind, OptionInfo, OptionValue, ParallelError,
+    AttentionSite, Axis, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, JointOutput,
+    Mesh, ModelDesc, ModelFamily, NoOptions, OpKind, OptionInfo, OptionValue, ParallelError,
     ParallelStrategy, Reference, Registry, RequestInfo, Result, Seams, StepKind, StrategyConfig,
-    StrategyInfo, StrategyOptions, SuiteCase,
+    StrategyInfo, StrategyOptions, SuiteCase, TextQkv,
 };
 pub use strategy_ring::RingAttention;
 
@@ -199,6 +199,42 @@ impl<B: Backend> Seams<B> for UspSeams<'_, B> {
             Ok(out)
         }
     }
+
+    fn joint_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        let u = self.ulysses.size();
+        let heads = q.dims()[1] / u;
+        let (q, k, v) = if u > 1 {
+            let qkv = Tensor::stack::<5>(vec![q, k, v], 1);
+            let qkv = self.ulysses.all_to_all(qkv, 2, 3)?;
+            let part = |i| qkv.clone().narrow(1, i, 1).squeeze_dim::<4>(1);
+            (part(0), part(1), part(2))
+        } else {
+            (q, k, v)
+        };
+        // The text stream is whole on every rank: take this rank's heads of it, no exchange.
+        let g = self.ulysses.rank();
+        let mine = |t: Tensor<B, 4>| if u > 1 { t.narrow(1, g * heads, heads) } else { t };
+        let text = TextQkv { q: text.q.map(mine), k: mine(text.k), v: mine(text.v) };
+        let (image, text) = if self.ring.comm().size() > 1 {
+            self.ring.attend_joint(site.layer, q, k, v, text)?
+        } else {
+            joint_sdpa(q, k, v, text)
+        };
+        if u == 1 {
+            return Ok((image, text));
+        }
+        let image = self.ulysses.all_to_all_sizes(image, 2, &self.group_tokens, 1)?;
+        // Every rank needs every head of the text output: gather them over the group.
+        let text = text.map(|t| self.ulysses.all_gather(t, 1)).transpose()?;
+        Ok((image, text))
+    }
 }
 
 /// The description of `ulysses` for the registry.
@@ -295,9 +331,9 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
-        model.require_family(
+        model.require_one_of(
             self.name,
-            ModelFamily::Dit,
+            &[ModelFamily::Dit, ModelFamily::MmDit],
             "it splits the attention heads of a stack of transformer blocks",
         )?;
         let u = self.ulysses_degree();
@@ -359,19 +395,27 @@ impl<B: Backend> ParallelStrategy<B> for Usp<B> {
         let (u, rd) = (self.ulysses_degree(), self.ring_degree());
         let w = self.world.rank();
         let tokens = self.tokens_per_rank(model, request)?;
-        let (b, h, d, l) = (request.batch, model.num_heads, model.head_dim, model.num_layers);
+        // L: every self-attention (SD3.5's dual-attention blocks have two).
+        let (b, h, d, l) =
+            (request.batch, model.num_heads, model.head_dim, model.attention_calls());
         let n_w = tokens[w];
         let t_g: usize =
             self.mesh.group(self.world.rank(), &[Axis::Ulysses]).iter().map(|&r| tokens[r]).sum();
         let mut e = ExpectedComm::none(format!(
             "{}: L·[3·B·H·n·d·(u−1)/u + B·(H/u)·d·(T_g − n)] all-to-all + ring L·2·B·(H/u)·d·Σ T_j \
-             + output gather; L={l} B={b} H={h} d={d} n={n_w} T_g={t_g} u={u} R={rd}",
-            self.name
+             + L_text·B·(H/u)·T·d·(u−1) text all-gather + output gather; L={l} B={b} H={h} d={d} \
+             n={n_w} T_g={t_g} u={u} R={rd} L_text={} T={}",
+            self.name,
+            model.text_out_layers(),
+            request.text_tokens
         ));
         if u > 1 {
             let there = 3 * b * h * n_w * d * (u - 1) / u;
             let back = b * (h / u) * d * (t_g - n_w);
             e.add(OpKind::AllToAll, (l * (there + back)) as u64);
+            // MMDiT: the text tokens' output of this rank's heads, to the group's others.
+            let text = model.text_out_layers() * b * (h / u) * request.text_tokens * d * (u - 1);
+            e.add(OpKind::AllGather, text as u64);
         }
         if rd > 1 {
             // Tokens of each ring member's Ulysses group, in ring order.
