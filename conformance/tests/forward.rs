@@ -96,8 +96,9 @@ fn row_splits_refuse_more_ranks_than_rows() {
 
 #[test]
 fn tensor_parallel_parameter_bytes_are_sharded_over_n_plus_replicated() {
-    // PixArt, and SD3.5 (both streams' projections and MLPs, the dual attention sharded).
-    for name in ["pixart-alpha", "sd35"] {
+    // PixArt; SD3.5 (both streams' projections and MLPs, the dual attention sharded); FLUX
+    // (the single blocks' packed proj_out too).
+    for name in ["pixart-alpha", "sd35", "flux-dev"] {
         let f = fixture(name);
         let input = read_input(&f.case("square"));
         let config = models_dit::ModelConfig::from_folder(&f.dir).unwrap();

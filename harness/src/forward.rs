@@ -211,7 +211,15 @@ impl Job<'_> {
         if comm.rank() != 0 {
             return Ok((report, None));
         }
-        weights::write_tensors(self.output, &[("sample", sample.clone())])?;
+        // A FLUX inputs file holds packed tokens: write the sample packed like it.
+        let packed =
+            crate::inputs::flux_grid(&weights::read_tensors(self.inputs)?, self.inputs)?.is_some();
+        if packed {
+            let p = models_dit::flux::pack_latents(sample.clone());
+            weights::write_tensors(self.output, &[("sample", p)])?;
+        } else {
+            weights::write_tensors(self.output, &[("sample", sample.clone())])?;
+        }
         let sample = HostTensor::from_tensor(sample)?;
         let rel = match reference {
             Some(r) => {

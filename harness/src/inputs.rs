@@ -6,7 +6,12 @@
 //! | family | inputs | reference output |
 //! |---|---|---|
 //! | DiT (`PixArtTransformer2DModel.forward`, `DiTTransformer2DModel.forward`) | `hidden_states`, `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `class_labels`, `resolution`, `aspect_ratio` | `sample` |
-//! | MMDiT (`SD3Transformer2DModel.forward`) | `hidden_states`, `timestep`, `encoder_hidden_states`, `pooled_projections` | `sample` |
+//! | MMDiT (`SD3Transformer2DModel.forward`, `FluxTransformer2DModel.forward`) | `hidden_states`, `timestep`, `encoder_hidden_states`, `pooled_projections`; FLUX also `img_ids`, `txt_ids`, `guidance` | `sample` |
+//!
+//! FLUX's `hidden_states` and `sample` are the pipeline's packed tokens `[batch, tokens, 4C]`
+//! with `img_ids` of its grid: they are unpacked to the latent `[batch, C, H, W]` the
+//! toolkit's models take (and [`flux_grid`] tells a writer to pack the output back); other
+//! ids than the pipeline's `(0, row, col)` and zero `txt_ids` are refused, naming the token.
 //! | U-Net (`UNet2DConditionModel.forward`) | `sample`, `timestep`, `encoder_hidden_states`, `encoder_attention_mask`, `text_embeds`, `time_ids` (SDXL) | `out` |
 
 use std::path::Path;
@@ -38,8 +43,49 @@ pub const UNET_INPUT_NAMES: [&str; 6] = [
 ];
 
 /// The MMDiT forward-argument names [`read_denoiser_input`] understands.
-pub const MMDIT_INPUT_NAMES: [&str; 4] =
-    ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"];
+pub const MMDIT_INPUT_NAMES: [&str; 7] = [
+    "hidden_states",
+    "timestep",
+    "encoder_hidden_states",
+    "pooled_projections",
+    "img_ids",
+    "txt_ids",
+    "guidance",
+];
+
+/// The token grid of a FLUX inputs file (its `img_ids`), `None` for every other file.
+///
+/// # Errors
+/// `img_ids` that are not the pipeline's grid, or `txt_ids` that are not zeros (named).
+pub fn flux_grid(
+    tensors: &std::collections::BTreeMap<String, weights::HostTensor>,
+    path: &Path,
+) -> Result<Option<(usize, usize)>> {
+    let Some(ids) = tensors.get("img_ids") else { return Ok(None) };
+    let bad = |name: &str, reason: String| WeightError::BadInput {
+        name: name.to_string(),
+        file: path.to_path_buf(),
+        reason,
+    };
+    if ids.shape.len() != 2 || ids.shape[1] != 3 {
+        return Err(bad("img_ids", format!("shape {:?}, expected [tokens, 3]", ids.shape)));
+    }
+    let rows: Vec<[f32; 3]> =
+        ids.values.chunks_exact(3).map(|c| [c[0] as f32, c[1] as f32, c[2] as f32]).collect();
+    let grid = models_dit::flux::grid_of_image_ids(&rows).map_err(|e| bad("img_ids", e))?;
+    if let Some(t) = tensors.get("txt_ids")
+        && (t.shape.len() != 2 || t.shape[1] != 3 || t.values.iter().any(|&v| v != 0.0))
+    {
+        return Err(bad(
+            "txt_ids",
+            format!(
+                "must be zeros of shape [text tokens, 3] (the FLUX pipeline's), found shape {:?}",
+                t.shape
+            ),
+        ));
+    }
+    Ok(Some(grid))
+}
 
 /// Reads a file of diffusers forward arguments of a `family` model into a [`DenoiserInput`].
 ///
@@ -73,10 +119,35 @@ pub fn read_denoiser_input<B: Backend>(
             location: path.to_path_buf(),
         })
     };
+    let grid = flux_grid(&tensors, path)?;
+    let latent = |name: &str, t: &weights::HostTensor| -> Result<Tensor<B, 4>> {
+        match grid {
+            Some((rows, cols)) => {
+                let packed: Tensor<B, 3> = t.to_float(name, path, device)?;
+                if packed.dims()[1] != rows * cols {
+                    return Err(WeightError::BadInput {
+                        name: name.to_string(),
+                        file: path.to_path_buf(),
+                        reason: format!(
+                            "{} tokens, but `img_ids` describe a {rows}×{cols} grid",
+                            packed.dims()[1]
+                        ),
+                    });
+                }
+                Ok(models_dit::flux::unpack_latents(packed, rows, cols))
+            }
+            None => t.to_float(name, path, device),
+        }
+    };
     let mut input = DenoiserInput::new(
-        need(latents)?.to_float(latents, path, device)?,
+        latent(latents, need(latents)?)?,
         need("timestep")?.to_float("timestep", path, device)?,
     );
+    if let Some(t) = tensors.get("guidance") {
+        let g: Tensor<B, 1> = t.to_float("guidance", path, device)?;
+        let n = g.dims()[0];
+        input.added_cond.insert("guidance".into(), g.reshape([n, 1]));
+    }
     if let Some(t) = tensors.get("encoder_hidden_states") {
         input.encoder_hidden_states = Some(t.to_float("encoder_hidden_states", path, device)?);
     }
@@ -91,6 +162,6 @@ pub fn read_denoiser_input<B: Backend>(
             input.added_cond.insert(name.to_string(), t.to_float(name, path, device)?);
         }
     }
-    let reference = tensors.get(output).map(|t| t.to_float(output, path, device)).transpose()?;
+    let reference = tensors.get(output).map(|t| latent(output, t)).transpose()?;
     Ok((input, reference))
 }

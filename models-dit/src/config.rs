@@ -13,15 +13,16 @@ use serde::Deserialize;
 use crate::error::{DitError, Result};
 
 /// The class names this crate implements (`Transformer2DModel` is remapped by `norm_type`).
-pub const KNOWN_CLASSES: [&str; 4] = [
+pub const KNOWN_CLASSES: [&str; 5] = [
     "PixArtTransformer2DModel",
     "DiTTransformer2DModel",
     "Transformer2DModel",
     crate::sd3::CLASS_NAME,
+    crate::flux::CLASS_NAME,
 ];
 
 /// The named presets (real checkpoints' configs).
-pub const PRESETS: [&str; 8] = [
+pub const PRESETS: [&str; 10] = [
     "PixArt-XL-2-512x512",
     "PixArt-XL-2-1024-MS",
     "PixArt-Sigma-XL-2-1024-MS",
@@ -30,6 +31,8 @@ pub const PRESETS: [&str; 8] = [
     "SD3-medium",
     "SD3.5-medium",
     "SD3.5-large",
+    "FLUX.1-dev",
+    "FLUX.1-schnell",
 ];
 
 fn d_true() -> bool {
@@ -226,6 +229,8 @@ pub enum ModelConfig {
     DiT(DiTConfig),
     /// `SD3Transformer2DModel` (Stable Diffusion 3 / 3.5, an MMDiT).
     SD3(crate::sd3::SD3Config),
+    /// `FluxTransformer2DModel` (FLUX.1-dev / schnell, an MMDiT).
+    Flux(crate::flux::FluxConfig),
 }
 
 impl ModelConfig {
@@ -238,6 +243,9 @@ impl ModelConfig {
             .get("_class_name")
             .and_then(|v| v.as_str())
             .ok_or_else(|| bad("no `_class_name` string".into()))?;
+        if class == crate::flux::CLASS_NAME {
+            return Ok(ModelConfig::Flux(crate::flux::FluxConfig::from_value(value, location)?));
+        }
         if class == crate::sd3::CLASS_NAME {
             return Ok(ModelConfig::SD3(crate::sd3::SD3Config::from_value(value, location)?));
         }
@@ -296,6 +304,8 @@ impl ModelConfig {
             "SD3-medium" => ModelConfig::SD3(crate::sd3::SD3Config::sd3_medium()),
             "SD3.5-medium" => ModelConfig::SD3(crate::sd3::SD3Config::sd35_medium()),
             "SD3.5-large" => ModelConfig::SD3(crate::sd3::SD3Config::sd35_large()),
+            "FLUX.1-dev" => ModelConfig::Flux(crate::flux::FluxConfig::flux1_dev()),
+            "FLUX.1-schnell" => ModelConfig::Flux(crate::flux::FluxConfig::flux1_schnell()),
             _ => {
                 return Err(DitError::UnknownPreset {
                     name: name.into(),
@@ -311,6 +321,7 @@ impl ModelConfig {
             ModelConfig::PixArt(c) => c.validate(location),
             ModelConfig::DiT(c) => c.validate(location),
             ModelConfig::SD3(c) => c.validate(location),
+            ModelConfig::Flux(c) => c.validate(location),
         }
     }
 
@@ -320,6 +331,7 @@ impl ModelConfig {
             ModelConfig::PixArt(_) => "PixArtTransformer2DModel",
             ModelConfig::DiT(_) => "DiTTransformer2DModel",
             ModelConfig::SD3(_) => crate::sd3::CLASS_NAME,
+            ModelConfig::Flux(_) => crate::flux::CLASS_NAME,
         }
     }
 
@@ -329,6 +341,7 @@ impl ModelConfig {
             ModelConfig::PixArt(c) => c.desc(),
             ModelConfig::DiT(c) => c.desc(),
             ModelConfig::SD3(c) => c.desc(),
+            ModelConfig::Flux(c) => c.desc(),
         }
     }
 
@@ -339,6 +352,7 @@ impl ModelConfig {
             ModelConfig::PixArt(c) => c.params(elem_bytes),
             ModelConfig::DiT(c) => c.params(elem_bytes),
             ModelConfig::SD3(c) => c.params(elem_bytes),
+            ModelConfig::Flux(c) => c.params(elem_bytes),
         }
     }
 }

@@ -82,10 +82,12 @@ mod config;
 mod dit;
 mod embeddings;
 mod error;
+pub mod flux;
 mod load;
 mod model;
 mod normalization;
 mod pixart;
+mod rope;
 mod sd3;
 mod stages;
 
@@ -98,6 +100,7 @@ pub use embeddings::{
     PixArtAlphaTextProjection, TimestepEmbedding, pos_embed_rows, timestep_embedding,
 };
 pub use error::{DitError, Result};
+pub use flux::{FluxConfig, FluxSingleTransformerBlock, FluxTransformer2DModel};
 pub use model::{DitModel, WEIGHTS_FILE, load};
 pub use normalization::{AdaLayerNormSingle, AdaLayerNormZero};
 pub use pixart::PixArtTransformer2DModel;

@@ -60,6 +60,8 @@ pub(crate) enum Lin {
     Replicated,
     Column,
     Row,
+    /// Row-parallel over two packed input blocks, the second starting at this feature.
+    RowPacked(usize),
 }
 
 /// Builder of a parameter table.
@@ -105,6 +107,7 @@ impl Table {
             Lin::Replicated => (Sharding::Replicated, Sharding::Replicated),
             Lin::Column => (Sharding::Column { dim: 0 }, Sharding::Column { dim: 0 }),
             Lin::Row => (Sharding::Row { dim: 1 }, Sharding::Replicated),
+            Lin::RowPacked(split) => (Sharding::RowPacked { dim: 1, split }, Sharding::Replicated),
         };
         self.tensor(&format!("{prefix}.weight"), &[d_out, d_in], w, part);
         if bias {
@@ -201,8 +204,18 @@ pub(crate) enum AnyTensor<B: Backend> {
 pub(crate) trait Source<B: Backend> {
     /// The tensor of `info` (the rank's part of dim `split.0` when `split` is given).
     fn get(&mut self, info: &ParamInfo, split: Option<(usize, Shard)>) -> Result<AnyTensor<B>>;
+    /// Rank `shard`'s parts of both input blocks of a [`Sharding::RowPacked`] 2-d weight
+    /// `[out, in]`, concatenated along `in`.
+    fn get_packed(&mut self, info: &ParamInfo, split: usize, shard: Shard) -> Result<AnyTensor<B>>;
     /// `key` is left out by the plan.
     fn skip(&mut self, key: &str);
+}
+
+/// The two ranges of a packed split's input features a rank holds.
+fn packed_ranges(len: usize, split: usize, shard: Shard) -> [Range<usize>; 2] {
+    let first = Shard::range(&shard, split);
+    let second = Shard::range(&shard, len - split);
+    [first, split + second.start..split + second.end]
 }
 
 /// A tensor-parallel shard as the part of a dim the weight store reads.
@@ -237,6 +250,17 @@ impl<B: Backend> Source<B> for StoreSource<'_, B> {
         })
     }
 
+    fn get_packed(&mut self, info: &ParamInfo, split: usize, shard: Shard) -> Result<AnyTensor<B>> {
+        let &[out, len] = info.shape.as_slice() else {
+            unreachable!("a packed row-parallel weight is 2-d, not {:?}", info.shape)
+        };
+        let [a, b] = packed_ranges(len, split, shard);
+        let key = info.name.as_str();
+        let first = self.store.take_range(key, [out, len], 1, a, &self.device)?;
+        let second = self.store.take_range(key, [out, len], 1, b, &self.device)?;
+        Ok(AnyTensor::D2(Tensor::cat(vec![first, second], 1)))
+    }
+
     fn skip(&mut self, key: &str) {
         self.store.skip(key);
     }
@@ -263,6 +287,13 @@ impl<B: Backend> Source<B> for RandomSource<B> {
             &[a, b, c, e] => AnyTensor::D4(Tensor::random([a, b, c, e], dist, dev)),
             shape => unreachable!("tables hold 1- to 4-d tensors, not {shape:?}"),
         })
+    }
+
+    fn get_packed(&mut self, info: &ParamInfo, split: usize, shard: Shard) -> Result<AnyTensor<B>> {
+        let [a, b] = packed_ranges(info.shape[1], split, shard);
+        let shape = [info.shape[0], a.len() + b.len()];
+        let dist = Distribution::Normal(0.0, self.std);
+        Ok(AnyTensor::D2(Tensor::random(shape, dist, &self.device)))
     }
 
     fn skip(&mut self, _key: &str) {}
@@ -294,11 +325,16 @@ pub(crate) fn materialize<B: Backend>(
             source.skip(&spec.info.name);
             continue;
         }
-        let split = match (plan.tensor_shard, spec.info.sharding) {
-            (Some(shard), Sharding::Column { dim } | Sharding::Row { dim }) => Some((dim, shard)),
-            _ => None,
+        let tensor = match (plan.tensor_shard, spec.info.sharding) {
+            (Some(shard), Sharding::Column { dim } | Sharding::Row { dim }) => {
+                source.get(&spec.info, Some((dim, shard)))?
+            }
+            (Some(shard), Sharding::RowPacked { split, .. }) => {
+                source.get_packed(&spec.info, split, shard)?
+            }
+            _ => source.get(&spec.info, None)?,
         };
-        map.insert(spec.info.name.clone(), source.get(&spec.info, split)?);
+        map.insert(spec.info.name.clone(), tensor);
     }
     Ok(Loaded { map, class })
 }

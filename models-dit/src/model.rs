@@ -14,6 +14,7 @@ use weights::WeightStore;
 use crate::config::ModelConfig;
 use crate::dit::DiTTransformer2DModel;
 use crate::error::Result;
+use crate::flux::FluxTransformer2DModel;
 use crate::pixart::PixArtTransformer2DModel;
 use crate::sd3::SD3Transformer2DModel;
 
@@ -30,6 +31,8 @@ pub enum DitModel<B: Backend> {
     /// `SD3Transformer2DModel` (an MMDiT: no [`StagedDenoiser`] — its text stream passes
     /// every block beside the image tokens).
     SD3(Box<SD3Transformer2DModel<B>>),
+    /// `FluxTransformer2DModel` (an MMDiT, not staged either).
+    Flux(Box<FluxTransformer2DModel<B>>),
 }
 
 macro_rules! each {
@@ -38,6 +41,7 @@ macro_rules! each {
             DitModel::PixArt($m) => $e,
             DitModel::DiT($m) => $e,
             DitModel::SD3($m) => $e,
+            DitModel::Flux($m) => $e,
         }
     };
 }
@@ -49,6 +53,7 @@ macro_rules! staged {
             DitModel::PixArt($m) => $e,
             DitModel::DiT($m) => $e,
             DitModel::SD3(m) => Err(not_staged(m.desc())),
+            DitModel::Flux(m) => Err(not_staged(m.desc())),
         }
     };
 }
@@ -93,6 +98,9 @@ impl<B: Backend> DitModel<B> {
             ModelConfig::SD3(c) => {
                 DitModel::SD3(Box::new(SD3Transformer2DModel::from_store(c, store, plan, device)?))
             }
+            ModelConfig::Flux(c) => DitModel::Flux(Box::new(FluxTransformer2DModel::from_store(
+                c, store, plan, device,
+            )?)),
         })
     }
 
@@ -107,6 +115,9 @@ impl<B: Backend> DitModel<B> {
             }
             ModelConfig::SD3(c) => {
                 DitModel::SD3(Box::new(SD3Transformer2DModel::random(c, plan, device)?))
+            }
+            ModelConfig::Flux(c) => {
+                DitModel::Flux(Box::new(FluxTransformer2DModel::random(c, plan, device)?))
             }
         })
     }
@@ -128,6 +139,7 @@ impl<B: Backend> DitModel<B> {
             DitModel::PixArt(m) => ModelConfig::PixArt(m.config.clone()),
             DitModel::DiT(m) => ModelConfig::DiT(m.config.clone()),
             DitModel::SD3(m) => ModelConfig::SD3(m.config.clone()),
+            DitModel::Flux(m) => ModelConfig::Flux(m.config.clone()),
         }
     }
 
@@ -153,7 +165,7 @@ impl<B: Backend> Denoiser<B> for DitModel<B> {
 
     fn staged(&self) -> Option<&dyn StagedDenoiser<B>> {
         match self {
-            DitModel::SD3(_) => None,
+            DitModel::SD3(_) | DitModel::Flux(_) => None,
             _ => Some(self),
         }
     }
@@ -202,6 +214,7 @@ impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
             DitModel::PixArt(m) => m.held_blocks(),
             DitModel::DiT(m) => m.held_blocks(),
             DitModel::SD3(m) => 0..m.desc().num_layers,
+            DitModel::Flux(m) => 0..m.desc().num_layers,
         }
     }
 }

@@ -38,6 +38,7 @@ use crate::load::{
     Lin, Loaded, Part, RandomSource, Source, StoreSource, Table, check_plan, materialize,
 };
 use crate::pixart::{feed_forward, timestep_mlp};
+use crate::rope::JointRope;
 use crate::stages::input_error;
 use kernels::{gated_residual, layer_norm_modulate};
 
@@ -45,7 +46,7 @@ use kernels::{gated_residual, layer_norm_modulate};
 pub const CLASS_NAME: &str = "SD3Transformer2DModel";
 
 /// Eps of every LayerNorm and RMSNorm of the model (diffusers hard-codes 1e-6).
-const EPS: f64 = 1e-6;
+pub(crate) const EPS: f64 = 1e-6;
 
 fn d_sample() -> usize {
     128
@@ -269,7 +270,11 @@ impl SD3Config {
             heads_per_level: vec![self.num_attention_heads],
             feature_sites: Vec::new(),
             joint_layers: (0..self.num_layers)
-                .map(|i| JointLayer { text_out: !self.pre_only(i), image_attention: self.dual(i) })
+                .map(|i| JointLayer {
+                    text_out: !self.pre_only(i),
+                    image_attention: self.dual(i),
+                    single_stream: false,
+                })
                 .collect(),
         }
     }
@@ -350,7 +355,7 @@ impl SD3Config {
 ///
 /// # Shapes
 /// `x`: `[batch, heads, tokens, head_dim]`; `weight`: `[head_dim]`.
-fn rms_norm<B: Backend>(x: Tensor<B, 4>, weight: &Param<Tensor<B, 1>>) -> Tensor<B, 4> {
+pub(crate) fn rms_norm<B: Backend>(x: Tensor<B, 4>, weight: &Param<Tensor<B, 1>>) -> Tensor<B, 4> {
     let dtype = x.dtype();
     let xf = x.cast(DType::F32);
     let d = xf.dims()[3];
@@ -382,13 +387,13 @@ pub struct QkvProjection<B: Backend> {
 }
 
 impl<B: Backend> QkvProjection<B> {
-    fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+    pub(crate) fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let [batch, tokens, _] = x.dims();
         x.reshape([batch, tokens, self.heads, self.head_dim]).swap_dims(1, 2)
     }
 
     /// Keys and values, `[batch, heads, tokens, head_dim]` each.
-    fn kv(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn kv(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let k = self.split_heads(linear(&self.k, x.clone()));
         let k = match &self.norm_k {
             Some(w) => rms_norm(k, w),
@@ -398,7 +403,7 @@ impl<B: Backend> QkvProjection<B> {
     }
 
     /// Queries, `[batch, heads, tokens, head_dim]`.
-    fn q(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+    pub(crate) fn q(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let q = self.split_heads(linear(&self.q, x));
         match &self.norm_q {
             Some(w) => rms_norm(q, w),
@@ -407,7 +412,7 @@ impl<B: Backend> QkvProjection<B> {
     }
 }
 
-fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+pub(crate) fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     let [batch, heads, tokens, d] = x.dims();
     x.swap_dims(1, 2).reshape([batch, tokens, heads * d])
 }
@@ -438,7 +443,7 @@ pub struct JointTransformerBlock<B: Backend> {
 /// The per-forward modulation of one block, `[batch, 1, hidden]` each, in diffusers'
 /// chunk order.
 #[derive(Debug, Clone)]
-struct BlockModulation<B: Backend> {
+pub(crate) struct BlockModulation<B: Backend> {
     /// Image: shift, scale, gate (attention); shift, scale, gate (MLP); dual: shift, scale,
     /// gate of `attn2`.
     image: Vec<Tensor<B, 3>>,
@@ -447,7 +452,10 @@ struct BlockModulation<B: Backend> {
 }
 
 /// `linear(silu(temb))` cut into `k` vectors of `[batch, 1, hidden]`.
-fn chunks<B: Backend>(linear_layer: &Linear<B>, temb_silu: &Tensor<B, 2>) -> Vec<Tensor<B, 3>> {
+pub(crate) fn chunks<B: Backend>(
+    linear_layer: &Linear<B>,
+    temb_silu: &Tensor<B, 2>,
+) -> Vec<Tensor<B, 3>> {
     let m = linear(linear_layer, temb_silu.clone());
     let [batch, kh] = m.dims();
     let h = linear_layer.weight.val().dims()[0];
@@ -456,7 +464,7 @@ fn chunks<B: Backend>(linear_layer: &Linear<B>, temb_silu: &Tensor<B, 2>) -> Vec
 }
 
 impl<B: Backend> JointTransformerBlock<B> {
-    fn modulation(&self, temb_silu: &Tensor<B, 2>) -> BlockModulation<B> {
+    pub(crate) fn modulation(&self, temb_silu: &Tensor<B, 2>) -> BlockModulation<B> {
         BlockModulation {
             image: chunks(&self.norm1, temb_silu),
             text: chunks(&self.norm1_context, temb_silu),
@@ -466,11 +474,12 @@ impl<B: Backend> JointTransformerBlock<B> {
     /// Runs the block on this rank's image tokens and the whole text stream; returns both
     /// streams (the text stream unchanged after the `context_pre_only` block, whose text
     /// output diffusers drops).
-    fn forward(
+    pub(crate) fn forward(
         &self,
         hidden: Tensor<B, 3>,
         context: Tensor<B, 3>,
         m: &BlockModulation<B>,
+        rope: Option<&JointRope<B>>,
         site: &AttentionSite,
         seams: &mut dyn Seams<B>,
     ) -> parallel_core::Result<(Tensor<B, 3>, Tensor<B, 3>)> {
@@ -501,6 +510,13 @@ impl<B: Backend> JointTransformerBlock<B> {
         let (k, v) = self.image_qkv.kv(norm.clone());
         let (tk, tv) = self.text_qkv.kv(norm_ctx.clone());
         let tq = text_out.then(|| self.text_qkv.q(norm_ctx));
+        // Flux: rotary positions on queries and keys after their norms.
+        let (q, k, tq, tk) = match rope {
+            Some(r) => {
+                (r.image.apply(q), r.image.apply(k), tq.map(|t| r.text.apply(t)), r.text.apply(tk))
+            }
+            None => (q, k, tq, tk),
+        };
         let (image_attn, text_attn) =
             seams.joint_attention(site, q, k, v, TextQkv { q: tq, k: tk, v: tv })?;
         let reduce = |projection| ReduceSite { layer, projection };
@@ -838,7 +854,7 @@ impl<B: Backend> SD3Transformer2DModel<B> {
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let site = AttentionSite { layer: i, tokens: tokens.clone(), total_tokens: grid.len() };
             let m = block.modulation(&temb_silu);
-            (hidden, context) = block.forward(hidden, context, &m, &site, seams)?;
+            (hidden, context) = block.forward(hidden, context, &m, None, &site, seams)?;
         }
 
         let out = chunks(&self.norm_out, &temb_silu);

@@ -229,6 +229,9 @@ impl<'a, B: Backend> Params<'a, B> {
             Sharding::Replicated => {
                 (self.tensor(&wkey, shape, init)?, self.tensor(&bkey, [d_out], Init::Bias)?)
             }
+            Sharding::RowPacked { .. } => {
+                unreachable!("no U-Net convolution packs its input channels")
+            }
         };
         let reduce = matches!(sharding, Sharding::Row { .. });
         Ok(Conv2d {

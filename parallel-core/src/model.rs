@@ -93,6 +93,10 @@ pub struct JointLayer {
     /// blocks, `attn2`), through [`self_attention`](crate::Seams::self_attention) at the
     /// same layer.
     pub image_attention: bool,
+    /// Whether the text and image tokens pass the block as one stream through one set of
+    /// weights (Flux's single-stream blocks: one output projection over attention and MLP
+    /// together, of every token) rather than two streams with their own.
+    pub single_stream: bool,
 }
 
 impl ModelDesc {
@@ -452,6 +456,16 @@ pub enum Sharding {
     Row {
         /// The split dim of the tensor as stored on disk.
         dim: usize,
+    },
+    /// Row-parallel over packed inputs: the input features are two blocks, `[0, split)` and
+    /// `[split, len)` (Flux's single-block `proj_out` reads attention heads, then MLP
+    /// columns), each split in equal parts; a rank holds its part of each, in that order.
+    /// Reduced like [`Row`](Self::Row), the bias added once after.
+    RowPacked {
+        /// The split dim of the tensor as stored on disk.
+        dim: usize,
+        /// Where the second block of input features starts.
+        split: usize,
     },
 }
 

@@ -65,6 +65,9 @@ pub enum Projection {
     /// The output projection of an SD3.5 dual-attention block's image-only attention
     /// (`attn2.to_out.0`).
     DualAttnOut,
+    /// A Flux single-stream block's `proj_out` (attention heads and MLP columns packed, over
+    /// the text and image tokens together).
+    SingleStreamOut,
     /// A convolution row-parallel over its input channels (a U-Net resnet's `conv2`); its
     /// partial output is passed as `[batch, channels, pixels]`.
     ConvOut,

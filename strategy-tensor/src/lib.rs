@@ -219,11 +219,19 @@ impl<B: Backend> ParallelStrategy<B> for TensorParallel<B> {
             let ring = |size| all_reduce_elements(size, r as u64, n as u64);
             let mut e = ExpectedComm::none(format!(
                 "tensor (MMDiT): ring all-reduce of B·p·hs per image reduce (2 per block, +1 \
-                 with dual attention) and of B·T·hs per text reduce (2 per block but the \
+                 with dual attention) and of B·T·hs per text reduce (2 per block where its \
+                 output is used); a single-stream block: one of B·(p + T)·hs (B·p·hs in the \
                  last); L={} B={} p={p} T={} hs={} N={n}",
                 model.num_layers, request.batch, request.text_tokens, model.hidden_size
             ));
             for layer in &model.joint_layers {
+                if layer.single_stream {
+                    // One packed output projection over the block's whole stream.
+                    let text = if layer.text_out { request.text_tokens } else { 0 };
+                    let stream = (request.batch * (p + text) * model.hidden_size) as u64;
+                    e.add(OpKind::AllReduce, ring(stream));
+                    continue;
+                }
                 let image = 2 + u64::from(layer.image_attention);
                 e.add(OpKind::AllReduce, image * ring(size));
                 if layer.text_out {

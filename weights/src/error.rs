@@ -126,6 +126,17 @@ pub enum WeightError {
         /// The names the reader takes.
         known: String,
     },
+    /// A tensor of a known name whose values the reader cannot take (FLUX ids of another
+    /// layout than the pipeline's, tokens that do not match them).
+    #[error("{file}: tensor `{name}`: {reason}")]
+    BadInput {
+        /// The tensor's name.
+        name: String,
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Keys in the checkpoint that nothing took: usually a checkpoint of another model, or a
     /// config that does not match its weights.
     #[error(

@@ -333,6 +333,39 @@ impl WeightStore {
         Ok(self.tensor(values, local, device))
     }
 
+    /// Indices `range` of dim `dim` of tensor `key` (`shape` is the full stored shape), in
+    /// the compute dtype on `device`; only those bytes are read. A packed row-parallel
+    /// weight (Flux's single-block `proj_out`, whose input is attention then MLP features)
+    /// takes one range of each block.
+    ///
+    /// # Errors
+    /// As [`take`](Self::take), and [`WeightError::Shard`] when `range` leaves the dim.
+    pub fn take_range<B: Backend, const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        dim: usize,
+        range: std::ops::Range<usize>,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let (file, entry) = self.checked(key, &shape)?;
+        if dim >= D || range.start > range.end || range.end > shape[dim] {
+            return Err(WeightError::Shard {
+                key: key.to_string(),
+                shape: shape.to_vec(),
+                dim,
+                rank: range.start,
+                world: range.end,
+                reason: format!("indices {range:?} are not within dim {dim} of {shape:?}"),
+            });
+        }
+        let values = file.read_f32(key, entry, Some((dim, range.clone())))?;
+        self.taken.insert(key.to_string());
+        let mut local = shape;
+        local[dim] = range.len();
+        Ok(self.tensor(values, local, device))
+    }
+
     fn tensor<B: Backend, const D: usize>(
         &self,
         values: Vec<f32>,

@@ -74,6 +74,11 @@ impl BenchModel {
                         c.num_layers = l;
                         c.dual_attention_layers.retain(|&d| d < l);
                     }
+                    // FLUX's 19 : 38 double- to single-stream blocks, kept: a third double.
+                    ModelConfig::Flux(c) => {
+                        c.num_layers = l.div_ceil(3);
+                        c.num_single_layers = l - l.div_ceil(3);
+                    }
                 }
             }
             let layers = config.desc().num_layers;
@@ -226,6 +231,20 @@ pub fn config_json(config: &ModelConfig) -> Value {
             "pos_embed_max_size": c.pos_embed_max_size,
             "dual_attention_layers": c.dual_attention_layers,
             "qk_norm": c.qk_norm,
+        }),
+        ModelConfig::Flux(c) => json!({
+            "_class_name": "FluxTransformer2DModel",
+            "patch_size": c.patch_size,
+            "in_channels": c.in_channels,
+            "out_channels": c.out_channels,
+            "num_layers": c.num_layers,
+            "num_single_layers": c.num_single_layers,
+            "attention_head_dim": c.attention_head_dim,
+            "num_attention_heads": c.num_attention_heads,
+            "joint_attention_dim": c.joint_attention_dim,
+            "pooled_projection_dim": c.pooled_projection_dim,
+            "guidance_embeds": c.guidance_embeds,
+            "axes_dims_rope": c.axes_dims_rope,
         }),
     }
 }

@@ -267,6 +267,26 @@ impl BenchInputs {
                     Tensor::from_data(TensorData::new(pooled, [batch, n]), device),
                 );
             }
+            DenoiserConfig::Dit(ModelConfig::Flux(c)) => {
+                // T5's tokens (the request's text tokens), the pooled CLIP-L embedding and
+                // FLUX.1-dev's guidance 3.5.
+                let (t, ch) = (spec.text_tokens, c.joint_attention_dim);
+                let text = normal_values(spec.seed, "text", batch * t * ch);
+                template.encoder_hidden_states =
+                    Some(Tensor::from_data(TensorData::new(text, [batch, t, ch]), device));
+                let n = c.pooled_projection_dim;
+                let pooled = normal_values(spec.seed, "pooled_projections", batch * n);
+                template.added_cond.insert(
+                    "pooled_projections".into(),
+                    Tensor::from_data(TensorData::new(pooled, [batch, n]), device),
+                );
+                if c.guidance_embeds {
+                    template.added_cond.insert(
+                        "guidance".into(),
+                        Tensor::from_data(TensorData::new(vec![3.5f32; batch], [batch, 1]), device),
+                    );
+                }
+            }
             DenoiserConfig::Dit(ModelConfig::DiT(c)) => {
                 // Guidance pairs the null class (unconditional) with class 207.
                 let null = c.num_classes() as i64;

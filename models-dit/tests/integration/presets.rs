@@ -19,16 +19,19 @@ const DIFFUSERS_COUNTS: [(&str, u64, usize); 5] = [
     ("DiT-XL-2-512", 749_826_464, 538),
 ];
 
-/// The same for the SD3-family presets (diffusers 0.42.1, meta device; the position table
+/// The same for the MMDiT presets (SD3 family and FLUX.1) (diffusers 0.42.1, meta device; the position table
 /// `pos_embed.pos_embed` is part of the state dict).
-const SD3_COUNTS: [(&str, u64, usize); 3] = [
+const SD3_COUNTS: [(&str, u64, usize); 5] = [
     ("SD3-medium", 2_084_951_104, 683),
     ("SD3.5-medium", 2_469_663_936, 909),
     ("SD3.5-large", 8_146_280_768, 1227),
+    // FLUX.1: 11.9 B parameters (19 double- and 38 single-stream blocks).
+    ("FLUX.1-dev", 11_901_408_320, 1160),
+    ("FLUX.1-schnell", 11_891_178_560, 1156),
 ];
 
 #[test]
-fn every_sd3_preset_matches_the_real_checkpoint() {
+fn every_mmdit_preset_matches_the_real_checkpoint() {
     for (name, count, keys) in SD3_COUNTS {
         let c = ModelConfig::preset(name).unwrap();
         let d = c.desc();
@@ -75,7 +78,9 @@ fn every_preset_matches_the_real_checkpoint() {
                 assert_eq!(c.num_classes(), 1000);
                 assert_eq!(d.sample_size, if name == "DiT-XL-2-256" { 32 } else { 64 });
             }
-            ModelConfig::SD3(_) => unreachable!("SD3 presets are checked on their own"),
+            ModelConfig::SD3(_) | ModelConfig::Flux(_) => {
+                unreachable!("MMDiT presets are checked on their own")
+            }
         }
     }
     let err = ModelConfig::preset("PixArt-XXL").unwrap_err();

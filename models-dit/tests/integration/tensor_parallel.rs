@@ -43,7 +43,9 @@ fn expected_rank_bytes(params: &[ParamInfo], world: usize) -> u64 {
         .iter()
         .map(|p| match p.sharding {
             Sharding::Replicated => p.bytes(),
-            Sharding::Column { .. } | Sharding::Row { .. } => p.bytes() / world as u64,
+            Sharding::Column { .. } | Sharding::Row { .. } | Sharding::RowPacked { .. } => {
+                p.bytes() / world as u64
+            }
         })
         .sum()
 }

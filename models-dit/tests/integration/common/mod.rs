@@ -80,8 +80,22 @@ pub fn read_case(path: &Path) -> Case {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let get = |n: &str| values_f32(&st, n);
+    // FLUX cases hold packed tokens and the pipeline's ids: unpack to the latent.
+    let flux_grid = get("img_ids").map(|(v, _)| {
+        let ids: Vec<[f32; 3]> = v.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect();
+        models_dit::flux::grid_of_image_ids(&ids).unwrap()
+    });
+    let latent = |v: (Vec<f32>, Vec<usize>)| -> Tensor<B, 4> {
+        match flux_grid {
+            Some((rows, cols)) => models_dit::flux::unpack_latents(tensor::<3>(v), rows, cols),
+            None => tensor(v),
+        }
+    };
     let mut input =
-        DenoiserInput::new(tensor(get("hidden_states").unwrap()), tensor(get("timestep").unwrap()));
+        DenoiserInput::new(latent(get("hidden_states").unwrap()), tensor(get("timestep").unwrap()));
+    if let Some((v, shape)) = get("guidance") {
+        input.added_cond.insert("guidance".into(), tensor((v, vec![shape[0], 1])));
+    }
     input.encoder_hidden_states = get("encoder_hidden_states").map(tensor);
     input.encoder_attention_mask = get("encoder_attention_mask").map(tensor);
     for name in ["resolution", "aspect_ratio", "pooled_projections"] {
@@ -92,7 +106,7 @@ pub fn read_case(path: &Path) -> Case {
     input.class_labels = values_i64(&st, "class_labels")
         .map(|(v, s)| Tensor::<B, 1, Int>::from_data(TensorData::new(v, s), &Default::default()));
     let name = path.file_stem().unwrap().to_str().unwrap().to_string();
-    Case { name, input, sample: tensor(get("sample").unwrap()) }
+    Case { name, input, sample: latent(get("sample").unwrap()) }
 }
 
 /// `(‖a − b‖ / ‖b‖, max|a − b| / max|b|)` ([`metrics::compare`]).
