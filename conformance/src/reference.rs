@@ -33,10 +33,10 @@ use std::collections::VecDeque;
 use std::ops::Range;
 
 use burn::tensor::Tensor;
-use parallel_core::attention::sdpa;
+use parallel_core::attention::{joint_sdpa, sdpa};
 use parallel_core::{
     AttentionSite, DenoiseLoop, Denoiser, DenoiserInput, GroupNormMode, GroupNormStats, Halo,
-    ModelFamily, ParallelError, Reference, Result, RowSite, Seams, Serial,
+    JointOutput, ModelFamily, ParallelError, Reference, Result, RowSite, Seams, Serial, TextQkv,
 };
 
 use crate::B;
@@ -118,6 +118,19 @@ impl Seams<B> for Recording {
     ) -> Result<Tensor<B, 4>> {
         *grow(&mut self.kv, site.layer) = Some(Tensor::stack(vec![k.clone(), v.clone()], 0));
         Ok(sdpa(q, k, v, None))
+    }
+
+    /// MMDiT: the image tokens' K/V recorded; the text's, fresh every step, are not kept.
+    fn joint_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        *grow(&mut self.kv, site.layer) = Some(Tensor::stack(vec![k.clone(), v.clone()], 0));
+        Ok(joint_sdpa(q, k, v, text))
     }
 
     fn conv_halo(&mut self, site: &RowSite, x: Tensor<B, 4>, _halo: usize) -> Result<Halo<B>> {
@@ -283,14 +296,14 @@ fn splice(kv: Tensor<B, 5>, tokens: Range<usize>, part: Tensor<B, 5>) -> Tensor<
     kv.slice_assign([0..d[0], 0..d[1], 0..d[2], tokens, 0..d[4]], part)
 }
 
-impl Seams<B> for StaleKv<'_> {
-    fn self_attention(
+impl StaleKv<'_> {
+    /// The image K/V the band sees at `site` (see the [module docs](self)); records its own.
+    fn seen(
         &mut self,
         site: &AttentionSite,
-        q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-    ) -> Result<Tensor<B, 4>> {
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let l = site.layer;
         let fresh: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
         let seen = if self.variant.earlier_fresh { &self.working.kv[l] } else { &self.base.kv[l] };
@@ -302,7 +315,34 @@ impl Seams<B> for StaleKv<'_> {
         self.working.kv[l] = splice(self.working.kv[l].clone(), site.tokens.clone(), fresh);
         let k_all = seen.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
         let v_all = seen.narrow(0, 1, 1).squeeze_dim::<4>(0);
-        Ok(sdpa(q, k_all, v_all, None))
+        (k_all, v_all)
+    }
+}
+
+impl Seams<B> for StaleKv<'_> {
+    fn self_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let (k, v) = self.seen(site, k, v);
+        Ok(sdpa(q, k, v, None))
+    }
+
+    /// MMDiT: the image K/V as for a self-attention, the text's this step's (the band
+    /// computes the whole text stream itself).
+    fn joint_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        let (k, v) = self.seen(site, k, v);
+        Ok(joint_sdpa(q, k, v, text))
     }
 
     fn conv_halo(&mut self, site: &RowSite, x: Tensor<B, 4>, halo: usize) -> Result<Halo<B>> {

@@ -685,16 +685,22 @@ fn forward_under_ulysses_equals_the_case() {
 }
 
 #[test]
-fn forward_runs_an_sd3_folder_with_its_strategies_and_refuses_the_stale_ones() {
+fn forward_runs_an_sd3_folder_with_its_strategies_and_refuses_pipefusion() {
     let dir = tmp("forward-sd3");
     let out = dir.join("sample.safetensors");
     let case = "fixtures/mmdit/sd35/cases/wide.safetensors";
     let want = weights::read_tensors(&repo(case)).unwrap();
-    // Fresh strategies on 2 ranks (and USP on 4) equal diffusers as the serial forward does:
-    // the bar of models-dit's parity test, 1e-5; measured 7.7e-7 for each (Intel Xeon).
-    for (strategy, n) in
-        [("serial", "1"), ("ulysses", "2"), ("ring", "2"), ("tensor", "2"), ("usp", "4")]
-    {
+    // Fresh strategies on 2 ranks (and USP on 4; DistriFusion's lone forward is a warmup
+    // step, exact) equal diffusers as the serial forward does: the bar of models-dit's parity
+    // test, 1e-5; measured 7.7e-7 for each (Intel Xeon).
+    for (strategy, n) in [
+        ("serial", "1"),
+        ("ulysses", "2"),
+        ("ring", "2"),
+        ("tensor", "2"),
+        ("usp", "4"),
+        ("distrifusion", "2"),
+    ] {
         let mut args = vec![
             "forward",
             "--model",
@@ -718,7 +724,7 @@ fn forward_runs_an_sd3_folder_with_its_strategies_and_refuses_the_stale_ones() {
         println!("sd35/wide under {strategy} × {n}: relative L2 {rel:.2e} vs diffusers");
         assert!(rel <= 1e-5, "{strategy}: relative L2 {rel:e}");
     }
-    for strategy in ["distrifusion", "pipefusion"] {
+    for strategy in ["pipefusion"] {
         let err = fails(&[
             "forward",
             "--model",

@@ -468,6 +468,7 @@ impl<B: Backend> FluxTransformer2DModel<B> {
                 to_out: p.linear(&format!("{a}.to_out.0"))?,
                 to_add_out: Some(p.linear(&format!("{a}.to_add_out"))?),
                 attn2: None,
+                dual_site: 0,
                 ff: feed_forward(&mut p, &b, true)?,
                 ff_context: Some(FeedForward {
                     net_0_proj: p.linear(&format!("{b}.ff_context.net.0.proj"))?,

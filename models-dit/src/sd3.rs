@@ -236,6 +236,15 @@ impl SD3Config {
         if self.pos_embed_max_size == 0 {
             return bad("`pos_embed_max_size` must be positive".into());
         }
+        let mut unique = self.dual_attention_layers.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        if unique.len() != self.dual_attention_layers.len() {
+            return bad(format!(
+                "`dual_attention_layers` {:?} names a block twice",
+                self.dual_attention_layers
+            ));
+        }
         if let Some(&l) = self.dual_attention_layers.iter().find(|&&l| l >= self.num_layers) {
             return bad(format!(
                 "`dual_attention_layers` names block {l}; the model has {} blocks",
@@ -438,6 +447,11 @@ pub struct JointTransformerBlock<B: Backend> {
     pub ff: FeedForward<B>,
     /// `ff_context` (absent in the `context_pre_only` block).
     pub ff_context: Option<FeedForward<B>>,
+    /// The attention site of `attn2`: numbered after every block's joint attention
+    /// (`num_layers + k` for the k-th dual-attention block), so that a strategy keeping
+    /// state per site keeps the two attentions of a block apart.
+    #[module(skip)]
+    pub dual_site: usize,
 }
 
 /// The per-forward modulation of one block, `[batch, 1, hidden]` each, in diffusers'
@@ -533,7 +547,8 @@ impl<B: Backend> JointTransformerBlock<B> {
             // time by attn2's own shift and scale (not the stream after the joint attention).
             let norm2 = layer_norm_modulate(input, EPS, Some(im[7].clone()), Some(im[6].clone()));
             let (k, v) = qkv.kv(norm2.clone());
-            let o = seams.self_attention(site, qkv.q(norm2), k, v)?;
+            let dual = AttentionSite { layer: self.dual_site, ..site.clone() };
+            let o = seams.self_attention(&dual, qkv.q(norm2), k, v)?;
             let o = row_parallel(out, merge_heads(o), reduce(Projection::DualAttnOut), seams)?;
             hidden = gated_residual(hidden, Some(im[8].clone()), o);
         }
@@ -699,6 +714,8 @@ impl<B: Backend> SD3Transformer2DModel<B> {
                 },
                 attn2,
                 ff: feed_forward(&mut p, &b, true)?,
+                dual_site: config.num_layers
+                    + config.dual_attention_layers.iter().filter(|&&l| l < i).count(),
                 ff_context: if pre_only {
                     None
                 } else {

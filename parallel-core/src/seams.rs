@@ -24,7 +24,9 @@ use crate::error::Result;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttentionSite {
     /// The layer (transformer block index; for a U-Net, the running index of its attention
-    /// blocks).
+    /// blocks). SD3.5's dual-attention blocks' second, image-only attention is numbered after
+    /// every block's joint one (`num_layers + k` for the k-th such block): sites run over
+    /// `0..ModelDesc::attention_calls()`, one per self-attention of a forward.
     pub layer: usize,
     /// The tokens of the full image sequence this rank holds (its q, k, v rows).
     pub tokens: Range<usize>,

@@ -94,14 +94,14 @@ use std::ops::Range;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use parallel_core::attention::sdpa;
+use parallel_core::attention::{joint_sdpa, sdpa};
 use parallel_core::split::{output_gather_elements, row_partition, row_split_forward};
 use parallel_core::{
     AttentionSite, Comm, CurrentRequest, Denoiser, DenoiserInput, ExpectedComm, FeatureSite,
-    GroupNormMode, GroupNormStats, Halo, LatentGrid, ModelDesc, ModelFamily, NoOptions, OpKind,
-    OptionInfo, OptionValue, ParallelError, ParallelStrategy, Pending, PendingSend, Reference,
-    Registry, RequestInfo, Result, RowSite, Seams, Serial, StepKind, StrategyConfig, StrategyInfo,
-    StrategyOptions, SuiteCase, Tag,
+    GroupNormMode, GroupNormStats, Halo, JointOutput, LatentGrid, ModelDesc, ModelFamily,
+    NoOptions, OpKind, OptionInfo, OptionValue, ParallelError, ParallelStrategy, Pending,
+    PendingSend, Reference, Registry, RequestInfo, Result, RowSite, Seams, Serial, StepKind,
+    StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag, TextQkv,
 };
 
 /// The registered name of DistriFusion.
@@ -399,14 +399,16 @@ fn corrected<B: Backend>(
     GroupNormStats { mean, m2: var.mul_scalar(count as f64), count }
 }
 
-impl<B: Backend> Seams<B> for DfSeams<'_, B> {
-    fn self_attention(
+impl<B: Backend> DfSeams<'_, B> {
+    /// The image K/V this rank's queries see at `site`: every rank's fresh K/V in warmup,
+    /// else the buffer (last step's gather) with this rank's own rows fresh; starts this
+    /// step's gather. Keys and values, `[batch, heads, all image tokens, d]` each.
+    fn image_kv(
         &mut self,
         site: &AttentionSite,
-        q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-    ) -> Result<Tensor<B, 4>> {
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
         let layer = site.layer;
         self.state.slot(layer);
         let fresh: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
@@ -439,7 +441,34 @@ impl<B: Backend> Seams<B> for DfSeams<'_, B> {
         };
         let k_full = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
         let v_full = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
-        Ok(sdpa(q, k_full, v_full, None))
+        Ok((k_full, v_full))
+    }
+}
+
+impl<B: Backend> Seams<B> for DfSeams<'_, B> {
+    fn self_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        let (k, v) = self.image_kv(site, k, v)?;
+        Ok(sdpa(q, k, v, None))
+    }
+
+    /// MMDiT: the image K/V as for [`self_attention`](Seams::self_attention) (others' one
+    /// step stale after warmup), the text K/V fresh — every rank holds the text stream.
+    fn joint_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        let (k, v) = self.image_kv(site, k, v)?;
+        Ok(joint_sdpa(q, k, v, text))
     }
 
     fn conv_halo(&mut self, site: &RowSite, x: Tensor<B, 4>, halo: usize) -> Result<Halo<B>> {
@@ -605,12 +634,6 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
-        model.require_one_of(
-            NAME,
-            &[ModelFamily::Dit, ModelFamily::Unet],
-            "its stale K/V buffer of an MMDiT's joint attention — image K/V stale, text K/V \
-             fresh — is not implemented yet",
-        )?;
         row_partition(NAME, model, request.grid, self.world.size()).map(|_| ())
     }
 
@@ -672,7 +695,9 @@ impl<B: Backend> ParallelStrategy<B> for DistriFusion<B> {
         }
         let cols = request.grid.width / model.patch_size;
         let n_r = parts[r].len() * cols;
-        let (b, hs, l) = (request.batch, model.hidden_size, model.num_layers);
+        // L: every self-attention (SD3.5's dual-attention blocks have two); MMDiT text K/V
+        // are fresh on every rank and never sent.
+        let (b, hs, l) = (request.batch, model.hidden_size, model.attention_calls());
         let gathers = !step.is_last(request.steps) || step.is_warmup(self.warmup_steps);
         let mut e = ExpectedComm::none(format!(
             "distrifusion: L·2·B·n_r·hs·(N−1){} + output gather; L={l} B={b} n_r={n_r} hs={hs} \
@@ -745,10 +770,11 @@ impl<B: Backend> DistriFusion<B> {
     }
 }
 
-/// The buffer DistriFusion holds per rank, in elements: `L · 2 · B · p · hs`.
+/// The buffer DistriFusion holds per rank, in elements: `L · 2 · B · p · hs` (`L` every
+/// self-attention, [`ModelDesc::attention_calls`]).
 pub fn buffer_elements(model: &ModelDesc, request: &RequestInfo) -> u64 {
     let p = model.tokens(request.grid).len();
-    (model.num_layers * 2 * request.batch * p * model.hidden_size) as u64
+    (model.attention_calls() * 2 * request.batch * p * model.hidden_size) as u64
 }
 
 /// Naive patch parallelism: every rank attends only to its own rows.

@@ -77,7 +77,12 @@ impl RunSpec {
             grid: parallel_core::LatentGrid { height: self.latent.0, width: self.latent.1 },
             batch: self.batch(),
             images: 1,
-            text_tokens: if desc.cross_attention { self.text_tokens } else { 0 },
+            text_tokens: if desc.cross_attention || desc.family == parallel_core::ModelFamily::MmDit
+            {
+                self.text_tokens
+            } else {
+                0
+            },
         }
     }
 }
