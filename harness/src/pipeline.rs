@@ -14,6 +14,7 @@
 //! | `PixArtAlphaPipeline`, `PixArtSigmaPipeline` | `transformer/` | T5 (`text_encoder/`, `tokenizer/`), 120 / 300 tokens, with mask | + `vae/`, `scheduler/` |
 //! | `StableDiffusionPipeline` | `unet/` | CLIP (`text_encoder/`, `tokenizer/`), 77 tokens, last hidden state | + `vae/`, `scheduler/` |
 //! | `StableDiffusionXLPipeline` | `unet/` | two CLIPs (`text_encoder/` + `tokenizer/`, `text_encoder_2/` + `tokenizer_2/`): penultimate hidden states concatenated, the second's `text_embeds` pooled, `time_ids` | + `vae/`, `scheduler/` |
+//! | `StableDiffusion3Pipeline` | `transformer/` | two CLIPs with projections (`text_encoder/`, `text_encoder_2/` + tokenizers): penultimate hidden states concatenated and zero-padded to T5's width, then T5's (`text_encoder_3/` + `tokenizer_3/`, 256 tokens, unmasked) appended along the tokens; both CLIPs' `text_embeds` pooled | + `vae/` (16 channels, `shift_factor`), `scheduler/` (flow matching) |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +41,8 @@ pub enum PipelineKind {
     StableDiffusion,
     /// SDXL: a U-Net with text/time conditioning and two CLIP encoders.
     StableDiffusionXl,
+    /// Stable Diffusion 3 / 3.5: an MMDiT, two CLIP encoders and T5.
+    StableDiffusion3,
 }
 
 /// One pipeline class `harness run` implements.
@@ -52,7 +55,8 @@ pub struct PipelineClass {
     /// The component folders it needs.
     pub components: &'static [&'static str],
     /// Text tokens per prompt by default (PixArt: `max_sequence_length`; SD: CLIP's 77,
-    /// the tokenizer's `model_max_length` when it says otherwise).
+    /// the tokenizer's `model_max_length` when it says otherwise; SD3: T5's
+    /// `max_sequence_length`, after CLIP's 77).
     pub text_tokens: usize,
     /// diffusers' default `guidance_scale` of the class.
     pub guidance_scale: f64,
@@ -64,8 +68,23 @@ const SD_COMPONENTS: &[&str] = &["unet", "text_encoder", "tokenizer", "vae", "sc
 const SDXL_COMPONENTS: &[&str] =
     &["unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"];
 
+const SD3_COMPONENTS: &[&str] = &[
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "vae",
+    "scheduler",
+];
+
+/// SD3's default T5 length (`max_sequence_length`).
+pub const SD3_MAX_SEQUENCE_LENGTH: usize = 256;
+
 /// The pipeline classes `harness run` implements.
-pub const PIPELINE_CLASSES: [PipelineClass; 4] = [
+pub const PIPELINE_CLASSES: [PipelineClass; 5] = [
     PipelineClass {
         name: "PixArtAlphaPipeline",
         kind: PipelineKind::PixArt,
@@ -93,6 +112,13 @@ pub const PIPELINE_CLASSES: [PipelineClass; 4] = [
         components: SDXL_COMPONENTS,
         text_tokens: models_text::CLIP_MAX_LENGTH,
         guidance_scale: 5.0,
+    },
+    PipelineClass {
+        name: "StableDiffusion3Pipeline",
+        kind: PipelineKind::StableDiffusion3,
+        components: SD3_COMPONENTS,
+        text_tokens: SD3_MAX_SEQUENCE_LENGTH,
+        guidance_scale: 7.0,
     },
 ];
 
@@ -224,12 +250,44 @@ impl PipelineFolder {
                     ));
                 }
             }
-            (PipelineKind::PixArt, other) => {
+            (PipelineKind::StableDiffusion3, DenoiserConfig::Dit(ModelConfig::SD3(c))) => {
+                let clip =
+                    |name: &str| CLIPTextConfig::from_file(root.join(name).join("config.json"));
+                let (l, g) = (clip("text_encoder")?, clip("text_encoder_2")?);
+                let t5 = models_text::T5Config::from_file(root.join("text_encoder_3/config.json"))?;
+                let clip_width = l.hidden_size + g.hidden_size;
+                if t5.d_model != c.joint_attention_dim || clip_width > t5.d_model {
+                    return Err(cfg_error(
+                        &denoiser_json,
+                        format!(
+                            "`joint_attention_dim` is {} but T5's `d_model` is {} and the CLIPs \
+                             give {clip_width} channels (padded to T5's width, which must be the \
+                             larger): the transformer and the text encoders do not belong \
+                             together",
+                            c.joint_attention_dim, t5.d_model
+                        ),
+                    ));
+                }
+                let pooled = l.projection_dim.unwrap_or(0) + g.projection_dim.unwrap_or(0);
+                if pooled != c.pooled_projection_dim {
+                    return Err(cfg_error(
+                        &denoiser_json,
+                        format!(
+                            "`pooled_projection_dim` is {} but the CLIPs' projections give \
+                             {pooled}: the transformer and the text encoders do not belong \
+                             together",
+                            c.pooled_projection_dim
+                        ),
+                    ));
+                }
+            }
+            (PipelineKind::PixArt | PipelineKind::StableDiffusion3, other) => {
                 return Err(cfg_error(
                     &denoiser_json,
                     format!(
-                        "`{}` needs a PixArt transformer, this is {}",
+                        "`{}` needs a {} transformer, this is {}",
                         class.name,
+                        if class.kind == PipelineKind::PixArt { "PixArt" } else { "SD3" },
                         other.desc().class_name
                     ),
                 ));
@@ -309,7 +367,8 @@ impl PipelineFolder {
         self.root.join(name)
     }
 
-    /// The pipeline's text length: 120 tokens for PixArt-α, 300 for PixArt-Σ, 77 for CLIP.
+    /// The pipeline's text length: 120 tokens for PixArt-α, 300 for PixArt-Σ, 77 for CLIP,
+    /// SD3's T5 length 256 (its joint text is CLIP's 77 more).
     pub fn default_max_sequence_length(&self) -> usize {
         self.class.text_tokens
     }
@@ -395,6 +454,27 @@ impl PipelineFolder {
                 )?,
                 force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
             },
+            PipelineKind::StableDiffusion3 => TextEncoder::Sd3 {
+                tokenizer: tokenizer("tokenizer")?,
+                encoder: CLIPTextModelWithProjection::from_pretrained(
+                    self.component("text_encoder"),
+                    device,
+                )?,
+                tokenizer_2: tokenizer("tokenizer_2")?,
+                encoder_2: CLIPTextModelWithProjection::from_pretrained(
+                    self.component("text_encoder_2"),
+                    device,
+                )?,
+                tokenizer_3: PromptTokenizer::from_dir(
+                    self.component("tokenizer_3"),
+                    max_sequence_length,
+                )?,
+                encoder_3: T5EncoderModel::from_pretrained(
+                    self.component("text_encoder_3"),
+                    device,
+                )?,
+                max_sequence_length,
+            },
         })
     }
 
@@ -450,6 +530,23 @@ pub enum TextEncoder<B: Backend> {
         /// Zeros for the unconditional embeddings when there is no negative prompt.
         force_zeros_for_empty_prompt: bool,
     },
+    /// Stable Diffusion 3's two CLIPs and T5.
+    Sd3 {
+        /// CLIP-L's tokenizer.
+        tokenizer: PromptTokenizer,
+        /// CLIP-L, with its projection.
+        encoder: CLIPTextModelWithProjection<B>,
+        /// CLIP-G's tokenizer.
+        tokenizer_2: PromptTokenizer,
+        /// CLIP-G, with its projection.
+        encoder_2: CLIPTextModelWithProjection<B>,
+        /// T5's tokenizer (padded and cut to `max_sequence_length`).
+        tokenizer_3: PromptTokenizer,
+        /// T5.
+        encoder_3: T5EncoderModel<B>,
+        /// T5 tokens per prompt.
+        max_sequence_length: usize,
+    },
 }
 
 /// Width of the penultimate hidden state: a model with one layer has none.
@@ -470,6 +567,10 @@ impl<B: Backend> TextEncoder<B> {
     ///   and `time_ids = [h, w, 0, 0, h, w]` (original size, crop top-left, target size) for
     ///   `image_size`; with no negative prompt and `force_zeros_for_empty_prompt`, zeros for
     ///   the unconditional embeddings and `text_embeds`.
+    /// - SD3: both CLIPs' `hidden_states[-2]` concatenated and zero-padded to T5's width,
+    ///   T5's output (unmasked, `max_sequence_length` tokens) appended along the tokens;
+    ///   `pooled_projections` = both CLIPs' `text_embeds` concatenated; no negative prompt
+    ///   encodes `""` (SD3 has no zeroing).
     pub fn encode(
         &self,
         prompt: &str,
@@ -562,6 +663,55 @@ impl<B: Backend> TextEncoder<B> {
                     "time_ids".to_string(),
                     Tensor::from_data(TensorData::new(time_ids, [batch, 6]), &device),
                 );
+                Ok(PromptEmbeds { embeds, mask: None, added_cond })
+            }
+            TextEncoder::Sd3 {
+                tokenizer,
+                encoder,
+                tokenizer_2,
+                encoder_2,
+                tokenizer_3,
+                encoder_3,
+                max_sequence_length,
+            } => {
+                let one = |text: &str| -> Result<(Tensor<B, 3>, Tensor<B, 2>)> {
+                    let t1 = tokenizer.tokenize(&[text])?;
+                    let t2 = tokenizer_2.tokenize(&[text])?;
+                    for t in t1.truncations.iter().chain(&t2.truncations) {
+                        log::warn!("{}", t.message());
+                    }
+                    let out1 = encoder.forward_tokens(&t1, false)?;
+                    let h1 = penultimate(out1.hidden_state_from_end(2), "text_encoder")?;
+                    let out2 = encoder_2.forward_tokens(&t2, false)?;
+                    let h2 = penultimate(out2.hidden_state_from_end(2), "text_encoder_2")?;
+                    let (t5, _) = models_text::encode_prompts_masked(
+                        tokenizer_3,
+                        encoder_3,
+                        &[text.to_string()],
+                        *max_sequence_length,
+                        false,
+                    )?;
+                    let clip = Tensor::cat(vec![h1, h2], 2);
+                    let [b, n, w] = clip.dims();
+                    let width = t5.dims()[2];
+                    let clip = if w < width {
+                        let zeros = Tensor::zeros([b, n, width - w], &clip.device());
+                        Tensor::cat(vec![clip, zeros], 2)
+                    } else {
+                        clip
+                    };
+                    let pooled = Tensor::cat(vec![out1.text_embeds, out2.text_embeds], 1);
+                    Ok((Tensor::cat(vec![clip, t5], 1), pooled))
+                };
+                let (pos, pooled) = one(prompt)?;
+                let (embeds, pooled) = if guidance {
+                    let (neg, neg_pooled) = one(negative_prompt.unwrap_or(""))?;
+                    (Tensor::cat(vec![neg, pos], 0), Tensor::cat(vec![neg_pooled, pooled], 0))
+                } else {
+                    (pos, pooled)
+                };
+                let mut added_cond = BTreeMap::new();
+                added_cond.insert("pooled_projections".to_string(), pooled);
                 Ok(PromptEmbeds { embeds, mask: None, added_cond })
             }
         }

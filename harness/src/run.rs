@@ -289,14 +289,16 @@ impl RunPlan {
         let schedule =
             folder.scheduler(config.scheduler.as_deref())?.set_timesteps(config.steps)?;
         let max_sequence_length = match (folder.class.kind, config.max_sequence_length) {
-            (PipelineKind::PixArt, n) => n.unwrap_or(folder.default_max_sequence_length()),
+            (PipelineKind::PixArt | PipelineKind::StableDiffusion3, n) => {
+                n.unwrap_or(folder.default_max_sequence_length())
+            }
             (_, None) => folder.default_max_sequence_length(),
             (_, Some(_)) => {
                 return Err(HarnessError::config(
                     "max_sequence_length",
                     format!(
-                        "applies to the PixArt pipelines; a {} takes its CLIP tokenizer's \
-                         length (77)",
+                        "applies to the PixArt and SD3 pipelines (T5's tokens); a {} takes its \
+                         CLIP tokenizer's length (77)",
                         folder.class.name
                     ),
                 ));
@@ -328,7 +330,13 @@ impl RunPlan {
             grid,
             batch: settings.batch(),
             images: settings.images,
-            text_tokens: max_sequence_length,
+            // SD3's joint text: CLIP's 77 tokens, then T5's.
+            text_tokens: match folder.class.kind {
+                PipelineKind::StableDiffusion3 => {
+                    models_text::CLIP_MAX_LENGTH + max_sequence_length
+                }
+                _ => max_sequence_length,
+            },
         };
         let shape = vec![1, desc.in_channels, grid.height, grid.width];
         let initial = match &config.latents {
@@ -837,7 +845,7 @@ fn share_text<B: Backend>(
     text: Option<PromptEmbeds<B>>,
 ) -> Result<PromptEmbeds<B>> {
     /// The added conditions a pipeline may carry, in a fixed order.
-    const ADDED: [&str; 2] = ["text_embeds", "time_ids"];
+    const ADDED: [&str; 3] = ["text_embeds", "time_ids", "pooled_projections"];
     if comm.size() == 1 {
         return text.ok_or_else(|| HarnessError::config("prompt", "rank 0 encoded no text"));
     }

@@ -31,6 +31,23 @@ pub fn encode_prompts<B: Backend>(
     prompts: &[String],
     max_len: usize,
 ) -> Result<(Tensor<B, 3>, Tensor<B, 2, Bool>)> {
+    encode_prompts_masked(tokenizer, encoder, prompts, max_len, true)
+}
+
+/// [`encode_prompts`], with the attention mask given to the encoder (`masked`, PixArt) or not
+/// (Stable Diffusion 3's `_get_t5_prompt_embeds` runs T5 over the padded ids unmasked, so
+/// the padding tokens attend and are attended to); the returned mask is the tokenizer's
+/// either way.
+///
+/// # Errors
+/// As [`encode_prompts`].
+pub fn encode_prompts_masked<B: Backend>(
+    tokenizer: &PromptTokenizer,
+    encoder: &T5EncoderModel<B>,
+    prompts: &[String],
+    max_len: usize,
+    masked: bool,
+) -> Result<(Tensor<B, 3>, Tensor<B, 2, Bool>)> {
     let resized;
     let tokenizer = if tokenizer.max_length() == max_len {
         tokenizer
@@ -58,6 +75,6 @@ pub fn encode_prompts<B: Backend>(
         TensorData::new(tokens.attention_mask_flat(), [batch, max_len]),
         &device,
     );
-    let embeds = encoder.forward(input_ids, Some(mask.clone()));
+    let embeds = encoder.forward(input_ids, masked.then(|| mask.clone()));
     Ok((embeds, mask))
 }

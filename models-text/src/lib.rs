@@ -105,7 +105,7 @@ pub use block::{T5Block, T5BlockConfig, T5LayerSelfAttention, clamp_f16};
 pub use clip_config::{CLIPActivation, CLIPPooling, CLIPTextConfig, CLIPTextModelConfig};
 pub use clip_loader::TEXT_MODEL_PREFIX;
 pub use config::{T5Activation, T5Config, T5EncoderConfig, T5FeedForward};
-pub use encode::encode_prompts;
+pub use encode::{encode_prompts, encode_prompts_masked};
 pub use encoder::{T5EncoderModel, T5Stack};
 pub use error::{Result, TextError};
 pub use feed_forward::{
