@@ -14,6 +14,7 @@
 //! | `PixArtAlphaPipeline`, `PixArtSigmaPipeline` | `transformer/` | T5 (`text_encoder/`, `tokenizer/`), 120 / 300 tokens, with mask | + `vae/`, `scheduler/` |
 //! | `StableDiffusionPipeline` | `unet/` | CLIP (`text_encoder/`, `tokenizer/`), 77 tokens, last hidden state | + `vae/`, `scheduler/` |
 //! | `StableDiffusionXLPipeline` | `unet/` | two CLIPs (`text_encoder/` + `tokenizer/`, `text_encoder_2/` + `tokenizer_2/`): penultimate hidden states concatenated, the second's `text_embeds` pooled, `time_ids` | + `vae/`, `scheduler/` |
+//! | `FluxPipeline` | `transformer/` | CLIP (`text_encoder/` + `tokenizer/`): its pooled output only; T5 (`text_encoder_2/` + `tokenizer_2/`, 512 tokens, unmasked); no negative prompt (guidance is embedded, FLUX.1-dev) | + `vae/` (16 channels), `scheduler/` (flow matching, dynamic shift) |
 //! | `StableDiffusion3Pipeline` | `transformer/` | two CLIPs with projections (`text_encoder/`, `text_encoder_2/` + tokenizers): penultimate hidden states concatenated and zero-padded to T5's width, then T5's (`text_encoder_3/` + `tokenizer_3/`, 256 tokens, unmasked) appended along the tokens; both CLIPs' `text_embeds` pooled | + `vae/` (16 channels, `shift_factor`), `scheduler/` (flow matching) |
 
 use std::collections::BTreeMap;
@@ -43,6 +44,8 @@ pub enum PipelineKind {
     StableDiffusionXl,
     /// Stable Diffusion 3 / 3.5: an MMDiT, two CLIP encoders and T5.
     StableDiffusion3,
+    /// FLUX.1: an MMDiT with embedded guidance, CLIP's pooled output and T5.
+    Flux,
 }
 
 /// One pipeline class `harness run` implements.
@@ -80,11 +83,21 @@ const SD3_COMPONENTS: &[&str] = &[
     "scheduler",
 ];
 
+const FLUX_COMPONENTS: &[&str] = &[
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "vae",
+    "scheduler",
+];
+
 /// SD3's default T5 length (`max_sequence_length`).
 pub const SD3_MAX_SEQUENCE_LENGTH: usize = 256;
 
 /// The pipeline classes `harness run` implements.
-pub const PIPELINE_CLASSES: [PipelineClass; 5] = [
+pub const PIPELINE_CLASSES: [PipelineClass; 6] = [
     PipelineClass {
         name: "PixArtAlphaPipeline",
         kind: PipelineKind::PixArt,
@@ -119,6 +132,13 @@ pub const PIPELINE_CLASSES: [PipelineClass; 5] = [
         components: SD3_COMPONENTS,
         text_tokens: SD3_MAX_SEQUENCE_LENGTH,
         guidance_scale: 7.0,
+    },
+    PipelineClass {
+        name: "FluxPipeline",
+        kind: PipelineKind::Flux,
+        components: FLUX_COMPONENTS,
+        text_tokens: 512,
+        guidance_scale: 3.5,
     },
 ];
 
@@ -281,13 +301,37 @@ impl PipelineFolder {
                     ));
                 }
             }
-            (PipelineKind::PixArt | PipelineKind::StableDiffusion3, other) => {
+            (PipelineKind::Flux, DenoiserConfig::Dit(ModelConfig::Flux(c))) => {
+                let clip = CLIPTextConfig::from_file(root.join("text_encoder/config.json"))?;
+                let t5 = models_text::T5Config::from_file(root.join("text_encoder_2/config.json"))?;
+                if t5.d_model != c.joint_attention_dim
+                    || clip.hidden_size != c.pooled_projection_dim
+                {
+                    return Err(cfg_error(
+                        &denoiser_json,
+                        format!(
+                            "`joint_attention_dim` {} and `pooled_projection_dim` {} must be T5's \
+                             `d_model` ({}) and CLIP's `hidden_size` ({}): the transformer and \
+                             the text encoders do not belong together",
+                            c.joint_attention_dim,
+                            c.pooled_projection_dim,
+                            t5.d_model,
+                            clip.hidden_size
+                        ),
+                    ));
+                }
+            }
+            (PipelineKind::PixArt | PipelineKind::StableDiffusion3 | PipelineKind::Flux, other) => {
                 return Err(cfg_error(
                     &denoiser_json,
                     format!(
                         "`{}` needs a {} transformer, this is {}",
                         class.name,
-                        if class.kind == PipelineKind::PixArt { "PixArt" } else { "SD3" },
+                        match class.kind {
+                            PipelineKind::PixArt => "PixArt",
+                            PipelineKind::Flux => "FLUX",
+                            _ => "SD3",
+                        },
                         other.desc().class_name
                     ),
                 ));
@@ -475,6 +519,19 @@ impl PipelineFolder {
                 )?,
                 max_sequence_length,
             },
+            PipelineKind::Flux => TextEncoder::Flux {
+                tokenizer: tokenizer("tokenizer")?,
+                encoder: CLIPTextModel::from_pretrained(self.component("text_encoder"), device)?,
+                tokenizer_2: PromptTokenizer::from_dir(
+                    self.component("tokenizer_2"),
+                    max_sequence_length,
+                )?,
+                encoder_2: T5EncoderModel::from_pretrained(
+                    self.component("text_encoder_2"),
+                    device,
+                )?,
+                max_sequence_length,
+            },
         })
     }
 
@@ -547,6 +604,19 @@ pub enum TextEncoder<B: Backend> {
         /// T5 tokens per prompt.
         max_sequence_length: usize,
     },
+    /// FLUX's CLIP (pooled output) and T5.
+    Flux {
+        /// CLIP's tokenizer.
+        tokenizer: PromptTokenizer,
+        /// CLIP.
+        encoder: CLIPTextModel<B>,
+        /// T5's tokenizer.
+        tokenizer_2: PromptTokenizer,
+        /// T5.
+        encoder_2: T5EncoderModel<B>,
+        /// T5 tokens per prompt.
+        max_sequence_length: usize,
+    },
 }
 
 /// Width of the penultimate hidden state: a model with one layer has none.
@@ -571,6 +641,9 @@ impl<B: Backend> TextEncoder<B> {
     ///   T5's output (unmasked, `max_sequence_length` tokens) appended along the tokens;
     ///   `pooled_projections` = both CLIPs' `text_embeds` concatenated; no negative prompt
     ///   encodes `""` (SD3 has no zeroing).
+    /// - FLUX: T5's output (unmasked) as the text, CLIP's pooled output as
+    ///   `pooled_projections`, batch 1: FLUX.1-dev embeds its guidance instead of a negative
+    ///   batch (`guidance` is ignored; the pipeline adds the `guidance` condition).
     pub fn encode(
         &self,
         prompt: &str,
@@ -710,6 +783,30 @@ impl<B: Backend> TextEncoder<B> {
                 } else {
                     (pos, pooled)
                 };
+                let mut added_cond = BTreeMap::new();
+                added_cond.insert("pooled_projections".to_string(), pooled);
+                Ok(PromptEmbeds { embeds, mask: None, added_cond })
+            }
+            TextEncoder::Flux {
+                tokenizer,
+                encoder,
+                tokenizer_2,
+                encoder_2,
+                max_sequence_length,
+            } => {
+                let _ = (negative_prompt, guidance);
+                let tokens = tokenizer.tokenize(&[prompt])?;
+                for t in &tokens.truncations {
+                    log::warn!("{}", t.message());
+                }
+                let pooled = encoder.forward_tokens(&tokens, false)?.pooler_output;
+                let (embeds, _) = models_text::encode_prompts_masked(
+                    tokenizer_2,
+                    encoder_2,
+                    &[prompt.to_string()],
+                    *max_sequence_length,
+                    false,
+                )?;
                 let mut added_cond = BTreeMap::new();
                 added_cond.insert("pooled_projections".to_string(), pooled);
                 Ok(PromptEmbeds { embeds, mask: None, added_cond })

@@ -230,6 +230,9 @@ pub struct RunPlan {
     pub max_sequence_length: usize,
     /// Initial latents before `init_noise_sigma`: seeded noise or the `--latents` tensor.
     pub initial: HostTensor,
+    /// FLUX.1-dev's guidance scale, given to the transformer as its `guidance` input (the
+    /// request then has no CFG batch); `None` for every other model.
+    pub embedded_guidance: Option<f64>,
 }
 
 impl RunPlan {
@@ -286,10 +289,18 @@ impl RunPlan {
                 ),
             ));
         }
-        let schedule =
-            folder.scheduler(config.scheduler.as_deref())?.set_timesteps(config.steps)?;
+        let scheduler = folder.scheduler(config.scheduler.as_deref())?;
+        let schedule = if scheduler.uses_dynamic_shifting() {
+            // FLUX: the shift follows the image's packed tokens (2×2 latent pixels each).
+            let tokens = (grid.height / 2) * (grid.width / 2);
+            let mu = schedulers::flux_mu(scheduler.config(), tokens);
+            scheduler.set_timesteps_dynamic(config.steps, mu)?
+        } else {
+            scheduler.set_timesteps(config.steps)?
+        };
+        let flux = folder.class.kind == PipelineKind::Flux;
         let max_sequence_length = match (folder.class.kind, config.max_sequence_length) {
-            (PipelineKind::PixArt | PipelineKind::StableDiffusion3, n) => {
+            (PipelineKind::PixArt | PipelineKind::StableDiffusion3 | PipelineKind::Flux, n) => {
                 n.unwrap_or(folder.default_max_sequence_length())
             }
             (_, None) => folder.default_max_sequence_length(),
@@ -297,8 +308,8 @@ impl RunPlan {
                 return Err(HarnessError::config(
                     "max_sequence_length",
                     format!(
-                        "applies to the PixArt and SD3 pipelines (T5's tokens); a {} takes its \
-                         CLIP tokenizer's length (77)",
+                        "applies to the PixArt, SD3 and FLUX pipelines (T5's tokens); a {} \
+                         takes its CLIP tokenizer's length (77)",
                         folder.class.name
                     ),
                 ));
@@ -307,8 +318,19 @@ impl RunPlan {
         if max_sequence_length == 0 {
             return Err(HarnessError::config("max_sequence_length", "must be at least 1"));
         }
+        let guidance_scale = config.guidance_scale.unwrap_or(folder.class.guidance_scale);
+        // FLUX.1-dev embeds its guidance (the transformer's `guidance` input), no CFG batch;
+        // schnell has none.
+        let embedded_guidance = match &folder.denoiser_config {
+            crate::model::DenoiserConfig::Dit(models_dit::ModelConfig::Flux(c))
+                if c.guidance_embeds =>
+            {
+                Some(guidance_scale)
+            }
+            _ => None,
+        };
         let settings = SamplerSettings {
-            guidance_scale: config.guidance_scale.unwrap_or(folder.class.guidance_scale),
+            guidance_scale: if flux { 1.0 } else { guidance_scale },
             images: 1,
             latent_channels: desc.in_channels,
             out_channels: desc.out_channels,
@@ -383,6 +405,7 @@ impl RunPlan {
             max_sequence_length,
             initial,
             requests,
+            embedded_guidance,
         })
     }
 
@@ -662,10 +685,17 @@ fn rank_main<B: Backend>(
             )?),
             None => None,
         };
-        let text = share_text(&comm, text)?;
+        let mut text = share_text(&comm, text)?;
+        if let Some(g) = plan.embedded_guidance {
+            let g = Tensor::from_data(TensorData::new(vec![g as f32], [1, 1]), &device);
+            text.added_cond.insert("guidance".into(), g);
+        }
         let mut sampler =
             Sampler::new(plan.schedule.clone(), plan.settings.clone(), Some(text), &device)?
                 .watch(comm.clone());
+        if plan.folder.class.kind == PipelineKind::Flux {
+            sampler = sampler.with_timestep_divisor(1000.0);
+        }
         if shows && single {
             sampler = sampler.with_progress(progress_bar(plan.schedule.len()));
         }

@@ -87,6 +87,9 @@ pub struct Sampler<B: Backend> {
     watched: Option<Comm<B>>,
     snapshots: Vec<CommStats>,
     device: B::Device,
+    /// What the schedule's timesteps are divided by for the denoiser (1; FLUX's transformer
+    /// takes `t / 1000`).
+    timestep_divisor: f32,
 }
 
 impl<B: Backend> std::fmt::Debug for Sampler<B> {
@@ -187,6 +190,7 @@ impl<B: Backend> Sampler<B> {
             step_starts: vec![None; steps],
             watched: None,
             snapshots: Vec::new(),
+            timestep_divisor: 1.0,
             device,
         })
     }
@@ -194,6 +198,13 @@ impl<B: Backend> Sampler<B> {
     /// Advances `bar` as steps begin (the first `model_input` call of each step).
     pub fn with_progress(mut self, bar: ProgressBar) -> Self {
         self.progress = Some(bar);
+        self
+    }
+
+    /// Divides every timestep by `divisor` in the denoiser's input (FLUX's transformer takes
+    /// the pipeline's `timestep / 1000`: 1000), in float32 as the pipeline does.
+    pub fn with_timestep_divisor(mut self, divisor: f32) -> Self {
+        self.timestep_divisor = divisor;
         self
     }
 
@@ -334,7 +345,8 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
         let mut input = self.conditioning.clone();
         input.hidden_states =
             self.schedule.scale_model_input(doubled, step).map_err(scheduler_error)?;
-        let t = self.schedule.timestep(step).map_err(scheduler_error)? as f32;
+        let t =
+            self.schedule.timestep(step).map_err(scheduler_error)? as f32 / self.timestep_divisor;
         input.timestep = Tensor::from_data(TensorData::new(vec![t; batch], [batch]), &self.device);
         Ok(input)
     }

@@ -63,8 +63,8 @@
 //!
 //! Not implemented (refused by the config check): stochastic variants (`eta > 0`, SDE
 //! DPM-Solver, churn, stochastic flow sampling), third-order DPM-Solver, Karras / exponential /
-//! beta / Lu sigmas, thresholding, zero-terminal-SNR rescaling, dynamic (resolution-dependent)
-//! flow shifting; and `add_noise` (img2img).
+//! beta / Lu sigmas, thresholding, zero-terminal-SNR rescaling, linear dynamic flow shifting
+//! (FLUX's exponential one is implemented); and `add_noise` (img2img).
 
 mod config;
 mod error;
@@ -78,7 +78,7 @@ pub mod scheduling_pndm;
 
 pub use config::{BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, TimestepSpacing};
 pub use error::SchedulerError;
-pub use schedule::{Schedule, Scheduler, SchedulerState, TimestepDType};
+pub use schedule::{Schedule, Scheduler, SchedulerState, TimestepDType, flux_mu};
 pub use scheduling_ddim::DdimConfig;
 pub use scheduling_dpmsolver_multistep::DpmSolverMultistepConfig;
 pub use scheduling_euler_discrete::EulerDiscreteConfig;

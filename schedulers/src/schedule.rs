@@ -110,6 +110,45 @@ impl Scheduler {
         })
     }
 
+    /// FluxPipeline's schedule: `sigmas = linspace(1, 1/n, n)` and the exponential dynamic shift
+    /// by `mu` ([`flux_mu`] of the image's packed tokens), diffusers'
+    /// `set_timesteps(sigmas=…, mu=…)`.
+    ///
+    /// # Errors
+    /// `num_inference_steps` 0, or a scheduler that is not flow-matching Euler with
+    /// `use_dynamic_shifting` (naming the class / key).
+    pub fn set_timesteps_dynamic(
+        &self,
+        num_inference_steps: usize,
+        mu: f64,
+    ) -> Result<Schedule, SchedulerError> {
+        let (class, max) = (self.class_name(), self.num_train_timesteps());
+        if num_inference_steps == 0 || num_inference_steps > max {
+            return Err(SchedulerError::InvalidStepCount { class, got: num_inference_steps, max });
+        }
+        match (&self.config, &self.tables) {
+            (SchedulerConfig::FlowMatchEulerDiscrete(c), Tables::FlowMatch(t))
+                if c.use_dynamic_shifting =>
+            {
+                let n = num_inference_steps;
+                let sigmas = crate::numerics::np_linspace(1.0, 1.0 / n as f64, n);
+                Ok(t.set_timesteps_dynamic(c, &sigmas, mu))
+            }
+            _ => Err(SchedulerError::Unsupported {
+                class,
+                key: "use_dynamic_shifting",
+                value: "false".into(),
+                supported: "true, on a FlowMatchEulerDiscreteScheduler (FLUX's)",
+            }),
+        }
+    }
+
+    /// Whether the schedule's shift depends on the image size (FLUX): then it is made with
+    /// [`set_timesteps_dynamic`](Self::set_timesteps_dynamic).
+    pub fn uses_dynamic_shifting(&self) -> bool {
+        matches!(&self.config, SchedulerConfig::FlowMatchEulerDiscrete(c) if c.use_dynamic_shifting)
+    }
+
     fn num_train_timesteps(&self) -> usize {
         match &self.config {
             SchedulerConfig::DpmSolverMultistep(c) => c.num_train_timesteps,
@@ -119,6 +158,21 @@ impl Scheduler {
             SchedulerConfig::Pndm(c) => c.num_train_timesteps,
         }
     }
+}
+
+/// FluxPipeline's `calculate_shift`: `μ` for an image of `image_seq_len` packed tokens, linear
+/// from `base_shift` at `base_image_seq_len` to `max_shift` at `max_image_seq_len` (the
+/// scheduler config's; defaults 0.5, 1.15, 256, 4096), in float64.
+pub fn flux_mu(config: &SchedulerConfig, image_seq_len: usize) -> f64 {
+    let c = match config {
+        SchedulerConfig::FlowMatchEulerDiscrete(c) => c.clone(),
+        _ => Default::default(),
+    };
+    let (base, max) = (c.base_shift.unwrap_or(0.5), c.max_shift.unwrap_or(1.15));
+    let (lo, hi) = (c.base_image_seq_len as f64, c.max_image_seq_len as f64);
+    let m = (max - base) / (hi - lo);
+    let b = base - m * lo;
+    image_seq_len as f64 * m + b
 }
 
 /// The element type diffusers gives `scheduler.timesteps`.

@@ -1,5 +1,7 @@
 //! `FlowMatchEulerDiscreteScheduler` (diffusers `scheduling_flow_match_euler_discrete.py`),
-//! deterministic, with a static `shift` (SD3's setting).
+//! deterministic, with a static `shift` (SD3's setting) or FLUX's resolution-dependent
+//! exponential shift (`use_dynamic_shifting`, with the pipeline's sigmas and `mu`:
+//! [`Scheduler::set_timesteps_dynamic`](crate::Scheduler::set_timesteps_dynamic)).
 //!
 //! Precision and a quirk, as in diffusers: `__init__` shifts the 1000 training sigmas in
 //! float32 and keeps `sigma_min = sigmas[-1]`, which is already shifted; `set_timesteps` lays
@@ -29,7 +31,9 @@ pub struct FlowMatchEulerDiscreteConfig {
     /// Static timestep shift `σ' = s·σ / (1 + (s − 1)·σ)` (1.0).
     #[serde(deserialize_with = "lenient::f64")]
     pub shift: f64,
-    /// Resolution-dependent shifting (`false`; needs `mu` per request). Implemented: `false`.
+    /// Resolution-dependent shifting (`false`; needs `mu` per request, see
+    /// [`Scheduler::set_timesteps_dynamic`](crate::Scheduler::set_timesteps_dynamic)).
+    /// Implemented with `time_shift_type` `exponential`.
     #[serde(deserialize_with = "lenient::flag")]
     pub use_dynamic_shifting: bool,
     /// Dynamic-shift parameter (0.5; unused without dynamic shifting).
@@ -92,7 +96,9 @@ impl FlowMatchEulerDiscreteConfig {
     /// Checks that every setting is implemented; the error names the key that is not.
     pub fn validate(&self) -> Result<(), SchedulerError> {
         let class = Self::CLASS_NAME;
-        require_false(class, "use_dynamic_shifting", self.use_dynamic_shifting)?;
+        if self.use_dynamic_shifting && self.time_shift_type != TimeShiftType::Exponential {
+            return Err(unsupported(class, "time_shift_type", "linear", "exponential"));
+        }
         require_false(class, "invert_sigmas", self.invert_sigmas)?;
         // diffusers tests `if self.config.shift_terminal:`, so 0 is off as well.
         if let Some(v) = self.shift_terminal.filter(|&v| v != 0.0) {
@@ -125,6 +131,31 @@ impl FlowMatchTables {
         };
         let ends = np_linspace(1.0, n as f64, n);
         Self { sigma_max: sigma(ends[n - 1]) as f64, sigma_min: sigma(ends[0]) as f64 }
+    }
+
+    /// `set_timesteps(sigmas=…, mu=…)` with dynamic shifting (FluxPipeline): the given sigmas
+    /// cast to float32 and shifted by `exp(μ) / (exp(μ) + (1/σ − 1))` in float32 (numpy keeps
+    /// the float32 array's dtype against Python scalars), timesteps `σ · N` in float32.
+    pub(crate) fn set_timesteps_dynamic(
+        &self,
+        c: &FlowMatchEulerDiscreteConfig,
+        sigmas: &[f64],
+        mu: f64,
+    ) -> Schedule {
+        let train = c.num_train_timesteps as f32;
+        let e = mu.exp() as f32;
+        let mut sigmas: Vec<f32> =
+            sigmas.iter().map(|&s| s as f32).map(|s| e / (e + (1.0 / s - 1.0))).collect();
+        let timesteps: Vec<f64> = sigmas.iter().map(|&s| (s * train) as f64).collect();
+        sigmas.push(0.0);
+        Schedule {
+            class: FlowMatchEulerDiscreteConfig::CLASS_NAME,
+            timesteps,
+            timestep_dtype: TimestepDType::Float32,
+            sigmas: Some(sigmas),
+            init_noise_sigma: 1.0,
+            rule: StepRule::FlowMatch(FlowMatchStep),
+        }
     }
 
     pub(crate) fn set_timesteps(&self, c: &FlowMatchEulerDiscreteConfig, n: usize) -> Schedule {

@@ -100,8 +100,9 @@ fn unsupported_values_name_the_key() {
             "use_exponential_sigmas",
         ),
         (
-            r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": true}"#,
-            "use_dynamic_shifting",
+            r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": true,
+                "time_shift_type": "linear"}"#,
+            "time_shift_type",
         ),
         (
             r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift_terminal": 0.1}"#,
