@@ -217,6 +217,7 @@ pub fn run_bench(
             strategy_warmup_steps: 0,
             link: None,
             cfg_degree: 1,
+            dtype: config.dtype.dtype(),
         };
         let (serial, reference) =
             measure(registry, &model, &StrategySpec::named("serial"), &base, px, None);
@@ -317,6 +318,7 @@ pub fn run_bench(
         warmup_runs: config.warmup_runs,
         guidance_scale: config.guidance_scale,
         text_tokens,
+        dtype: config.dtype.to_string(),
         seed: config.seed,
         results,
     })

@@ -30,6 +30,41 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// The dtype the denoiser computes in (`--dtype`, `parallel.dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeKind {
+    /// float32 (default): weights stored in any float dtype are widened while loading.
+    #[default]
+    F32,
+    /// float16: weights converted while loading; the text encoders, the VAE, the latents and
+    /// the scheduler stay float32 (the noise prediction is widened before guidance).
+    F16,
+    /// bfloat16, the same way.
+    Bf16,
+}
+
+impl DtypeKind {
+    /// Burn's dtype.
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            DtypeKind::F32 => burn::tensor::DType::F32,
+            DtypeKind::F16 => burn::tensor::DType::F16,
+            DtypeKind::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
+}
+
+impl std::fmt::Display for DtypeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DtypeKind::F32 => "f32",
+            DtypeKind::F16 => "f16",
+            DtypeKind::Bf16 => "bf16",
+        })
+    }
+}
+
 /// How the work is split: the strategy, the world size and its options.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -45,6 +80,9 @@ pub struct ParallelConfig {
     /// Where ranks compute: `cpu` (Flex; ranks are threads) or `cuda` (one GPU per rank,
     /// `cuda:rank`; needs the `cuda` feature).
     pub backend: BackendKind,
+    /// The denoiser's compute dtype: `f32` (default), `f16`, `bf16`; its weights are
+    /// converted while loading.
+    pub dtype: DtypeKind,
     /// The strategy's own options (`harness list` shows them).
     pub options: BTreeMap<String, toml::Value>,
     /// A link model for the in-process transport: a preset (`nvlink-a100`, `nvlink-h100`,
@@ -82,6 +120,7 @@ impl Default for ParallelConfig {
             timeout_secs: 600,
             threads_per_rank: None,
             backend: BackendKind::Cpu,
+            dtype: DtypeKind::F32,
             options: BTreeMap::new(),
             link: None,
             vae_parallel: false,

@@ -195,11 +195,13 @@ impl Job<'_> {
         let mut strategy = self.parallel.create_strategy(&registry, comm.clone(), &self.options)?;
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
-        let model = self.config.load::<B>(&self.folder, &plan, &device)?;
+        let model =
+            self.config.load_as::<B>(&self.folder, &plan, self.parallel.dtype.dtype(), &device)?;
         strategy.begin_request(&desc, &request)?;
         comm.reset_stats();
         let started = std::time::Instant::now();
-        let sample = strategy.forward(&model, &input, 0)?;
+        // Written and compared in float32 whatever the compute dtype.
+        let sample = strategy.forward(&model, &input, 0)?.cast(burn::tensor::DType::F32);
         let took = started.elapsed();
         let report = RankReport {
             rank: comm.rank(),

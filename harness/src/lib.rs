@@ -78,7 +78,7 @@ pub mod shared;
 use burn::tensor::backend::Backend;
 use parallel_core::Registry;
 
-pub use config::{BackendKind, ParallelConfig, RunConfig};
+pub use config::{BackendKind, DtypeKind, ParallelConfig, RunConfig};
 pub use error::{HarnessError, Result};
 pub use forward::{ForwardReport, forward};
 pub use generate::{Generated, PixArtPipeline, Prompt};

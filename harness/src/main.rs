@@ -54,6 +54,9 @@ struct ParallelArgs {
     /// Backend of the ranks.
     #[arg(long, value_enum)]
     backend: Option<BackendKind>,
+    /// The denoiser's compute dtype (weights converted while loading).
+    #[arg(long, value_enum)]
+    dtype: Option<harness::DtypeKind>,
     /// Strategy option `warmup_steps` (distrifusion, pipefusion).
     #[arg(long)]
     warmup_steps: Option<usize>,
@@ -109,6 +112,9 @@ impl ParallelArgs {
         }
         if let Some(v) = self.backend {
             p.backend = v;
+        }
+        if let Some(v) = self.dtype {
+            p.dtype = v;
         }
         if let Some(v) = &self.link {
             p.link = Some(v.clone());

@@ -468,6 +468,18 @@ impl PipelineFolder {
         self.denoiser_config.load(&self.component(self.class.components[0]), plan, device)
     }
 
+    /// [`load_denoiser`](Self::load_denoiser), computing in `dtype` (the weights converted
+    /// while loading).
+    pub fn load_denoiser_as<B: Backend>(
+        &self,
+        plan: &LoadPlan,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Result<AnyDenoiser<B>> {
+        let dir = self.component(self.class.components[0]);
+        self.denoiser_config.load_as(&dir, plan, dtype, device)
+    }
+
     /// Loads the tokenizer(s) and text encoder(s) of the pipeline.
     pub fn load_text<B: Backend>(
         &self,

@@ -652,8 +652,10 @@ fn rank_main<B: Backend>(
         cfg.parallel.create_strategy(&registry, comm.clone(), &plan.strategy_options)?;
     strategy.validate(&desc, &plan.request)?;
     let load_plan = strategy.load_plan(&desc)?;
-    let model = models
-        .get_or_load(&load_plan, &device, || plan.folder.load_denoiser::<B>(&load_plan, &device))?;
+    let model = models.get_or_load(&load_plan, &device, || {
+        let dtype = cfg.parallel.dtype.dtype();
+        plan.folder.load_denoiser_as::<B>(&load_plan, dtype, &device)
+    })?;
 
     // A split decode needs the VAE on every rank.
     let vae_parallel = options.decode && cfg.parallel.vae_parallel && comm.size() > 1;

@@ -358,6 +358,9 @@ impl<B: Backend> DenoiseLoop<B> for Sampler<B> {
         noise_pred: Tensor<B, 4>,
         latents: Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>, ParallelError> {
+        // A denoiser computing in float16/bfloat16 (`--dtype`): guidance and the scheduler
+        // step in the latents' dtype (float32).
+        let noise_pred = noise_pred.cast(latents.dtype());
         let s = &self.settings;
         let [nb, nc, nh, nw] = noise_pred.dims();
         let [lb, lc, lh, lw] = latents.dims();

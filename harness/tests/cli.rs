@@ -803,6 +803,47 @@ fn forward_runs_a_flux_folder_on_packed_tokens() {
     assert!(err.contains("img_ids") && err.contains("token 1"), "{err}");
 }
 
+/// `--dtype`: the denoiser computes in float16 / bfloat16 (float32 weights converted while
+/// loading), under a strategy, and the output stays within the conformance suite's
+/// half-precision bounds of the float32 reference (`Fixture::tolerance`: 5e-3 / 3e-2) while
+/// being measurably not float32 (> 1e-4); a run (the sampler widens the prediction) works too.
+#[test]
+fn dtype_flag_computes_the_denoiser_in_half_precision() {
+    let dir = tmp("dtype");
+    let out = dir.join("sample.safetensors");
+    let case = "fixtures/dit/pixart-alpha/cases/square.safetensors";
+    let want = weights::read_tensors(&repo(case)).unwrap();
+    for (dtype, bound) in [("f16", 5e-3), ("bf16", 3e-2)] {
+        succeeds(&[
+            "forward",
+            "--model",
+            "fixtures/dit/pixart-alpha",
+            "--inputs",
+            case,
+            "--output",
+            s(&out),
+            "--strategy",
+            "ulysses",
+            "--world-size",
+            "2",
+            "--dtype",
+            dtype,
+        ]);
+        let got = weights::read_tensors(&out).unwrap();
+        let rel = metrics::rel_l2(&got["sample"].values, &want["sample"].values);
+        println!("pixart-alpha/square in {dtype} under ulysses × 2: relative L2 {rel:.2e}");
+        assert!(rel <= bound && rel > 1e-4, "{dtype}: relative L2 {rel:e}");
+    }
+    let png = dir.join("demo.png");
+    succeeds(&["run", "configs/demo.toml", "--dtype", "bf16", "--output", s(&png)]);
+    assert!(png.is_file());
+    // An unknown dtype is clap's usage error (exit 2), naming the flag and the choices.
+    let bad = harness(&["run", "configs/demo.toml", "--dtype", "f8", "--output", s(&png)]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("--dtype") && err.contains("bf16"), "{err}");
+}
+
 #[test]
 fn forward_runs_a_unet_folder_with_its_strategies_and_refuses_transformer_only_ones() {
     let dir = tmp("forward-unet");

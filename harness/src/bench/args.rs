@@ -47,6 +47,9 @@ pub struct BenchArgs {
     /// Seed of the weights and inputs.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The denoiser's compute dtype (f32, f16, bf16; weights converted while loading).
+    #[arg(long, value_enum)]
+    pub dtype: Option<crate::DtypeKind>,
     /// Where to write the JSON report.
     #[arg(long)]
     pub json: Option<PathBuf>,

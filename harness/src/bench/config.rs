@@ -154,6 +154,8 @@ pub struct BenchConfig {
     pub guidance_scale: f64,
     /// Tokens of the random caption. Default 120 (PixArt-α's).
     pub text_tokens: usize,
+    /// The denoiser's compute dtype (`f32`, `f16`, `bf16`). Default `f32`.
+    pub dtype: crate::DtypeKind,
     /// Where random-weight presets are written (relative paths here and below are relative
     /// to the working directory). Default `target/bench/models`.
     pub model_cache: PathBuf,
@@ -184,6 +186,7 @@ impl Default for BenchConfig {
             seed: 0,
             guidance_scale: 4.5,
             text_tokens: 120,
+            dtype: crate::DtypeKind::F32,
             model_cache: "target/bench/models".into(),
             json: "target/bench/bench.json".into(),
             svg: "target/bench/bench.svg".into(),
@@ -250,6 +253,9 @@ impl BenchConfig {
         }
         if let Some(s) = args.seed {
             self.seed = s;
+        }
+        if let Some(d) = args.dtype {
+            self.dtype = d;
         }
         if let Some(p) = &args.json {
             self.json = p.clone();

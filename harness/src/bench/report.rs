@@ -79,7 +79,7 @@ pub fn table(report: &BenchReport) -> String {
     let _ = writeln!(
         out,
         "model {} ({}, {} layers, hidden {}, {} heads, {:.0} M parameters{}); {} cores; median of \
-         {} after {} warm-up; guidance batch, {} text tokens",
+         {} after {} warm-up; guidance batch, {} text tokens; denoiser in {}",
         m.name,
         m.class_name,
         m.layers,
@@ -91,6 +91,7 @@ pub fn table(report: &BenchReport) -> String {
         report.repetitions,
         report.warmup_runs,
         report.text_tokens,
+        report.dtype,
     );
     let links: std::collections::BTreeSet<&str> =
         report.results.iter().filter_map(|r| r.link.as_deref()).collect();

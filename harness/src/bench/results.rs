@@ -121,6 +121,10 @@ pub struct ConfigResult {
     pub other_load_cores: f64,
 }
 
+fn default_dtype() -> String {
+    "f32".into()
+}
+
 /// A whole benchmark: what ran where, and every configuration's measurements.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BenchReport {
@@ -138,6 +142,9 @@ pub struct BenchReport {
     pub guidance_scale: f64,
     /// Random caption tokens.
     pub text_tokens: usize,
+    /// The denoiser's compute dtype (`f32` in reports written before it was recorded).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
     /// Seed.
     pub seed: u64,
     /// Every configuration, in the order run.

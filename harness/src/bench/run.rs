@@ -58,6 +58,8 @@ pub struct RunSpec {
     pub text_tokens: usize,
     /// Warmup steps of the strategy (which steps are steady).
     pub strategy_warmup_steps: usize,
+    /// The denoiser's compute dtype.
+    pub dtype: burn::tensor::DType,
     /// The link model transfers are timed by (`None`: instant).
     pub link: Option<parallel_core::LinkModel>,
     /// CFG parallelism around the strategy (1: none, 2: the guidance halves on two groups).
@@ -137,7 +139,9 @@ pub fn run_configuration(
         strategy.validate(&desc, &request)?;
         let plan = strategy.load_plan(&desc)?;
         let model = models
-            .get_or_load(&plan, &comm.device(), || config.load::<B>(dir, &plan, &comm.device()))
+            .get_or_load(&plan, &comm.device(), || {
+                config.load_as::<B>(dir, &plan, spec.dtype, &comm.device())
+            })
             .map_err(|e| ParallelError::Model(e.to_string()))?;
         let inputs = BenchInputs::new(config, spec, &comm.device());
         let mut outcome = RankOutcome {

@@ -60,6 +60,9 @@ use super::{
 };
 use crate::error::{CommError, ParallelError};
 
+/// How long a failed socket write waits for the reader thread to report why the peer
+/// went away (the peer's failure, not the write's socket error).
+const LOST_GRACE: Duration = Duration::from_millis(500);
 /// How often a blocked wait re-checks the world's failure state.
 const POLL: Duration = Duration::from_millis(10);
 /// First bytes of a data connection's hello.
@@ -226,7 +229,17 @@ impl Shared {
     }
 
     /// A socket error while talking to `peer`: the peer's failure if the reader has seen it.
+    /// A write to a peer that just died (broken pipe, reset) races its reader thread, which
+    /// sees the closed connection within moments: wait up to [`LOST_GRACE`] for it, so the
+    /// error names the lost rank the same way whichever side noticed first.
     fn lost(&self, op: &str, peer: usize, e: &io::Error) -> CommError {
+        let started = Instant::now();
+        let mut s = lock(&self.state);
+        while s.failed.is_none() && !s.left[peer] && started.elapsed() < LOST_GRACE {
+            let left = LOST_GRACE.saturating_sub(started.elapsed());
+            s = self.cv.wait_timeout(s, left).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        drop(s);
         self.check_world(op).err().unwrap_or_else(|| CommError::Transport {
             op: op.to_string(),
             rank: self.rank,
