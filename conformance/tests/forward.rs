@@ -9,7 +9,7 @@ fn every_strategy_equals_its_reference_on_every_fixture() {
     let registry = registry();
     let runs = runs(&registry);
     let fixtures = fixtures();
-    assert!(fixtures.len() >= 12, "fixtures/dit and fixtures/unet have {} models", fixtures.len());
+    assert!(fixtures.len() >= 16, "fixtures/{{dit,mmdit,unet}} have {} models", fixtures.len());
     let mut failures = Vec::new();
     let mut count = 0;
     for run in &runs {

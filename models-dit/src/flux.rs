@@ -42,7 +42,9 @@ use crate::load::{
 };
 use crate::pixart::{feed_forward, timestep_mlp};
 use crate::rope::{JointRope, Rope};
-use crate::sd3::{EPS, JointTransformerBlock, QkvProjection, chunks, merge_heads};
+use crate::sd3::{
+    EPS, JointTransformerBlock, QkvProjection, chunks, merge_heads, strict_config, whole_model_plan,
+};
 use crate::stages::input_error;
 use kernels::{gated_residual, layer_norm_modulate};
 
@@ -123,14 +125,8 @@ pub struct FluxConfig {
 
 impl FluxConfig {
     /// Parses a `config.json` value of this class (the `_`-prefixed keys removed first).
-    pub(crate) fn from_value(mut value: serde_json::Value, location: &str) -> Result<Self> {
-        if let Some(map) = value.as_object_mut() {
-            map.retain(|k, _| !k.starts_with('_'));
-        }
-        let config: FluxConfig = serde_json::from_value(value).map_err(|e| DitError::Config {
-            location: location.into(),
-            reason: format!("{CLASS_NAME}: {e}"),
-        })?;
+    pub(crate) fn from_value(value: serde_json::Value, location: &str) -> Result<Self> {
+        let config: FluxConfig = strict_config(value, location, CLASS_NAME)?;
         config.validate(location)?;
         Ok(config)
     }
@@ -415,14 +411,7 @@ impl<B: Backend> FluxTransformer2DModel<B> {
 
     fn build(config: &FluxConfig, plan: &LoadPlan, source: &mut dyn Source<B>) -> Result<Self> {
         config.validate(CLASS_NAME)?;
-        if plan.skip_embed || plan.skip_head || plan.blocks.is_some() {
-            return Err(DitError::Plan {
-                class: CLASS_NAME.into(),
-                reason: "a pipeline stage's plan (some blocks, no embedding or no final layer) \
-                         is not supported: the MMDiT's text stream passes every block"
-                    .into(),
-            });
-        }
+        whole_model_plan(CLASS_NAME, plan)?;
         let desc = config.desc();
         let held = check_plan(&desc, plan)?;
         let table = config.table(4);

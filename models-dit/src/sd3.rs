@@ -131,14 +131,8 @@ pub struct SD3Config {
 
 impl SD3Config {
     /// Parses a `config.json` value of this class (the `_`-prefixed keys removed first).
-    pub(crate) fn from_value(mut value: serde_json::Value, location: &str) -> Result<Self> {
-        if let Some(map) = value.as_object_mut() {
-            map.retain(|k, _| !k.starts_with('_'));
-        }
-        let config: SD3Config = serde_json::from_value(value).map_err(|e| DitError::Config {
-            location: location.into(),
-            reason: format!("{CLASS_NAME}: {e}"),
-        })?;
+    pub(crate) fn from_value(value: serde_json::Value, location: &str) -> Result<Self> {
+        let config: SD3Config = strict_config(value, location, CLASS_NAME)?;
         config.validate(location)?;
         Ok(config)
     }
@@ -357,6 +351,37 @@ impl SD3Config {
     pub fn params(&self, elem_bytes: usize) -> Vec<ParamInfo> {
         self.table(elem_bytes).specs.into_iter().map(|s| s.info).collect()
     }
+}
+
+/// A class's config from a `config.json` value, refusing keys the class does not take (its
+/// serde `deny_unknown_fields`), naming the key; diffusers' `_`-prefixed bookkeeping keys
+/// are removed first.
+pub(crate) fn strict_config<T: serde::de::DeserializeOwned>(
+    mut value: serde_json::Value,
+    location: &str,
+    class: &str,
+) -> Result<T> {
+    if let Some(map) = value.as_object_mut() {
+        map.retain(|k, _| !k.starts_with('_'));
+    }
+    serde_json::from_value(value).map_err(|e| DitError::Config {
+        location: location.into(),
+        reason: format!("{class}: {e}"),
+    })
+}
+
+/// Refuses a pipeline stage's plan (some blocks, no embedding or no final layer): an MMDiT's
+/// text stream passes every block, so it is loaded whole or tensor-sharded only.
+pub(crate) fn whole_model_plan(class: &str, plan: &LoadPlan) -> Result<()> {
+    if plan.skip_embed || plan.skip_head || plan.blocks.is_some() {
+        return Err(DitError::Plan {
+            class: class.into(),
+            reason: "a pipeline stage's plan (some blocks, no embedding or no final layer) \
+                     is not supported: the MMDiT's text stream passes every block"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// RMSNorm over the head dim with a learned scale (diffusers `RMSNorm`, `qk_norm =
@@ -641,14 +666,7 @@ impl<B: Backend> SD3Transformer2DModel<B> {
 
     fn build(config: &SD3Config, plan: &LoadPlan, source: &mut dyn Source<B>) -> Result<Self> {
         config.validate(CLASS_NAME)?;
-        if plan.skip_embed || plan.skip_head || plan.blocks.is_some() {
-            return Err(DitError::Plan {
-                class: CLASS_NAME.into(),
-                reason: "a pipeline stage's plan (some blocks, no embedding or no final layer) \
-                         is not supported: the MMDiT's text stream passes every block"
-                    .into(),
-            });
-        }
+        whole_model_plan(CLASS_NAME, plan)?;
         let desc = config.desc();
         let held = check_plan(&desc, plan)?;
         let table = config.table(4);

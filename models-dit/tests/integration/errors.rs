@@ -216,3 +216,37 @@ fn bad_inputs_are_errors_not_panics() {
     i.hidden_states = Tensor::zeros([2, 4, 16, 24], &dev);
     assert!(run(&dit, &i, 0..16).contains("square latent"));
 }
+
+/// MMDiT configs: a key the class does not take, and settings this crate does not compute
+/// like diffusers, are refused naming the key (`ModelConfig::from_json`).
+#[test]
+fn mmdit_configs_refuse_unsupported_keys_naming_them() {
+    use models_dit::ModelConfig;
+    let sd3 =
+        std::fs::read_to_string(crate::common::mmdit_fixtures().join("sd35/config.json")).unwrap();
+    let flux =
+        std::fs::read_to_string(crate::common::mmdit_fixtures().join("flux-dev/config.json"))
+            .unwrap();
+    let edit = |text: &str, key: &str, value: serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+        v[key] = value;
+        v.to_string()
+    };
+    let cases = [
+        (edit(&sd3, "use_pos_embed_v2", serde_json::json!(true)), "use_pos_embed_v2"),
+        (edit(&sd3, "qk_norm", serde_json::json!("layer_norm")), "qk_norm"),
+        (edit(&sd3, "caption_projection_dim", serde_json::json!(24)), "caption_projection_dim"),
+        (edit(&sd3, "dual_attention_layers", serde_json::json!([0, 7])), "dual_attention_layers"),
+        (edit(&sd3, "dual_attention_layers", serde_json::json!([1, 1])), "dual_attention_layers"),
+        (edit(&flux, "patch_size", serde_json::json!(2)), "patch_size"),
+        (edit(&flux, "axes_dims_rope", serde_json::json!([2, 2, 2])), "axes_dims_rope"),
+        (edit(&flux, "in_channels", serde_json::json!(18)), "in_channels"),
+        (edit(&flux, "joint_attention_kwargs", serde_json::json!({})), "joint_attention_kwargs"),
+    ];
+    for (text, key) in cases {
+        let err = ModelConfig::from_json(&text, "config.json").unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("config.json"), "{key}: {err}");
+    }
+    // The diffusers bookkeeping keys are not refused.
+    ModelConfig::from_json(&edit(&flux, "_name_or_path", serde_json::json!("x")), "c").unwrap();
+}
