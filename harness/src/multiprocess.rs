@@ -171,8 +171,10 @@ struct Rank {
 }
 
 /// How long the launcher lets the other ranks end by themselves after the first failure
-/// (so that their messages can show which failure was the cause) before it kills them.
+/// (so that their messages can show which failure was the cause) before it stops them.
 const GRACE: Duration = Duration::from_secs(2);
+/// How long a rank sent SIGTERM has to exit before it gets SIGKILL (torchrun's order).
+const TERM_GRACE: Duration = Duration::from_secs(3);
 
 fn describe(status: &ExitStatus) -> String {
     #[cfg(unix)]
@@ -356,13 +358,45 @@ pub fn watch_launcher(rank: usize) {
     }
 }
 
-/// Kills every rank still running and reaps it.
+/// Stops every rank still running and reaps it: SIGTERM first (so a rank may end as it
+/// would on Ctrl-C), SIGKILL to those still running `term_grace` later — torchrun's order.
 fn stop(ranks: &mut [Rank]) {
-    for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
-        let _ = r.child.kill();
+    stop_children(ranks.iter_mut().map(|r| (&mut r.child, &mut r.status)), TERM_GRACE);
+}
+
+fn stop_children<'a>(
+    children: impl Iterator<Item = (&'a mut Child, &'a mut Option<ExitStatus>)>,
+    term_grace: Duration,
+) {
+    let mut running: Vec<(&mut Child, &mut Option<ExitStatus>)> =
+        children.filter(|(_, status)| status.is_none()).collect();
+    // std has no signal but SIGKILL: `kill -TERM` (procps / coreutils) sends the other one;
+    // where it cannot run, straight to SIGKILL.
+    let termed = running.iter().all(|(child, _)| {
+        std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let started = Instant::now();
+    while termed && started.elapsed() < term_grace {
+        for (child, status) in running.iter_mut() {
+            if status.is_none()
+                && let Ok(Some(s)) = child.try_wait()
+            {
+                **status = Some(s);
+            }
+        }
+        if running.iter().all(|(_, status)| status.is_some()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
-        r.status = r.child.wait().ok();
+    for (child, status) in running.iter_mut().filter(|(_, status)| status.is_none()) {
+        let _ = child.kill();
+        **status = child.wait().ok();
     }
 }
 
@@ -382,6 +416,31 @@ fn forward_stderr(rank: usize, err: impl std::io::Read, last_error: &Mutex<Optio
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// The launcher's stop: SIGTERM ends a rank that lets it; one that ignores it gets
+    /// SIGKILL after the grace period.
+    #[cfg(unix)]
+    #[test]
+    fn stop_sends_sigterm_then_sigkill() {
+        use std::os::unix::process::ExitStatusExt;
+        let spawn = |script: &str| {
+            std::process::Command::new("sh").args(["-c", script]).spawn().expect("sh runs")
+        };
+        let mut polite = spawn("exec sleep 30");
+        // `trap '' TERM` ignores SIGTERM, and an ignored signal stays ignored across exec.
+        let mut stubborn = spawn("trap '' TERM; exec sleep 30");
+        std::thread::sleep(Duration::from_millis(200));
+        let (mut a, mut b) = (None, None);
+        let started = Instant::now();
+        stop_children(
+            [(&mut polite, &mut a), (&mut stubborn, &mut b)].into_iter(),
+            Duration::from_millis(600),
+        );
+        assert_eq!(a.and_then(|s| s.signal()), Some(15), "{a:?}");
+        assert_eq!(b.and_then(|s| s.signal()), Some(9), "{b:?}");
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let m: HashMap<String, String> =

@@ -321,7 +321,13 @@ impl Shared {
                 Ok((ACK, comm, _, _)) => {
                     *lock(&self.state).acks.entry((comm, peer)).or_default() += 1;
                 }
-                Ok((ABORT, _, reason, _)) => self.fail(peer, reason),
+                // The frame's communicator field names the failure's origin (0: the sender
+                // itself; r + 1: rank r, whose failure the sender passes on), so every rank
+                // names the root cause whichever abort reaches it first.
+                Ok((ABORT, origin, reason, _)) => {
+                    let origin = if origin == 0 { peer } else { (origin - 1) as usize };
+                    self.fail(origin.min(self.size - 1), reason)
+                }
                 Ok((BYE, _, _, _)) => lock(&self.state).left[peer] = true,
                 Ok((kind, ..)) => {
                     self.fail(
@@ -423,21 +429,29 @@ impl TcpWorld {
     /// This rank finished: tells every peer (a peer still waiting for it fails with
     /// [`CommError::PeerLeft`]) and closes the connections.
     pub fn finish(self) {
-        self.close(BYE, "");
+        self.close(BYE, 0, "");
     }
 
     /// This rank failed: every peer's waits end with [`CommError::PeerFailed`] naming it and
     /// `reason`.
     pub fn abort(self, reason: &str) {
         self.shared.fail(self.shared.rank, reason.to_string());
-        self.close(ABORT, reason);
+        self.close(ABORT, 0, reason);
     }
 
-    fn close(mut self, kind: u8, text: &str) {
+    /// This rank stops because rank `origin` failed with `reason` (this rank's own error was
+    /// only that): every peer's waits end naming `origin`, as they would had its own abort
+    /// reached them first.
+    pub fn abort_for(self, origin: usize, reason: &str) {
+        self.shared.fail(origin, reason.to_string());
+        self.close(ABORT, origin as u64 + 1, reason);
+    }
+
+    fn close(mut self, kind: u8, origin: u64, text: &str) {
         self.reported = true;
         for dst in 0..self.shared.size {
             if self.shared.peers[dst].is_some() {
-                let _ = self.shared.frame(dst, kind, 0, text, None);
+                let _ = self.shared.frame(dst, kind, origin, text, None);
                 if let Some(Some(s)) = self.shared.peers.get(dst) {
                     let _ = lock(s).shutdown(Shutdown::Write);
                 }
@@ -1383,11 +1397,16 @@ where
             Ok(v)
         }
         Ok(Err(e)) => {
-            let reason = match &e {
-                ParallelError::RankFailed { reason, .. } => reason.clone(),
-                other => other.to_string(),
-            };
-            world.abort(&reason);
+            match &e {
+                // Only an echo of another rank's failure: pass that one on.
+                ParallelError::Comm(CommError::PeerFailed { failed_rank, reason, .. })
+                    if *failed_rank != rank =>
+                {
+                    world.abort_for(*failed_rank, reason)
+                }
+                ParallelError::RankFailed { reason, .. } => world.abort(reason),
+                other => world.abort(&other.to_string()),
+            }
             Err(e)
         }
         Err(panic) => {
