@@ -510,21 +510,6 @@ impl<B: Backend> FluxTransformer2DModel<B> {
         self.proj_out.weight.val().dtype()
     }
 
-    /// The batch's `[batch, 1]` (or `[batch]`-like) added condition `name`, checked.
-    fn cond(&self, input: &DenoiserInput<B>, name: &str, k: usize) -> Result<Tensor<B, 2>> {
-        let batch = input.batch();
-        let t = input.added_cond.get(name).ok_or_else(|| {
-            input_error(&self.desc, format!("`{name}` [{batch}, {k}] is required"))
-        })?;
-        if t.dims() != [batch, k] {
-            return Err(input_error(
-                &self.desc,
-                format!("`{name}` has shape {:?}, expected [{batch}, {k}]", t.dims()),
-            ));
-        }
-        Ok(t.clone())
-    }
-
     fn forward_band(
         &self,
         input: &DenoiserInput<B>,
@@ -532,43 +517,20 @@ impl<B: Backend> FluxTransformer2DModel<B> {
         seams: &mut dyn Seams<B>,
     ) -> parallel_core::Result<Tensor<B, 4>> {
         let desc = &self.desc;
-        let grid = crate::stages::check_input(desc, input)?;
-        let height = input.grid().height;
-        if !rows.start.is_multiple_of(2)
-            || !rows.end.is_multiple_of(2)
-            || rows.start >= rows.end
-            || rows.end > height
-        {
-            return Err(input_error(
-                desc,
-                format!(
-                    "latent rows {rows:?} must be a non-empty band of whole 2×2 packed tokens \
-                     (even rows) within the height {height}"
-                ),
-            )
-            .into());
-        }
+        let grid = crate::stages::check_band(desc, input, &rows)?;
         let batch = input.batch();
         let dtype = self.dtype();
         let c = &self.config;
-        let context = input.encoder_hidden_states.clone().ok_or_else(|| {
-            input_error(desc, "`encoder_hidden_states` (the T5 embeddings) are required")
-        })?;
-        let [cb, text_tokens, cc] = context.dims();
-        if cb != batch || cc != c.joint_attention_dim {
-            return Err(input_error(
-                desc,
-                format!(
-                    "`encoder_hidden_states` has shape {:?}, expected [{batch}, tokens, {}]",
-                    context.dims(),
-                    c.joint_attention_dim
-                ),
-            )
-            .into());
-        }
-        let pooled = self.cond(input, "pooled_projections", c.pooled_projection_dim)?;
-        let guidance =
-            if c.guidance_embeds { Some(self.cond(input, "guidance", 1)?) } else { None };
+        let context =
+            crate::stages::text_context(desc, input, c.joint_attention_dim, "the T5 embeddings")?;
+        let text_tokens = context.dims()[1];
+        let pooled =
+            crate::stages::added_cond(desc, input, "pooled_projections", c.pooled_projection_dim)?;
+        let guidance = if c.guidance_embeds {
+            Some(crate::stages::added_cond(desc, input, "guidance", 1)?)
+        } else {
+            None
+        };
         let allowed: &[&str] = if c.guidance_embeds {
             &["pooled_projections", "guidance"]
         } else {

@@ -803,55 +803,19 @@ impl<B: Backend> SD3Transformer2DModel<B> {
         seams: &mut dyn Seams<B>,
     ) -> parallel_core::Result<Tensor<B, 4>> {
         let desc = &self.desc;
-        let grid = crate::stages::check_input(desc, input)?;
+        let grid = crate::stages::check_band(desc, input, &rows)?;
         let p = desc.patch_size;
-        let height = input.grid().height;
-        if !rows.start.is_multiple_of(p)
-            || !rows.end.is_multiple_of(p)
-            || rows.start >= rows.end
-            || rows.end > height
-        {
-            return Err(input_error(
-                desc,
-                format!(
-                    "latent rows {rows:?} must be a non-empty band of whole patches (multiples \
-                     of {p}) within the height {height}"
-                ),
-            )
-            .into());
-        }
         let batch = input.batch();
         let dtype = self.dtype();
         let c = &self.config;
-        let context = input.encoder_hidden_states.clone().ok_or_else(|| {
-            input_error(desc, "`encoder_hidden_states` (the joined text embeddings) are required")
-        })?;
-        let [cb, _, cc] = context.dims();
-        if cb != batch || cc != c.joint_attention_dim {
-            return Err(input_error(
-                desc,
-                format!(
-                    "`encoder_hidden_states` has shape {:?}, expected [{batch}, tokens, {}]",
-                    context.dims(),
-                    c.joint_attention_dim
-                ),
-            )
-            .into());
-        }
-        let pooled = input.added_cond.get("pooled_projections").ok_or_else(|| {
-            input_error(desc, "`pooled_projections` [batch, pooled_projection_dim] is required")
-        })?;
-        if pooled.dims() != [batch, c.pooled_projection_dim] {
-            return Err(input_error(
-                desc,
-                format!(
-                    "`pooled_projections` has shape {:?}, expected [{batch}, {}]",
-                    pooled.dims(),
-                    c.pooled_projection_dim
-                ),
-            )
-            .into());
-        }
+        let context = crate::stages::text_context(
+            desc,
+            input,
+            c.joint_attention_dim,
+            "the joined text embeddings",
+        )?;
+        let pooled =
+            crate::stages::added_cond(desc, input, "pooled_projections", c.pooled_projection_dim)?;
         if input.encoder_attention_mask.is_some() || input.class_labels.is_some() {
             return Err(input_error(
                 desc,
@@ -871,10 +835,8 @@ impl<B: Backend> SD3Transformer2DModel<B> {
             0.0,
             dtype,
         ));
-        let pooled = linear(
-            &self.pooled_2,
-            kernels::silu(linear(&self.pooled_1, pooled.clone().cast(dtype))),
-        );
+        let pooled =
+            linear(&self.pooled_2, kernels::silu(linear(&self.pooled_1, pooled.cast(dtype))));
         let temb_silu = kernels::silu(t + pooled);
 
         let token_rows = rows.start / p..rows.end / p;

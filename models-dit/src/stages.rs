@@ -176,14 +176,14 @@ pub(crate) fn head<B: Backend>(
     ]))
 }
 
-/// embed → held blocks → head for latent rows `rows`.
-pub(crate) fn forward_rows<B: Backend, M: StagedDenoiser<B> + ?Sized>(
-    model: &M,
+/// Checks the latent and timestep shapes and that `rows` is a non-empty band of whole patches
+/// of the latent; returns the token grid (every model's `forward_rows` starts here).
+pub(crate) fn check_band<B: Backend>(
+    desc: &ModelDesc,
     input: &DenoiserInput<B>,
-    rows: Range<usize>,
-    seams: &mut dyn Seams<B>,
-) -> Result<Tensor<B, 4>> {
-    let desc = model.desc();
+    rows: &Range<usize>,
+) -> Result<TokenGrid, DitError> {
+    let grid = check_input(desc, input)?;
     let p = desc.patch_size;
     let height = input.grid().height;
     if !rows.start.is_multiple_of(p)
@@ -193,10 +193,71 @@ pub(crate) fn forward_rows<B: Backend, M: StagedDenoiser<B> + ?Sized>(
     {
         return Err(input_error(
             desc,
-            format!("latent rows {rows:?} must be a non-empty band of whole patches (multiples of {p}) within the height {height}"),
-        )
-        .into());
+            format!(
+                "latent rows {rows:?} must be a non-empty band of whole patches (multiples of \
+                 {p}) within the height {height}"
+            ),
+        ));
     }
+    Ok(grid)
+}
+
+/// The text embeddings of an MMDiT input, `[batch, tokens, width]`, checked (`what` says
+/// which embeddings the model takes).
+pub(crate) fn text_context<B: Backend>(
+    desc: &ModelDesc,
+    input: &DenoiserInput<B>,
+    width: usize,
+    what: &str,
+) -> Result<Tensor<B, 3>, DitError> {
+    let batch = input.batch();
+    let context = input.encoder_hidden_states.clone().ok_or_else(|| {
+        input_error(desc, format!("`encoder_hidden_states` ({what}) are required"))
+    })?;
+    let [cb, _, cc] = context.dims();
+    if cb != batch || cc != width {
+        return Err(input_error(
+            desc,
+            format!(
+                "`encoder_hidden_states` has shape {:?}, expected [{batch}, tokens, {width}]",
+                context.dims()
+            ),
+        ));
+    }
+    Ok(context)
+}
+
+/// The added condition `name` of an input, `[batch, k]`, checked.
+pub(crate) fn added_cond<B: Backend>(
+    desc: &ModelDesc,
+    input: &DenoiserInput<B>,
+    name: &str,
+    k: usize,
+) -> Result<Tensor<B, 2>, DitError> {
+    let batch = input.batch();
+    let t = input
+        .added_cond
+        .get(name)
+        .ok_or_else(|| input_error(desc, format!("`{name}` [{batch}, {k}] is required")))?;
+    if t.dims() != [batch, k] {
+        return Err(input_error(
+            desc,
+            format!("`{name}` has shape {:?}, expected [{batch}, {k}]", t.dims()),
+        ));
+    }
+    Ok(t.clone())
+}
+
+/// embed → held blocks → head for latent rows `rows`.
+pub(crate) fn forward_rows<B: Backend, M: StagedDenoiser<B> + ?Sized>(
+    model: &M,
+    input: &DenoiserInput<B>,
+    rows: Range<usize>,
+    seams: &mut dyn Seams<B>,
+) -> Result<Tensor<B, 4>> {
+    let desc = model.desc();
+    check_band(desc, input, &rows)?;
+    let p = desc.patch_size;
     let held = model.held_blocks();
     if held != (0..desc.num_layers) {
         return Err(input_error(
