@@ -690,8 +690,8 @@ fn forward_runs_an_sd3_folder_with_its_strategies_and_refuses_pipefusion() {
     let out = dir.join("sample.safetensors");
     let case = "fixtures/mmdit/sd35/cases/wide.safetensors";
     let want = weights::read_tensors(&repo(case)).unwrap();
-    // Fresh strategies on 2 ranks (and USP on 4; DistriFusion's lone forward is a warmup
-    // step, exact) equal diffusers as the serial forward does: the bar of models-dit's parity
+    // Fresh strategies on 2 ranks (and USP on 4; DistriFusion's and PipeFusion's lone
+    // forward is a warmup step, exact) equal diffusers as the serial forward does: the bar of models-dit's parity
     // test, 1e-5; measured 7.7e-7 for each (Intel Xeon).
     for (strategy, n) in [
         ("serial", "1"),
@@ -700,6 +700,7 @@ fn forward_runs_an_sd3_folder_with_its_strategies_and_refuses_pipefusion() {
         ("tensor", "2"),
         ("usp", "4"),
         ("distrifusion", "2"),
+        ("pipefusion", "2"),
     ] {
         let mut args = vec![
             "forward",
@@ -724,20 +725,6 @@ fn forward_runs_an_sd3_folder_with_its_strategies_and_refuses_pipefusion() {
         println!("sd35/wide under {strategy} × {n}: relative L2 {rel:.2e} vs diffusers");
         assert!(rel <= 1e-5, "{strategy}: relative L2 {rel:e}");
     }
-    let err = fails(&[
-        "forward",
-        "--model",
-        "fixtures/mmdit/sd35",
-        "--inputs",
-        case,
-        "--output",
-        s(&out),
-        "--strategy",
-        "pipefusion",
-        "--world-size",
-        "2",
-    ]);
-    assert!(err.contains("MMDiT") && err.contains("not implemented yet"), "{err}");
     // PixArt's inputs given to SD3: the unknown tensor is named with the names SD3 takes.
     let err = fails(&[
         "forward",

@@ -28,8 +28,9 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use parallel_core::{
-    AttentionSite, Denoiser, DenoiserInput, JointLayer, LoadPlan, ModelDesc, ModelFamily,
-    ParamInfo, Projection, ReduceSite, Seams, Sharding, TextQkv,
+    AttentionSite, Conditioning, Denoiser, DenoiserInput, JointLayer, LoadPlan, ModelDesc,
+    ModelFamily, ParamInfo, Projection, ReduceSite, Seams, Sharding, StagedDenoiser, TextQkv,
+    TokenGrid,
 };
 use serde::Deserialize;
 use weights::WeightStore;
@@ -43,9 +44,12 @@ use crate::load::{
 use crate::pixart::{feed_forward, timestep_mlp};
 use crate::rope::{JointRope, Rope};
 use crate::sd3::{
-    EPS, JointTransformerBlock, QkvProjection, chunks, merge_heads, strict_config, whole_model_plan,
+    EPS, JointTransformerBlock, QkvProjection, chunks, merge_heads, strict_config, whole_model,
 };
-use crate::stages::input_error;
+use crate::stages::{
+    JointCond, input_error, join_stream, joint_cond, joint_context, split_joint_stream,
+    split_stream,
+};
 use kernels::{gated_residual, layer_norm_modulate};
 
 /// The class name.
@@ -251,7 +255,7 @@ impl FluxConfig {
         t.linear(&format!("{text}.linear_1"), pooled, h, true, Lin::Replicated, Part::Cond);
         t.linear(&format!("{text}.linear_2"), h, h, true, Lin::Replicated, Part::Cond);
         let joint = self.joint_attention_dim;
-        t.linear("context_embedder", joint, h, true, Lin::Replicated, Part::Cond);
+        t.linear("context_embedder", joint, h, true, Lin::Replicated, Part::Embed);
         let qkv = |t: &mut Table, a: &str, names: [&str; 3], norms: [&str; 2], part| {
             for proj in names {
                 t.linear(&format!("{a}.{proj}"), h, h, true, Lin::Column, part);
@@ -362,8 +366,8 @@ impl<B: Backend> FluxSingleTransformerBlock<B> {
 /// The FLUX.1 transformer (see the module docs).
 #[derive(Module, Debug)]
 pub struct FluxTransformer2DModel<B: Backend> {
-    /// `x_embedder`: packed token → hidden.
-    pub x_embedder: Linear<B>,
+    /// `x_embedder`: packed token → hidden (absent with `skip_embed`).
+    pub x_embedder: Option<Linear<B>>,
     /// `time_text_embed.timestep_embedder`.
     pub timestep_embedder: TimestepEmbedding<B>,
     /// `time_text_embed.guidance_embedder` (FLUX.1-dev).
@@ -372,21 +376,25 @@ pub struct FluxTransformer2DModel<B: Backend> {
     pub pooled_1: Linear<B>,
     /// `time_text_embed.text_embedder.linear_2`.
     pub pooled_2: Linear<B>,
-    /// `context_embedder`: T5 width → hidden.
-    pub context_embedder: Linear<B>,
-    /// `transformer_blocks` (double-stream).
+    /// `context_embedder`: T5 width → hidden (absent with `skip_embed`: only the first
+    /// pipeline stage embeds the text stream).
+    pub context_embedder: Option<Linear<B>>,
+    /// `transformer_blocks` (double-stream): the held ones.
     pub transformer_blocks: Vec<JointTransformerBlock<B>>,
-    /// `single_transformer_blocks`.
+    /// `single_transformer_blocks`: the held ones (block `num_layers + j` is single `j`).
     pub single_transformer_blocks: Vec<FluxSingleTransformerBlock<B>>,
-    /// `norm_out.linear`: scale, shift.
-    pub norm_out: Linear<B>,
-    /// `proj_out`: hidden → packed output channels.
-    pub proj_out: Linear<B>,
+    /// `norm_out.linear`: scale, shift (absent with `skip_head`).
+    pub norm_out: Option<Linear<B>>,
+    /// `proj_out`: hidden → packed output channels (absent with `skip_head`).
+    pub proj_out: Option<Linear<B>>,
     /// The configuration.
     #[module(skip)]
     pub config: FluxConfig,
     #[module(skip)]
     desc: ModelDesc,
+    /// The held blocks, double-stream `0..num_layers` then single-stream.
+    #[module(skip)]
+    held: Range<usize>,
 }
 
 impl<B: Backend> FluxTransformer2DModel<B> {
@@ -411,7 +419,6 @@ impl<B: Backend> FluxTransformer2DModel<B> {
 
     fn build(config: &FluxConfig, plan: &LoadPlan, source: &mut dyn Source<B>) -> Result<Self> {
         config.validate(CLASS_NAME)?;
-        whole_model_plan(CLASS_NAME, plan)?;
         let desc = config.desc();
         let held = check_plan(&desc, plan)?;
         let table = config.table(4);
@@ -430,7 +437,11 @@ impl<B: Backend> FluxTransformer2DModel<B> {
                 head_dim,
             })
         };
-        let x_embedder = p.linear("x_embedder")?;
+        let (x_embedder, context_embedder) = if plan.skip_embed {
+            (None, None)
+        } else {
+            (Some(p.linear("x_embedder")?), Some(p.linear("context_embedder")?))
+        };
         let timestep_embedder = timestep_mlp(&mut p, "time_text_embed.timestep_embedder")?;
         let guidance_embedder = if config.guidance_embeds {
             Some(timestep_mlp(&mut p, "time_text_embed.guidance_embedder")?)
@@ -439,9 +450,9 @@ impl<B: Backend> FluxTransformer2DModel<B> {
         };
         let pooled_1 = p.linear("time_text_embed.text_embedder.linear_1")?;
         let pooled_2 = p.linear("time_text_embed.text_embedder.linear_2")?;
-        let context_embedder = p.linear("context_embedder")?;
-        let mut transformer_blocks = Vec::with_capacity(config.num_layers);
-        for i in 0..config.num_layers {
+        let doubles = held.start.min(config.num_layers)..held.end.min(config.num_layers);
+        let mut transformer_blocks = Vec::with_capacity(doubles.len());
+        for i in doubles {
             let b = format!("transformer_blocks.{i}");
             let a = format!("{b}.attn");
             transformer_blocks.push(JointTransformerBlock {
@@ -466,8 +477,10 @@ impl<B: Backend> FluxTransformer2DModel<B> {
                 }),
             });
         }
-        let mut single_transformer_blocks = Vec::with_capacity(config.num_single_layers);
-        for j in 0..config.num_single_layers {
+        let l = config.num_layers;
+        let singles = held.start.max(l) - l..held.end.max(l) - l;
+        let mut single_transformer_blocks = Vec::with_capacity(singles.len());
+        for j in singles {
             let b = format!("single_transformer_blocks.{j}");
             single_transformer_blocks.push(FluxSingleTransformerBlock {
                 norm: p.linear(&format!("{b}.norm.linear"))?,
@@ -481,10 +494,12 @@ impl<B: Backend> FluxTransformer2DModel<B> {
                 proj_out: p.linear(&format!("{b}.proj_out"))?,
             });
         }
-        let norm_out = p.linear("norm_out.linear")?;
-        let proj_out = p.linear("proj_out")?;
+        let (norm_out, proj_out) = if plan.skip_head {
+            (None, None)
+        } else {
+            (Some(p.linear("norm_out.linear")?), Some(p.linear("proj_out")?))
+        };
         p.finish()?;
-        let _ = held;
         Ok(FluxTransformer2DModel {
             x_embedder,
             timestep_embedder,
@@ -498,6 +513,7 @@ impl<B: Backend> FluxTransformer2DModel<B> {
             proj_out,
             config: config.clone(),
             desc,
+            held,
         })
     }
 
@@ -507,17 +523,14 @@ impl<B: Backend> FluxTransformer2DModel<B> {
     }
 
     fn dtype(&self) -> DType {
-        self.proj_out.weight.val().dtype()
+        self.pooled_2.weight.val().dtype()
     }
 
-    fn forward_band(
-        &self,
-        input: &DenoiserInput<B>,
-        rows: Range<usize>,
-        seams: &mut dyn Seams<B>,
-    ) -> parallel_core::Result<Tensor<B, 4>> {
+    /// The inputs checked, and what every block reads computed once: the conditioning of
+    /// one forward.
+    fn compute_condition(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Conditioning> {
         let desc = &self.desc;
-        let grid = crate::stages::check_band(desc, input, &rows)?;
+        let grid = crate::stages::check_input(desc, input)?;
         let batch = input.batch();
         let dtype = self.dtype();
         let c = &self.config;
@@ -566,47 +579,123 @@ impl<B: Backend> FluxTransformer2DModel<B> {
         }
         let pooled =
             linear(&self.pooled_2, kernels::silu(linear(&self.pooled_1, pooled.cast(dtype))));
-        let temb_silu = kernels::silu(temb + pooled);
 
-        // Pack the band: [B, C, r, W] → [B, (r/2)(W/2), 4C], channel index c·4 + 2·dy + dx.
-        let token_rows = rows.start / 2..rows.end / 2;
-        let (n_rows, cols) = (token_rows.len(), grid.cols);
-        let latent = input.hidden_states.clone().narrow(2, rows.start, rows.len()).cast(dtype);
-        let packed = pack_latents(latent);
-        let mut hidden = linear(&self.x_embedder, packed);
-        let mut context = linear(&self.context_embedder, context.cast(dtype));
-
-        // The pipeline's ids: text (0, 0, 0); image (0, row, col).
-        let device = hidden.device();
+        // The pipeline's ids: text (0, 0, 0); image (0, row, col), for the whole grid (a band
+        // takes its tokens' rows).
+        let device = input.hidden_states.device();
         let text_pos = vec![vec![0.0; 3]; text_tokens];
-        let image_pos: Vec<Vec<f64>> = token_rows
-            .clone()
-            .flat_map(|r| (0..cols).map(move |col| vec![0.0, r as f64, col as f64]))
+        let image_pos: Vec<Vec<f64>> = (0..grid.rows)
+            .flat_map(|r| (0..grid.cols).map(move |col| vec![0.0, r as f64, col as f64]))
             .collect();
         let rope = JointRope {
             image: Rope::new(THETA, &c.axes_dims_rope, &image_pos, &device),
             text: Rope::new(THETA, &c.axes_dims_rope, &text_pos, &device),
         };
+        Ok(Conditioning::new(
+            grid,
+            JointCond {
+                held: self.held.clone(),
+                temb_silu: kernels::silu(temb + pooled),
+                text_tokens,
+                context: self.context_embedder.as_ref().map(|e| linear(e, context.cast(dtype))),
+                rope: Some(rope),
+            },
+        ))
+    }
 
-        let tokens = grid.token_range(&token_rows);
-        let site =
-            |layer| AttentionSite { layer, tokens: tokens.clone(), total_tokens: grid.len() };
-        for (i, block) in self.transformer_blocks.iter().enumerate() {
-            let m = block.modulation(&temb_silu);
-            (hidden, context) = block.forward(hidden, context, &m, Some(&rope), &site(i), seams)?;
-        }
-        for (j, block) in self.single_transformer_blocks.iter().enumerate() {
-            let layer = c.num_layers + j;
-            let text_out = desc.joint_layers[layer].text_out;
-            (hidden, context) =
-                block.forward(hidden, context, &temb_silu, &rope, text_out, &site(layer), seams)?;
-        }
+    /// The packed tokens of token rows `rows`, embedded:
+    /// `[B, C, 2r, W] → [B, r·(W/2), 4C] → hidden`, channel index `c·4 + 2·dy + dx`.
+    fn embed_image(
+        &self,
+        input: &DenoiserInput<B>,
+        rows: Range<usize>,
+    ) -> parallel_core::Result<Tensor<B, 3>> {
+        let Some(x_embedder) = &self.x_embedder else {
+            return Err(input_error(
+                &self.desc,
+                "this instance was loaded without the patch and text embeddings",
+            )
+            .into());
+        };
+        let latent = input
+            .hidden_states
+            .clone()
+            .narrow(2, rows.start * 2, rows.len() * 2)
+            .cast(self.dtype());
+        Ok(linear(x_embedder, pack_latents(latent)))
+    }
 
-        let out = chunks(&self.norm_out, &temb_silu);
+    /// Block `index` (held; `num_layers + j` is single-stream block `j`) on a band's image
+    /// tokens and the text stream.
+    fn run_block(
+        &self,
+        index: usize,
+        image: Tensor<B, 3>,
+        context: Tensor<B, 3>,
+        site: &AttentionSite,
+        c: &JointCond<B>,
+        seams: &mut dyn Seams<B>,
+    ) -> parallel_core::Result<(Tensor<B, 3>, Tensor<B, 3>)> {
+        let rope = c
+            .rope
+            .as_ref()
+            .ok_or_else(|| input_error(&self.desc, "the conditioning has no rotary positions"))?;
+        let rope =
+            JointRope { image: rope.image.tokens(site.tokens.clone()), text: rope.text.clone() };
+        let l = self.config.num_layers;
+        let doubles = self.held.start.min(l);
+        if index < l {
+            let block = &self.transformer_blocks[index - doubles];
+            let m = block.modulation(&c.temb_silu);
+            block.forward(image, context, &m, Some(&rope), site, seams)
+        } else {
+            let block = &self.single_transformer_blocks[index - self.held.start.max(l)];
+            let text_out = self.desc.joint_layers[index].text_out;
+            block.forward(image, context, &c.temb_silu, &rope, text_out, site, seams)
+        }
+    }
+
+    /// The final layer and unpacking of a band's image tokens.
+    fn head_image(
+        &self,
+        image: Tensor<B, 3>,
+        rows: Range<usize>,
+        grid: TokenGrid,
+        c: &JointCond<B>,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        let (Some(norm_out), Some(proj_out)) = (&self.norm_out, &self.proj_out) else {
+            return Err(input_error(
+                &self.desc,
+                "this instance was loaded without the final layer",
+            )
+            .into());
+        };
+        let out = chunks(norm_out, &c.temb_silu);
         // AdaLayerNormContinuous: scale first, then shift.
-        let x = layer_norm_modulate(hidden, EPS, Some(out[0].clone()), Some(out[1].clone()));
-        let x = linear(&self.proj_out, x);
-        Ok(unpack_latents(x, n_rows, cols))
+        let x = layer_norm_modulate(image, EPS, Some(out[0].clone()), Some(out[1].clone()));
+        Ok(unpack_latents(linear(proj_out, x), rows.len(), grid.cols))
+    }
+
+    fn forward_band(
+        &self,
+        input: &DenoiserInput<B>,
+        rows: Range<usize>,
+        seams: &mut dyn Seams<B>,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        let desc = &self.desc;
+        let grid = crate::stages::check_band(desc, input, &rows)?;
+        whole_model(desc, &self.held)?;
+        let cond = self.compute_condition(input)?;
+        let c = joint_cond::<B>(desc, &self.held, &cond)?;
+        let token_rows = rows.start / 2..rows.end / 2;
+        let mut hidden = self.embed_image(input, token_rows.clone())?;
+        let mut context = joint_context(desc, c)?;
+        let tokens = grid.token_range(&token_rows);
+        for i in self.held.clone() {
+            let site = AttentionSite { layer: i, tokens: tokens.clone(), total_tokens: grid.len() };
+            (hidden, context) = self.run_block(i, hidden, context, &site, c, seams)?;
+        }
+        self.head_image(hidden, token_rows, grid, c)
     }
 }
 
@@ -624,8 +713,62 @@ impl<B: Backend> Denoiser<B> for FluxTransformer2DModel<B> {
         self.forward_band(input, rows, seams)
     }
 
+    fn staged(&self) -> Option<&dyn StagedDenoiser<B>> {
+        Some(self)
+    }
+
     fn param_bytes(&self) -> u64 {
         (self.num_params() * self.dtype().size()) as u64
+    }
+}
+
+/// The staged stream is `[text; image tokens]` (see [`JointCond`]), the single-stream blocks'
+/// own layout: every pass of a pipeline stage carries the whole text stream beside its band's
+/// image tokens.
+impl<B: Backend> StagedDenoiser<B> for FluxTransformer2DModel<B> {
+    fn condition(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Conditioning> {
+        self.compute_condition(input)
+    }
+
+    fn embed(
+        &self,
+        input: &DenoiserInput<B>,
+        rows: Range<usize>,
+        cond: &Conditioning,
+    ) -> parallel_core::Result<Tensor<B, 3>> {
+        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
+        let image = self.embed_image(input, rows)?;
+        Ok(join_stream(joint_context(&self.desc, c)?, image))
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        hidden: Tensor<B, 3>,
+        rows: Range<usize>,
+        cond: &Conditioning,
+        seams: &mut dyn Seams<B>,
+    ) -> parallel_core::Result<Tensor<B, 3>> {
+        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
+        let (site, text, image) =
+            split_joint_stream(&self.desc, c, index, hidden, &rows, cond.grid)?;
+        let (image, text) = self.run_block(index, image, text, &site, c, seams)?;
+        Ok(join_stream(text, image))
+    }
+
+    fn head(
+        &self,
+        hidden: Tensor<B, 3>,
+        rows: Range<usize>,
+        cond: &Conditioning,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
+        let (_, image) = split_stream(&self.desc, c, hidden, &rows, cond.grid)?;
+        self.head_image(image, rows, cond.grid, c)
+    }
+
+    fn held_blocks(&self) -> Range<usize> {
+        self.held.clone()
     }
 }
 

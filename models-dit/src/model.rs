@@ -46,25 +46,6 @@ macro_rules! each {
     };
 }
 
-/// The staged models' arm of a [`StagedDenoiser`] method, and the error for SD3's.
-macro_rules! staged {
-    ($self:expr, $m:ident => $e:expr) => {
-        match $self {
-            DitModel::PixArt($m) => $e,
-            DitModel::DiT($m) => $e,
-            DitModel::SD3(m) => Err(not_staged(m.desc())),
-            DitModel::Flux(m) => Err(not_staged(m.desc())),
-        }
-    };
-}
-
-fn not_staged(desc: &ModelDesc) -> parallel_core::ParallelError {
-    parallel_core::ParallelError::Model(format!(
-        "{} is not run block by block (an MMDiT's text stream passes every block)",
-        desc.class_name
-    ))
-}
-
 impl<B: Backend> DitModel<B> {
     /// Loads a diffusers transformer folder (`config.json` +
     /// `diffusion_pytorch_model.safetensors` or its `.index.json` shards) as this rank's
@@ -164,10 +145,7 @@ impl<B: Backend> Denoiser<B> for DitModel<B> {
     }
 
     fn staged(&self) -> Option<&dyn StagedDenoiser<B>> {
-        match self {
-            DitModel::SD3(_) | DitModel::Flux(_) => None,
-            _ => Some(self),
-        }
+        Some(self)
     }
 
     fn param_bytes(&self) -> u64 {
@@ -177,7 +155,7 @@ impl<B: Backend> Denoiser<B> for DitModel<B> {
 
 impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
     fn condition(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Conditioning> {
-        staged!(self, m => m.condition(input))
+        each!(self, m => m.condition(input))
     }
 
     fn embed(
@@ -186,7 +164,7 @@ impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
         rows: Range<usize>,
         cond: &Conditioning,
     ) -> parallel_core::Result<Tensor<B, 3>> {
-        staged!(self, m => m.embed(input, rows, cond))
+        each!(self, m => m.embed(input, rows, cond))
     }
 
     fn block(
@@ -197,7 +175,7 @@ impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
         cond: &Conditioning,
         seams: &mut dyn Seams<B>,
     ) -> parallel_core::Result<Tensor<B, 3>> {
-        staged!(self, m => m.block(index, hidden, rows, cond, seams))
+        each!(self, m => m.block(index, hidden, rows, cond, seams))
     }
 
     fn head(
@@ -206,16 +184,11 @@ impl<B: Backend> StagedDenoiser<B> for DitModel<B> {
         rows: Range<usize>,
         cond: &Conditioning,
     ) -> parallel_core::Result<Tensor<B, 4>> {
-        staged!(self, m => m.head(hidden, rows, cond))
+        each!(self, m => m.head(hidden, rows, cond))
     }
 
     fn held_blocks(&self) -> Range<usize> {
-        match self {
-            DitModel::PixArt(m) => m.held_blocks(),
-            DitModel::DiT(m) => m.held_blocks(),
-            DitModel::SD3(m) => 0..m.desc().num_layers,
-            DitModel::Flux(m) => 0..m.desc().num_layers,
-        }
+        each!(self, m => m.held_blocks())
     }
 }
 

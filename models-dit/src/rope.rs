@@ -42,6 +42,12 @@ impl<B: Backend> Rope<B> {
         Rope { cos: t(cos), sin: t(sin) }
     }
 
+    /// The rotations of tokens `range` of these.
+    pub fn tokens(&self, range: std::ops::Range<usize>) -> Self {
+        let narrow = |t: &Tensor<B, 4>| t.clone().narrow(2, range.start, range.len());
+        Rope { cos: narrow(&self.cos), sin: narrow(&self.sin) }
+    }
+
     /// `x` rotated: per pair `(a, b)`, `(a·cos − b·sin, b·cos + a·sin)`, in float32, cast back.
     ///
     /// # Shapes

@@ -25,8 +25,9 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use parallel_core::{
-    AttentionSite, Denoiser, DenoiserInput, JointLayer, LoadPlan, ModelDesc, ModelFamily,
-    ParamInfo, Projection, ReduceSite, Seams, Sharding, TextQkv, TokenGrid,
+    AttentionSite, Conditioning, Denoiser, DenoiserInput, JointLayer, LoadPlan, ModelDesc,
+    ModelFamily, ParamInfo, Projection, ReduceSite, Seams, Sharding, StagedDenoiser, TextQkv,
+    TokenGrid,
 };
 use serde::Deserialize;
 use weights::WeightStore;
@@ -39,7 +40,10 @@ use crate::load::{
 };
 use crate::pixart::{feed_forward, timestep_mlp};
 use crate::rope::JointRope;
-use crate::stages::input_error;
+use crate::stages::{
+    JointCond, input_error, join_stream, joint_cond, joint_context, split_joint_stream,
+    split_stream,
+};
 use kernels::{gated_residual, layer_norm_modulate};
 
 /// The class name.
@@ -296,7 +300,7 @@ impl SD3Config {
         t.linear(&format!("{text}.linear_1"), pooled, h, true, Lin::Replicated, Part::Cond);
         t.linear(&format!("{text}.linear_2"), h, h, true, Lin::Replicated, Part::Cond);
         let joint = self.joint_attention_dim;
-        t.linear("context_embedder", joint, h, true, Lin::Replicated, Part::Cond);
+        t.linear("context_embedder", joint, h, true, Lin::Replicated, Part::Embed);
         for i in 0..self.num_layers {
             let part = Part::Block(i);
             let b = format!("transformer_blocks.{i}");
@@ -368,20 +372,6 @@ pub(crate) fn strict_config<T: serde::de::DeserializeOwned>(
         location: location.into(),
         reason: format!("{class}: {e}"),
     })
-}
-
-/// Refuses a pipeline stage's plan (some blocks, no embedding or no final layer): an MMDiT's
-/// text stream passes every block, so it is loaded whole or tensor-sharded only.
-pub(crate) fn whole_model_plan(class: &str, plan: &LoadPlan) -> Result<()> {
-    if plan.skip_embed || plan.skip_head || plan.blocks.is_some() {
-        return Err(DitError::Plan {
-            class: class.into(),
-            reason: "a pipeline stage's plan (some blocks, no embedding or no final layer) \
-                     is not supported: the MMDiT's text stream passes every block"
-                .into(),
-        });
-    }
-    Ok(())
 }
 
 /// RMSNorm over the head dim with a learned scale (diffusers `RMSNorm`, `qk_norm =
@@ -611,29 +601,33 @@ impl<B: Backend> JointTransformerBlock<B> {
 /// The SD3 / SD3.5 transformer (see the module docs).
 #[derive(Module, Debug)]
 pub struct SD3Transformer2DModel<B: Backend> {
-    /// `pos_embed.proj`: the patch convolution.
-    pub patch_proj: Conv2d<B>,
-    /// `pos_embed.pos_embed`: `[1, M², hidden]`, `M = pos_embed_max_size`.
-    pub pos_table: Param<Tensor<B, 3>>,
+    /// `pos_embed.proj`: the patch convolution (absent with `skip_embed`).
+    pub patch_proj: Option<Conv2d<B>>,
+    /// `pos_embed.pos_embed`: `[1, M², hidden]`, `M = pos_embed_max_size` (absent with
+    /// `skip_embed`).
+    pub pos_table: Option<Param<Tensor<B, 3>>>,
     /// `time_text_embed.timestep_embedder`.
     pub timestep_embedder: TimestepEmbedding<B>,
     /// `time_text_embed.text_embedder.linear_1` (pooled → hidden, then SiLU).
     pub pooled_1: Linear<B>,
     /// `time_text_embed.text_embedder.linear_2`.
     pub pooled_2: Linear<B>,
-    /// `context_embedder`: joint_attention_dim → hidden.
-    pub context_embedder: Linear<B>,
-    /// `transformer_blocks`.
+    /// `context_embedder`: joint_attention_dim → hidden (absent with `skip_embed`: only the
+    /// first pipeline stage embeds the text stream).
+    pub context_embedder: Option<Linear<B>>,
+    /// `transformer_blocks`: the held ones.
     pub transformer_blocks: Vec<JointTransformerBlock<B>>,
-    /// `norm_out.linear`: hidden → 2·hidden (scale, shift).
-    pub norm_out: Linear<B>,
-    /// `proj_out`: hidden → p·p·out_channels.
-    pub proj_out: Linear<B>,
+    /// `norm_out.linear`: hidden → 2·hidden (scale, shift) (absent with `skip_head`).
+    pub norm_out: Option<Linear<B>>,
+    /// `proj_out`: hidden → p·p·out_channels (absent with `skip_head`).
+    pub proj_out: Option<Linear<B>>,
     /// The configuration.
     #[module(skip)]
     pub config: SD3Config,
     #[module(skip)]
     desc: ModelDesc,
+    #[module(skip)]
+    held: Range<usize>,
 }
 
 impl<B: Backend> SD3Transformer2DModel<B> {
@@ -656,17 +650,18 @@ impl<B: Backend> SD3Transformer2DModel<B> {
     pub fn random(config: &SD3Config, plan: &LoadPlan, device: &B::Device) -> Result<Self> {
         let mut model =
             Self::build(config, plan, &mut RandomSource { device: device.clone(), std: 0.02 })?;
-        let (h, m) = (config.hidden_size(), config.pos_embed_max_size);
-        let grid = TokenGrid { rows: m, cols: m };
-        let base = config.sample_size / config.patch_size;
-        let table = pos_embed_rows::<B>(h, grid, 0..m, base, 1.0, DType::F32, device);
-        model.pos_table = Param::from_tensor(table.cast(model.dtype()));
+        if model.pos_table.is_some() {
+            let (h, m) = (config.hidden_size(), config.pos_embed_max_size);
+            let grid = TokenGrid { rows: m, cols: m };
+            let base = config.sample_size / config.patch_size;
+            let table = pos_embed_rows::<B>(h, grid, 0..m, base, 1.0, DType::F32, device);
+            model.pos_table = Some(Param::from_tensor(table.cast(model.dtype())));
+        }
         Ok(model)
     }
 
     fn build(config: &SD3Config, plan: &LoadPlan, source: &mut dyn Source<B>) -> Result<Self> {
         config.validate(CLASS_NAME)?;
-        whole_model_plan(CLASS_NAME, plan)?;
         let desc = config.desc();
         let held = check_plan(&desc, plan)?;
         let table = config.table(4);
@@ -675,12 +670,18 @@ impl<B: Backend> SD3Transformer2DModel<B> {
         let heads = config.num_attention_heads / world;
         let head_dim = config.attention_head_dim;
 
-        let patch_proj = p.patch_conv("pos_embed.proj", config.patch_size)?;
-        let pos_table = Param::from_tensor(p.t3("pos_embed.pos_embed")?);
+        let (patch_proj, pos_table, context_embedder) = if plan.skip_embed {
+            (None, None, None)
+        } else {
+            (
+                Some(p.patch_conv("pos_embed.proj", config.patch_size)?),
+                Some(Param::from_tensor(p.t3("pos_embed.pos_embed")?)),
+                Some(p.linear("context_embedder")?),
+            )
+        };
         let timestep_embedder = timestep_mlp(&mut p, "time_text_embed.timestep_embedder")?;
         let pooled_1 = p.linear("time_text_embed.text_embedder.linear_1")?;
         let pooled_2 = p.linear("time_text_embed.text_embedder.linear_2")?;
-        let context_embedder = p.linear("context_embedder")?;
         let qkv = |p: &mut Loaded<B>, a: &str, names: [&str; 3], norms: [&str; 2]| {
             Ok::<_, DitError>(QkvProjection {
                 q: p.linear(&format!("{a}.{}", names[0]))?,
@@ -700,8 +701,8 @@ impl<B: Backend> SD3Transformer2DModel<B> {
                 head_dim,
             })
         };
-        let mut transformer_blocks = Vec::with_capacity(config.num_layers);
-        for i in held {
+        let mut transformer_blocks = Vec::with_capacity(held.len());
+        for i in held.clone() {
             let b = format!("transformer_blocks.{i}");
             let a = format!("{b}.attn");
             let image_qkv = qkv(&mut p, &a, ["to_q", "to_k", "to_v"], ["norm_q", "norm_k"])?;
@@ -745,8 +746,11 @@ impl<B: Backend> SD3Transformer2DModel<B> {
                 },
             });
         }
-        let norm_out = p.linear("norm_out.linear")?;
-        let proj_out = p.linear("proj_out")?;
+        let (norm_out, proj_out) = if plan.skip_head {
+            (None, None)
+        } else {
+            (Some(p.linear("norm_out.linear")?), Some(p.linear("proj_out")?))
+        };
         p.finish()?;
         Ok(SD3Transformer2DModel {
             patch_proj,
@@ -760,6 +764,7 @@ impl<B: Backend> SD3Transformer2DModel<B> {
             proj_out,
             config: config.clone(),
             desc,
+            held,
         })
     }
 
@@ -769,12 +774,17 @@ impl<B: Backend> SD3Transformer2DModel<B> {
     }
 
     fn dtype(&self) -> DType {
-        self.proj_out.weight.val().dtype()
+        self.pooled_2.weight.val().dtype()
     }
 
     /// The position embedding of token rows `rows` of `grid`: the centred crop of the stored
     /// table, as diffusers' `PatchEmbed.cropped_pos_embed`.
-    fn positions(&self, grid: TokenGrid, rows: Range<usize>) -> Result<Tensor<B, 3>> {
+    fn positions(
+        &self,
+        table: &Param<Tensor<B, 3>>,
+        grid: TokenGrid,
+        rows: Range<usize>,
+    ) -> Result<Tensor<B, 3>> {
         let m = self.config.pos_embed_max_size;
         if grid.rows > m || grid.cols > m {
             return Err(input_error(
@@ -791,21 +801,16 @@ impl<B: Backend> SD3Transformer2DModel<B> {
         }
         let h = self.desc.hidden_size;
         let (top, left) = ((m - grid.rows) / 2, (m - grid.cols) / 2);
-        let table = self.pos_table.val().reshape([m, m, h]);
+        let table = table.val().reshape([m, m, h]);
         let crop = table.narrow(0, top + rows.start, rows.len()).narrow(1, left, grid.cols);
         Ok(crop.reshape([1, rows.len() * grid.cols, h]))
     }
 
-    fn forward_band(
-        &self,
-        input: &DenoiserInput<B>,
-        rows: Range<usize>,
-        seams: &mut dyn Seams<B>,
-    ) -> parallel_core::Result<Tensor<B, 4>> {
+    /// The inputs checked, and what every block reads computed once: the conditioning of
+    /// one forward.
+    fn compute_condition(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Conditioning> {
         let desc = &self.desc;
-        let grid = crate::stages::check_band(desc, input, &rows)?;
-        let p = desc.patch_size;
-        let batch = input.batch();
+        let grid = crate::stages::check_input(desc, input)?;
         let dtype = self.dtype();
         let c = &self.config;
         let context = crate::stages::text_context(
@@ -837,33 +842,124 @@ impl<B: Backend> SD3Transformer2DModel<B> {
         ));
         let pooled =
             linear(&self.pooled_2, kernels::silu(linear(&self.pooled_1, pooled.cast(dtype))));
-        let temb_silu = kernels::silu(t + pooled);
+        let text_tokens = context.dims()[1];
+        Ok(Conditioning::new(
+            grid,
+            JointCond {
+                held: self.held.clone(),
+                temb_silu: kernels::silu(t + pooled),
+                text_tokens,
+                context: self.context_embedder.as_ref().map(|e| linear(e, context.cast(dtype))),
+                rope: None,
+            },
+        ))
+    }
 
-        let token_rows = rows.start / p..rows.end / p;
-        let latent = input.hidden_states.clone().narrow(2, rows.start, rows.len()).cast(dtype);
-        let x = self.patch_proj.forward(latent);
-        let [_, h, n_rows, cols] = x.dims();
-        let mut hidden = x.reshape([batch, h, n_rows * cols]).swap_dims(1, 2)
-            + self.positions(grid, token_rows.clone())?;
-        let mut context = linear(&self.context_embedder, context.cast(dtype));
+    /// Patch and position embedding of token rows `rows`.
+    fn embed_image(
+        &self,
+        input: &DenoiserInput<B>,
+        rows: Range<usize>,
+        grid: TokenGrid,
+    ) -> parallel_core::Result<Tensor<B, 3>> {
+        let (Some(proj), Some(table)) = (&self.patch_proj, &self.pos_table) else {
+            return Err(input_error(
+                &self.desc,
+                "this instance was loaded without the patch \
+                                                 and text embeddings",
+            )
+            .into());
+        };
+        let p = self.desc.patch_size;
+        let latent = input
+            .hidden_states
+            .clone()
+            .narrow(2, rows.start * p, rows.len() * p)
+            .cast(self.dtype());
+        let x = proj.forward(latent);
+        let [batch, h, n_rows, cols] = x.dims();
+        Ok(x.reshape([batch, h, n_rows * cols]).swap_dims(1, 2)
+            + self.positions(table, grid, rows)?)
+    }
 
-        let tokens = grid.token_range(&token_rows);
-        for (i, block) in self.transformer_blocks.iter().enumerate() {
-            let site = AttentionSite { layer: i, tokens: tokens.clone(), total_tokens: grid.len() };
-            let m = block.modulation(&temb_silu);
-            (hidden, context) = block.forward(hidden, context, &m, None, &site, seams)?;
-        }
+    /// Block `index` (held) on a band's image tokens and the text stream.
+    fn run_block(
+        &self,
+        index: usize,
+        image: Tensor<B, 3>,
+        context: Tensor<B, 3>,
+        site: &AttentionSite,
+        c: &JointCond<B>,
+        seams: &mut dyn Seams<B>,
+    ) -> parallel_core::Result<(Tensor<B, 3>, Tensor<B, 3>)> {
+        let block = &self.transformer_blocks[index - self.held.start];
+        let m = block.modulation(&c.temb_silu);
+        block.forward(image, context, &m, None, site, seams)
+    }
 
-        let out = chunks(&self.norm_out, &temb_silu);
+    /// The final layer and unpatchify of a band's image tokens.
+    fn head_image(
+        &self,
+        image: Tensor<B, 3>,
+        rows: Range<usize>,
+        grid: TokenGrid,
+        c: &JointCond<B>,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        let (Some(norm_out), Some(proj_out)) = (&self.norm_out, &self.proj_out) else {
+            return Err(input_error(
+                &self.desc,
+                "this instance was loaded without the final layer",
+            )
+            .into());
+        };
+        let out = chunks(norm_out, &c.temb_silu);
         // AdaLayerNormContinuous: scale first, then shift.
-        let x = layer_norm_modulate(hidden, EPS, Some(out[0].clone()), Some(out[1].clone()));
-        let x = linear(&self.proj_out, x);
-        let (c_out, n_rows) = (desc.out_channels, token_rows.len());
+        let x = layer_norm_modulate(image, EPS, Some(out[0].clone()), Some(out[1].clone()));
+        let x = linear(proj_out, x);
+        let [batch, _, _] = x.dims();
+        let (p, c_out, n_rows) = (self.desc.patch_size, self.desc.out_channels, rows.len());
         // nhwpqc -> nchpwq
         Ok(x.reshape([batch, n_rows, grid.cols, p, p, c_out])
             .permute([0, 5, 1, 3, 2, 4])
             .reshape([batch, c_out, n_rows * p, grid.cols * p]))
     }
+
+    fn forward_band(
+        &self,
+        input: &DenoiserInput<B>,
+        rows: Range<usize>,
+        seams: &mut dyn Seams<B>,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        let desc = &self.desc;
+        let grid = crate::stages::check_band(desc, input, &rows)?;
+        whole_model(desc, &self.held)?;
+        let cond = self.compute_condition(input)?;
+        let c = joint_cond::<B>(desc, &self.held, &cond)?;
+        let p = desc.patch_size;
+        let token_rows = rows.start / p..rows.end / p;
+        let mut hidden = self.embed_image(input, token_rows.clone(), grid)?;
+        let mut context = joint_context(desc, c)?;
+        let tokens = grid.token_range(&token_rows);
+        for i in self.held.clone() {
+            let site = AttentionSite { layer: i, tokens: tokens.clone(), total_tokens: grid.len() };
+            (hidden, context) = self.run_block(i, hidden, context, &site, c, seams)?;
+        }
+        self.head_image(hidden, token_rows, grid, c)
+    }
+}
+
+/// Refuses a whole forward on an instance holding only some blocks (a pipeline stage).
+pub(crate) fn whole_model(desc: &ModelDesc, held: &Range<usize>) -> Result<()> {
+    if *held != (0..desc.num_layers) {
+        return Err(input_error(
+            desc,
+            format!(
+                "a whole forward needs all {} blocks; this instance holds {held:?}",
+                desc.num_layers
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl<B: Backend> Denoiser<B> for SD3Transformer2DModel<B> {
@@ -880,7 +976,60 @@ impl<B: Backend> Denoiser<B> for SD3Transformer2DModel<B> {
         self.forward_band(input, rows, seams)
     }
 
+    fn staged(&self) -> Option<&dyn StagedDenoiser<B>> {
+        Some(self)
+    }
+
     fn param_bytes(&self) -> u64 {
         (self.num_params() * self.dtype().size()) as u64
+    }
+}
+
+/// The staged stream is `[text; image tokens]` (see [`JointCond`]): every pass of a pipeline
+/// stage carries the whole text stream beside its band's image tokens.
+impl<B: Backend> StagedDenoiser<B> for SD3Transformer2DModel<B> {
+    fn condition(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Conditioning> {
+        self.compute_condition(input)
+    }
+
+    fn embed(
+        &self,
+        input: &DenoiserInput<B>,
+        rows: Range<usize>,
+        cond: &Conditioning,
+    ) -> parallel_core::Result<Tensor<B, 3>> {
+        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
+        let image = self.embed_image(input, rows, cond.grid)?;
+        Ok(join_stream(joint_context(&self.desc, c)?, image))
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        hidden: Tensor<B, 3>,
+        rows: Range<usize>,
+        cond: &Conditioning,
+        seams: &mut dyn Seams<B>,
+    ) -> parallel_core::Result<Tensor<B, 3>> {
+        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
+        let (site, text, image) =
+            split_joint_stream(&self.desc, c, index, hidden, &rows, cond.grid)?;
+        let (image, text) = self.run_block(index, image, text, &site, c, seams)?;
+        Ok(join_stream(text, image))
+    }
+
+    fn head(
+        &self,
+        hidden: Tensor<B, 3>,
+        rows: Range<usize>,
+        cond: &Conditioning,
+    ) -> parallel_core::Result<Tensor<B, 4>> {
+        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
+        let (_, image) = split_stream(&self.desc, c, hidden, &rows, cond.grid)?;
+        self.head_image(image, rows, cond.grid, c)
+    }
+
+    fn held_blocks(&self) -> Range<usize> {
+        self.held.clone()
     }
 }

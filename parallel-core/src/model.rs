@@ -393,7 +393,10 @@ pub trait StagedDenoiser<B: Backend>: Denoiser<B> {
     fn condition(&self, input: &DenoiserInput<B>) -> Result<Conditioning>;
 
     /// Patch embedding (with position embedding) of token rows `rows`:
-    /// `[batch, rows.len() · cols, hidden]`.
+    /// `[batch, rows.len() · cols, hidden]`. An MMDiT ([`ModelFamily::MmDit`]) puts its
+    /// embedded text stream first, `[batch, text_tokens + rows.len() · cols, hidden]`, and
+    /// every block and the head take and (the blocks) return that layout, so a pipeline
+    /// stage passes both streams on as one tensor.
     fn embed(
         &self,
         input: &DenoiserInput<B>,

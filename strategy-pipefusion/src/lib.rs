@@ -64,6 +64,18 @@
 //! position once, so the buffers fill with no transfer of their own. The definition (and
 //! the conformance reference) is PipeFusion's: ring attention is exact.
 //!
+//! ## MMDiT (SD3, SD3.5, FLUX.1)
+//! An MMDiT's staged stream is its text tokens followed by the pass's image tokens (see
+//! `models-dit`'s staged interface), so every pass — the synchronous one and each patch —
+//! carries the whole text stream from stage to stage and recomputes it: at every joint
+//! attention the pass's text queries, keys and values are fresh, joined once to the image K/V
+//! the buffers give (never buffered, never sent round a ring), as xDiT's "joint tensors". The
+//! buffers are kept per attention *site*, so SD3.5's second (image-only) attention of a
+//! dual-attention block has its own. With Ulysses the text's heads are sliced locally and
+//! its output all-gathered over heads. The definition (and the conformance reference) is
+//! PipeFusion's with the text fresh: each patch runs the whole text stream against the
+//! image K/V of earlier patches fresh and later ones one step stale.
+//!
 //! ## Constraints
 //! `L ≥ N/(u·r)` (every stage holds at least one block); `1 ≤ M ≤ token rows`, and every
 //! patch has at least `u·r` token rows; `u` divides the heads, `u·r` divides `N`;
@@ -79,7 +91,8 @@
 //! `B` the model batch (guidance included), `Bi` the image batch, `p` tokens, `hs` hidden:
 //!
 //! ```text
-//! stage s < N−1: send = B · p · hs          (every patch's activations, once; no factor L)
+//! stage s < N−1: send = B · (T + p) · hs    (every patch's activations, once; no factor L;
+//!                                           T: an MMDiT's text tokens per pass, else 0)
 //! stage N−1:     send = Bi · C · H · W      (every updated latent patch back to stage 0)
 //! per request, once: broadcast of the final latents from the last stage (Bi·C·H·W·(N−1))
 //! ```
@@ -95,18 +108,19 @@
 //! `s` (own layers only); parameters ≈ block parameters / (N/(u·r)) + the replicated
 //! embeddings.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use parallel_core::attention::sdpa;
+use parallel_core::attention::{joint_sdpa, sdpa};
 use parallel_core::split::balanced;
 use parallel_core::{
     AttentionSite, Axis, Comm, CurrentRequest, DenoiseLoop, Denoiser, DenoiserInput, ExpectedComm,
-    LoadPlan, Mesh, ModelDesc, ModelFamily, OpKind, OptionInfo, OptionValue, ParallelError,
-    ParallelStrategy, PendingSend, Reference, Registry, RequestInfo, Result, Seams, StagedDenoiser,
-    StepKind, StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag,
+    JointOutput, LoadPlan, Mesh, ModelDesc, ModelFamily, OpKind, OptionInfo, OptionValue,
+    ParallelError, ParallelStrategy, PendingSend, Reference, Registry, RequestInfo, Result, Seams,
+    StagedDenoiser, StepKind, StrategyConfig, StrategyInfo, StrategyOptions, SuiteCase, Tag,
+    TextQkv,
 };
 use strategy_ring::RingAttention;
 
@@ -252,9 +266,10 @@ pub struct PipeFusion<B: Backend> {
     patches: Option<usize>,
     warmup_steps: usize,
     blocks_per_stage: Option<Vec<usize>>,
-    /// Per own layer (indexed from the stage's first block): `[2, B, H/u, p_i, d]`, the K/V
-    /// of this rank's ring position's rows of every patch (with `r = 1`: every token, `p`).
-    buffers: Vec<Option<Tensor<B, 5>>>,
+    /// Per attention site of the own blocks (a block's, and SD3.5's second attention of a
+    /// dual-attention block): `[2, B, H/u, p_i, d]`, the image K/V of this rank's ring
+    /// position's rows of every patch (with `r = 1`: every token, `p`).
+    buffers: BTreeMap<usize, Tensor<B, 5>>,
     /// Sends started and not yet waited on (waited as they complete, all by the end).
     sending: VecDeque<PendingSend>,
     request: CurrentRequest,
@@ -371,7 +386,7 @@ impl<B: Backend> PipeFusion<B> {
             patches,
             warmup_steps,
             blocks_per_stage,
-            buffers: Vec::new(),
+            buffers: BTreeMap::new(),
             request: CurrentRequest::default(),
         })
     }
@@ -507,15 +522,10 @@ impl<B: Backend> PipeFusion<B> {
         cond: &parallel_core::Conditioning,
     ) -> Result<Tensor<B, 3>> {
         let blocks = model.held_blocks();
-        let first = blocks.start;
-        if self.buffers.len() < blocks.len() {
-            self.buffers.resize_with(blocks.len(), || None);
-        }
         self.ring.begin_forward(self.passes);
         self.passes += 1;
         let mut seams = PfSeams {
             buffers: &mut self.buffers,
-            first,
             ulysses: (self.ulysses.size() > 1).then_some(&self.ulysses),
             ulysses_tokens: split.ulysses_tokens.clone(),
             ring: (self.ring.comm().size() > 1).then_some(&mut self.ring),
@@ -645,8 +655,8 @@ enum Pass {
 }
 
 struct PfSeams<'a, B: Backend> {
-    buffers: &'a mut Vec<Option<Tensor<B, 5>>>,
-    first: usize,
+    /// By attention site (`AttentionSite::layer`).
+    buffers: &'a mut BTreeMap<usize, Tensor<B, 5>>,
     /// The Ulysses group (`None` with one Ulysses rank).
     ulysses: Option<&'a Comm<B>>,
     /// Tokens of every Ulysses group member's share of the pass, in group order.
@@ -656,15 +666,21 @@ struct PfSeams<'a, B: Backend> {
     pass: Pass,
 }
 
-impl<B: Backend> Seams<B> for PfSeams<'_, B> {
-    fn self_attention(
+impl<B: Backend> PfSeams<'_, B> {
+    /// Attention of this rank's image tokens (and, for an MMDiT, of the text stream) at
+    /// `site`: the image K/V through the buffers as the pass says, the text's — fresh in
+    /// every pass, whole on every rank of the stage — joined once (never buffered, never
+    /// sent round a ring).
+    fn attend(
         &mut self,
         site: &AttentionSite,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-    ) -> Result<Tensor<B, 4>> {
-        let PfSeams { buffers, first, ulysses, ulysses_tokens, ring, pass } = self;
+        text: Option<TextQkv<B>>,
+    ) -> Result<JointOutput<B>> {
+        let PfSeams { buffers, ulysses, ulysses_tokens, ring, pass } = self;
+        let heads = q.dims()[1] / ulysses.map_or(1, |g| g.size());
         let (q, k, v) = match ulysses {
             // [B, 3, H, n, d]: one all-to-all for q, k and v (scatter heads, gather the
             // Ulysses group's tokens in group order).
@@ -676,9 +692,20 @@ impl<B: Backend> Seams<B> for PfSeams<'_, B> {
             }
             None => (q, k, v),
         };
+        // The text stream is whole on every rank of the stage: this rank's heads of it.
+        let text = text.map(|t| match ulysses {
+            Some(group) => {
+                let mine = |x: Tensor<B, 4>| x.narrow(1, group.rank() * heads, heads);
+                TextQkv { q: t.q.map(mine), k: mine(t.k), v: mine(t.v) }
+            }
+            None => t,
+        });
+        let attend = |q, k, v, text: Option<TextQkv<B>>| match text {
+            Some(text) => joint_sdpa(q, k, v, text),
+            None => (sdpa(q, k, v, None), None),
+        };
         let layer = site.layer;
-        let slot = &mut buffers[layer - *first];
-        let out = match pass {
+        let (image, text) = match pass {
             Pass::Sync { origins, pieces } => match ring {
                 // Attention round the ring; from every block that passes, keep the tokens
                 // this rank's buffers hold.
@@ -697,21 +724,27 @@ impl<B: Backend> Seams<B> for PfSeams<'_, B> {
                         }
                         Ok(())
                     };
-                    let out = ring.attend_visiting(layer, q, k, v, &mut keep)?;
+                    let out = match text {
+                        Some(text) => {
+                            ring.attend_joint_visiting(layer, q, k, v, text, &mut keep)?
+                        }
+                        None => (ring.attend_visiting(layer, q, k, v, &mut keep)?, None),
+                    };
                     kept.sort_by_key(|(offset, _)| *offset);
-                    *slot = Some(Tensor::cat(kept.into_iter().map(|(_, t)| t).collect(), 3));
+                    buffers
+                        .insert(layer, Tensor::cat(kept.into_iter().map(|(_, t)| t).collect(), 3));
                     out
                 }
                 // One ring position: the buffers hold every token in order, all fresh.
                 None => {
-                    *slot = Some(Tensor::stack(vec![k.clone(), v.clone()], 0));
-                    sdpa(q, k, v, None)
+                    buffers.insert(layer, Tensor::stack(vec![k.clone(), v.clone()], 0));
+                    attend(q, k, v, text)
                 }
             },
             Pass::Patch { offset } => {
                 let fresh: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
                 let n = fresh.dims()[3];
-                let kv = match slot.take() {
+                let kv = match buffers.remove(&layer) {
                     Some(buffer) if !(*offset == 0 && n == buffer.dims()[3]) => {
                         let d = buffer.dims();
                         let at = *offset..*offset + n;
@@ -723,26 +756,54 @@ impl<B: Backend> Seams<B> for PfSeams<'_, B> {
                         return Err(ParallelError::State {
                             strategy: NAME.into(),
                             reason: format!(
-                                "layer {layer} has no K/V buffer yet: a patch step ran before a \
-                                 warmup step"
+                                "attention site {layer} has no K/V buffer yet: a patch step ran \
+                                 before a warmup step"
                             ),
                         });
                     }
                 };
-                *slot = Some(kv.clone());
+                buffers.insert(layer, kv.clone());
                 let k_all = kv.clone().narrow(0, 0, 1).squeeze_dim::<4>(0);
                 let v_all = kv.narrow(0, 1, 1).squeeze_dim::<4>(0);
-                match ring {
-                    Some(ring) => ring.attend(layer, q, k_all, v_all)?,
-                    None => sdpa(q, k_all, v_all, None),
+                match (ring, text) {
+                    (Some(ring), Some(text)) => ring.attend_joint(layer, q, k_all, v_all, text)?,
+                    (Some(ring), None) => (ring.attend(layer, q, k_all, v_all)?, None),
+                    (None, text) => attend(q, k_all, v_all, text),
                 }
             }
         };
         match ulysses {
-            // Back to the token split: scatter the group's tokens by share, gather heads.
-            Some(group) => Ok(group.all_to_all_sizes(out, 2, ulysses_tokens, 1)?),
-            None => Ok(out),
+            // Back to the token split: scatter the group's tokens by share, gather heads;
+            // every head of the text output to every rank of the group.
+            Some(group) => Ok((
+                group.all_to_all_sizes(image, 2, ulysses_tokens, 1)?,
+                text.map(|t| group.all_gather(t, 1)).transpose()?,
+            )),
+            None => Ok((image, text)),
         }
+    }
+}
+
+impl<B: Backend> Seams<B> for PfSeams<'_, B> {
+    fn self_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 4>> {
+        Ok(self.attend(site, q, k, v, None)?.0)
+    }
+
+    fn joint_attention(
+        &mut self,
+        site: &AttentionSite,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+    ) -> Result<JointOutput<B>> {
+        self.attend(site, q, k, v, Some(text))
     }
 }
 
@@ -829,11 +890,10 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
     }
 
     fn validate(&self, model: &ModelDesc, request: &RequestInfo) -> Result<()> {
-        model.require_family(
+        model.require_one_of(
             NAME,
-            ModelFamily::Dit,
-            "it pipelines a stack of equal transformer blocks over image tokens; an MMDiT's \
-             text stream through the pipeline is not implemented yet",
+            &[ModelFamily::Dit, ModelFamily::MmDit],
+            "it pipelines a stack of transformer blocks over patches of image tokens",
         )?;
         let u = self.ulysses_degree();
         if !model.num_heads.is_multiple_of(u) {
@@ -995,11 +1055,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
     }
 
     fn buffer_bytes(&self) -> u64 {
-        self.buffers
-            .iter()
-            .flatten()
-            .map(|t| (t.shape().num_elements() * t.dtype().size()) as u64)
-            .sum()
+        self.buffers.values().map(|t| (t.shape().num_elements() * t.dtype().size()) as u64).sum()
     }
 
     fn expected_comm(
@@ -1014,9 +1070,10 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         let g = request.grid;
         let b = request.batch;
         let mut e = ExpectedComm::none(format!(
-            "pipefusion: stage < N−1 sends its rows' activations B·n·hs (B={b}, hs={}); {}; no \
-             factor L{}",
+            "pipefusion: stage < N−1 sends its rows' activations B·(T+n)·hs (B={b}, hs={}, \
+             T={} text tokens of an MMDiT); {}; no factor L{}",
             model.hidden_size,
+            if model.family == ModelFamily::MmDit { request.text_tokens } else { 0 },
             match step {
                 StepKind::Forward => "the last stage broadcasts the prediction (B·C_out·H·W·(N−1))",
                 StepKind::Denoise(_) => {
@@ -1029,7 +1086,8 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                     "; × Ulysses u={u} × Ring r={r}: per own layer and pass 3·B·H·n·d·(u−1)/u + \
                      B·(H/u)·d·(T_g−n) all-to-all, ring L_s·2·B·(H/u)·d·Σ_(j≠i+1) m_j (m_j: ring \
                      position j's tokens of the pass, or of its buffers in a patch pass), the \
-                     last stage all-gathers its rows of the prediction (·(u·r−1))"
+                     last stage all-gathers its rows of the prediction (·(u·r−1)), an MMDiT's \
+                     text output all-gathered over heads L_text·B·(H/u)·T·d·(u−1)"
                 )
             } else {
                 String::new()
@@ -1044,7 +1102,19 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
         } else {
             self.patch_rows(model, request)?
         };
-        let layers = self.stages(model)?[s].len();
+        let own = self.stages(model)?[s].clone();
+        // Attention calls of the own blocks (SD3.5's dual-attention blocks have two), and
+        // those whose text output the Ulysses group gathers.
+        let layers = match model.joint_layers.is_empty() {
+            true => own.len(),
+            false => {
+                own.clone().map(|i| 1 + usize::from(model.joint_layers[i].image_attention)).sum()
+            }
+        };
+        let text_layers =
+            own.clone().filter(|&i| model.joint_layers.get(i).is_some_and(|j| j.text_out)).count();
+        // An MMDiT's stage passes carry the whole text stream beside the image tokens.
+        let text = if model.family == ModelFamily::MmDit { request.text_tokens } else { 0 };
         let (h, d) = (model.num_heads, model.head_dim);
         let cols = tokens.cols;
         let stage = self.stage.size();
@@ -1063,6 +1133,8 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                 let there = 3 * b * h * mine_tokens * d * (u - 1) / u;
                 let back = b * (h / u) * d * (group_tokens - mine_tokens);
                 e.add(OpKind::AllToAll, (layers * (there + back)) as u64);
+                let text_out = text_layers * b * (h / u) * text * d * (u - 1);
+                e.add(OpKind::AllGather, text_out as u64);
             }
             if r > 1 {
                 let blocks: Vec<usize> = if sync {
@@ -1075,7 +1147,7 @@ impl<B: Backend> ParallelStrategy<B> for PipeFusion<B> {
                 e.add(OpKind::Send, per_layer * layers as u64);
             }
             if s + 1 < n {
-                e.add(OpKind::Send, (b * mine_tokens * model.hidden_size) as u64);
+                e.add(OpKind::Send, (b * (text + mine_tokens) * model.hidden_size) as u64);
             } else if stage > 1 {
                 let rows = split.mine.len() * model.patch_size;
                 e.add(

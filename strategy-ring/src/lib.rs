@@ -203,6 +203,20 @@ impl<B: Backend> RingAttention<B> {
         v: Tensor<B, 4>,
         text: TextQkv<B>,
     ) -> Result<JointOutput<B>> {
+        self.attend_joint_visiting(layer, q, k, v, text, &mut |_, _| Ok(()))
+    }
+
+    /// [`attend_joint`](Self::attend_joint), showing `visit` every image K/V block as
+    /// [`attend_visiting`](Self::attend_visiting) does (PipeFusion × Ring on an MMDiT).
+    pub fn attend_joint_visiting(
+        &mut self,
+        layer: usize,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        text: TextQkv<B>,
+        visit: &mut dyn FnMut(usize, &Tensor<B, 5>) -> Result<()>,
+    ) -> Result<JointOutput<B>> {
         let n = q.dims()[2];
         let TextQkv { q: tq, k: tk, v: tv } = text;
         let t = tq.as_ref().map(|t| t.dims()[2]);
@@ -210,7 +224,7 @@ impl<B: Backend> RingAttention<B> {
             Some(tq) => Tensor::cat(vec![q, tq], 2),
             None => q,
         };
-        let out = self.ring(layer, queries, k, v, Some((tk, tv)), &mut |_, _| Ok(()))?;
+        let out = self.ring(layer, queries, k, v, Some((tk, tv)), visit)?;
         Ok(match t {
             Some(t) => (out.clone().narrow(2, 0, n), Some(out.narrow(2, n, t))),
             None => (out, None),
