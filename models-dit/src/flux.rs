@@ -28,9 +28,8 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use parallel_core::{
-    AttentionSite, Conditioning, Denoiser, DenoiserInput, JointLayer, LoadPlan, ModelDesc,
-    ModelFamily, ParamInfo, Projection, ReduceSite, Seams, Sharding, StagedDenoiser, TextQkv,
-    TokenGrid,
+    AttentionSite, Conditioning, DenoiserInput, JointLayer, LoadPlan, ModelDesc, ModelFamily,
+    ParamInfo, Projection, ReduceSite, Seams, Sharding, TextQkv, TokenGrid,
 };
 use serde::Deserialize;
 use weights::WeightStore;
@@ -38,18 +37,14 @@ use weights::WeightStore;
 use crate::attention::{FeedForward, linear, row_parallel};
 use crate::embeddings::{TimestepEmbedding, timestep_embedding};
 use crate::error::{DitError, Result};
+use crate::joint::{JointCond, JointStages, joint_denoiser};
 use crate::load::{
     Lin, Loaded, Part, RandomSource, Source, StoreSource, Table, check_plan, materialize,
 };
 use crate::pixart::{feed_forward, timestep_mlp};
 use crate::rope::{JointRope, Rope};
-use crate::sd3::{
-    EPS, JointTransformerBlock, QkvProjection, chunks, merge_heads, strict_config, whole_model,
-};
-use crate::stages::{
-    JointCond, input_error, join_stream, joint_cond, joint_context, split_joint_stream,
-    split_stream,
-};
+use crate::sd3::{EPS, JointTransformerBlock, QkvProjection, chunks, merge_heads, strict_config};
+use crate::stages::input_error;
 use kernels::{gated_residual, layer_norm_modulate};
 
 /// The class name.
@@ -525,6 +520,16 @@ impl<B: Backend> FluxTransformer2DModel<B> {
     fn dtype(&self) -> DType {
         self.pooled_2.weight.val().dtype()
     }
+}
+
+impl<B: Backend> JointStages<B> for FluxTransformer2DModel<B> {
+    fn joint_desc(&self) -> &ModelDesc {
+        &self.desc
+    }
+
+    fn joint_held(&self) -> &Range<usize> {
+        &self.held
+    }
 
     /// The inputs checked, and what every block reads computed once: the conditioning of
     /// one forward.
@@ -609,6 +614,7 @@ impl<B: Backend> FluxTransformer2DModel<B> {
         &self,
         input: &DenoiserInput<B>,
         rows: Range<usize>,
+        _grid: TokenGrid,
     ) -> parallel_core::Result<Tensor<B, 3>> {
         let Some(x_embedder) = &self.x_embedder else {
             return Err(input_error(
@@ -675,102 +681,9 @@ impl<B: Backend> FluxTransformer2DModel<B> {
         let x = layer_norm_modulate(image, EPS, Some(out[0].clone()), Some(out[1].clone()));
         Ok(unpack_latents(linear(proj_out, x), rows.len(), grid.cols))
     }
-
-    fn forward_band(
-        &self,
-        input: &DenoiserInput<B>,
-        rows: Range<usize>,
-        seams: &mut dyn Seams<B>,
-    ) -> parallel_core::Result<Tensor<B, 4>> {
-        let desc = &self.desc;
-        let grid = crate::stages::check_band(desc, input, &rows)?;
-        whole_model(desc, &self.held)?;
-        let cond = self.compute_condition(input)?;
-        let c = joint_cond::<B>(desc, &self.held, &cond)?;
-        let token_rows = rows.start / 2..rows.end / 2;
-        let mut hidden = self.embed_image(input, token_rows.clone())?;
-        let mut context = joint_context(desc, c)?;
-        let tokens = grid.token_range(&token_rows);
-        for i in self.held.clone() {
-            let site = AttentionSite { layer: i, tokens: tokens.clone(), total_tokens: grid.len() };
-            (hidden, context) = self.run_block(i, hidden, context, &site, c, seams)?;
-        }
-        self.head_image(hidden, token_rows, grid, c)
-    }
 }
 
-impl<B: Backend> Denoiser<B> for FluxTransformer2DModel<B> {
-    fn desc(&self) -> &ModelDesc {
-        &self.desc
-    }
-
-    fn forward_rows(
-        &self,
-        input: &DenoiserInput<B>,
-        rows: Range<usize>,
-        seams: &mut dyn Seams<B>,
-    ) -> parallel_core::Result<Tensor<B, 4>> {
-        self.forward_band(input, rows, seams)
-    }
-
-    fn staged(&self) -> Option<&dyn StagedDenoiser<B>> {
-        Some(self)
-    }
-
-    fn param_bytes(&self) -> u64 {
-        (self.num_params() * self.dtype().size()) as u64
-    }
-}
-
-/// The staged stream is `[text; image tokens]` (see [`JointCond`]), the single-stream blocks'
-/// own layout: every pass of a pipeline stage carries the whole text stream beside its band's
-/// image tokens.
-impl<B: Backend> StagedDenoiser<B> for FluxTransformer2DModel<B> {
-    fn condition(&self, input: &DenoiserInput<B>) -> parallel_core::Result<Conditioning> {
-        self.compute_condition(input)
-    }
-
-    fn embed(
-        &self,
-        input: &DenoiserInput<B>,
-        rows: Range<usize>,
-        cond: &Conditioning,
-    ) -> parallel_core::Result<Tensor<B, 3>> {
-        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
-        let image = self.embed_image(input, rows)?;
-        Ok(join_stream(joint_context(&self.desc, c)?, image))
-    }
-
-    fn block(
-        &self,
-        index: usize,
-        hidden: Tensor<B, 3>,
-        rows: Range<usize>,
-        cond: &Conditioning,
-        seams: &mut dyn Seams<B>,
-    ) -> parallel_core::Result<Tensor<B, 3>> {
-        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
-        let (site, text, image) =
-            split_joint_stream(&self.desc, c, index, hidden, &rows, cond.grid)?;
-        let (image, text) = self.run_block(index, image, text, &site, c, seams)?;
-        Ok(join_stream(text, image))
-    }
-
-    fn head(
-        &self,
-        hidden: Tensor<B, 3>,
-        rows: Range<usize>,
-        cond: &Conditioning,
-    ) -> parallel_core::Result<Tensor<B, 4>> {
-        let c = joint_cond::<B>(&self.desc, &self.held, cond)?;
-        let (_, image) = split_stream(&self.desc, c, hidden, &rows, cond.grid)?;
-        self.head_image(image, rows, cond.grid, c)
-    }
-
-    fn held_blocks(&self) -> Range<usize> {
-        self.held.clone()
-    }
-}
+joint_denoiser!(FluxTransformer2DModel);
 
 /// The image ids the FLUX pipeline makes for a token grid of `rows × cols` (what
 /// [`FluxTransformer2DModel`] computes for itself): `(0, row, col)` per token, row-major.

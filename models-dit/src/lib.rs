@@ -83,6 +83,7 @@ mod dit;
 mod embeddings;
 mod error;
 pub mod flux;
+mod joint;
 mod load;
 mod model;
 mod normalization;

@@ -67,7 +67,11 @@ fn cond<'a, B: Backend>(desc: &ModelDesc, cond: &'a Conditioning) -> Result<&'a 
         .map_err(|_| input_error(desc, "the conditioning was computed by another model").into())
 }
 
-fn check_rows(desc: &ModelDesc, rows: &Range<usize>, grid: TokenGrid) -> Result<(), DitError> {
+pub(crate) fn check_rows(
+    desc: &ModelDesc,
+    rows: &Range<usize>,
+    grid: TokenGrid,
+) -> Result<(), DitError> {
     if rows.start >= rows.end || rows.end > grid.rows {
         return Err(input_error(
             desc,
@@ -276,106 +280,4 @@ pub(crate) fn forward_rows<B: Backend, M: StagedDenoiser<B> + ?Sized>(
         hidden = model.block(i, hidden, token_rows.clone(), &cond, seams)?;
     }
     model.head(hidden, token_rows, &cond)
-}
-
-/// What an MMDiT's `condition` computes once per forward and every stage reads (SD3, FLUX):
-/// the payload of their [`Conditioning`].
-///
-/// Through the staged interface an MMDiT's hidden stream is the text tokens followed by the
-/// band's image tokens, `[batch, text_tokens + rows · cols, hidden]` (the layout FLUX's
-/// single-stream blocks use), so a pipeline stage passes both streams on as one tensor.
-pub(crate) struct JointCond<B: Backend> {
-    /// The blocks this instance holds.
-    pub held: Range<usize>,
-    /// `silu(timestep embedding + pooled text projection)`: what every adaLN reads.
-    pub temb_silu: Tensor<B, 2>,
-    /// Text tokens leading every staged hidden stream.
-    pub text_tokens: usize,
-    /// The embedded text stream (where `context_embedder` is held: the first stage).
-    pub context: Option<Tensor<B, 3>>,
-    /// FLUX: the rotations of every image token of the grid, and of the text tokens.
-    pub rope: Option<crate::rope::JointRope<B>>,
-}
-
-/// The [`JointCond`] of a conditioning, checked against the blocks an instance holds.
-pub(crate) fn joint_cond<'a, B: Backend>(
-    desc: &ModelDesc,
-    held: &Range<usize>,
-    cond: &'a Conditioning,
-) -> Result<&'a JointCond<B>> {
-    let c = cond
-        .get::<JointCond<B>>()
-        .map_err(|_| input_error(desc, "the conditioning was computed by another model"))?;
-    if c.held != *held {
-        return Err(input_error(
-            desc,
-            format!("the conditioning was computed for blocks {:?}, not {held:?}", c.held),
-        )
-        .into());
-    }
-    Ok(c)
-}
-
-/// A staged MMDiT block's inputs, checked: the block is held, `rows` is a band of the grid
-/// and `hidden` is its text and image tokens. Returns the attention site and the two streams
-/// `(text, image)`.
-pub(crate) fn split_joint_stream<B: Backend>(
-    desc: &ModelDesc,
-    c: &JointCond<B>,
-    index: usize,
-    hidden: Tensor<B, 3>,
-    rows: &Range<usize>,
-    grid: TokenGrid,
-) -> Result<(AttentionSite, Tensor<B, 3>, Tensor<B, 3>)> {
-    if !c.held.contains(&index) {
-        return Err(input_error(
-            desc,
-            format!("block {index} is not held (this instance holds {:?})", c.held),
-        )
-        .into());
-    }
-    let (text, image) = split_stream(desc, c, hidden, rows, grid)?;
-    let site =
-        AttentionSite { layer: index, tokens: grid.token_range(rows), total_tokens: grid.len() };
-    Ok((site, text, image))
-}
-
-/// `hidden` = `[text; image tokens of rows]` cut into its two streams, its size checked.
-pub(crate) fn split_stream<B: Backend>(
-    desc: &ModelDesc,
-    c: &JointCond<B>,
-    hidden: Tensor<B, 3>,
-    rows: &Range<usize>,
-    grid: TokenGrid,
-) -> Result<(Tensor<B, 3>, Tensor<B, 3>)> {
-    check_rows(desc, rows, grid)?;
-    let t = c.text_tokens;
-    let n = grid.token_range(rows).len();
-    let tokens = hidden.dims()[1];
-    if tokens != t + n {
-        return Err(input_error(
-            desc,
-            format!(
-                "hidden has {tokens} tokens but the {t} text tokens and rows {rows:?} hold {}",
-                t + n
-            ),
-        )
-        .into());
-    }
-    Ok((hidden.clone().narrow(1, 0, t), hidden.narrow(1, t, n)))
-}
-
-/// The staged stream of an MMDiT: text tokens, then image tokens.
-pub(crate) fn join_stream<B: Backend>(text: Tensor<B, 3>, image: Tensor<B, 3>) -> Tensor<B, 3> {
-    Tensor::cat(vec![text, image], 1)
-}
-
-/// The embedded text stream of a conditioning, which only the first stage computes.
-pub(crate) fn joint_context<B: Backend>(
-    desc: &ModelDesc,
-    c: &JointCond<B>,
-) -> Result<Tensor<B, 3>> {
-    c.context.clone().ok_or_else(|| {
-        input_error(desc, "this instance was loaded without the patch and text embeddings").into()
-    })
 }
