@@ -112,6 +112,19 @@ pub enum CommError {
         /// The socket error.
         detail: String,
     },
+    /// The communication library (NCCL) reported an error of its own: a failed call, or an
+    /// asynchronous error of the communicator (a peer's connection lost, a system error).
+    #[error("{op} on rank {rank}: {library}: {detail}")]
+    Library {
+        /// The operation.
+        op: String,
+        /// The rank (world numbering).
+        rank: usize,
+        /// The library (`"NCCL"`, `"CUDA"`).
+        library: &'static str,
+        /// Its error, in its words.
+        detail: String,
+    },
     /// A multi-process world could not be formed at its rendezvous.
     #[error("rendezvous at {addr} (rank {rank}): {detail}")]
     Rendezvous {

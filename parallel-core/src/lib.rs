@@ -75,9 +75,9 @@ pub mod strategy;
 
 pub use cfg::CfgParallel;
 pub use comm::{
-    Clock, Comm, CommStats, Communicator, LaunchOptions, Link, LinkModel, LinkSpecError, LocalComm,
-    ManualClock, OpKind, OpStats, Pending, PendingSend, ProcessGroup, Tag, TcpComm, TcpWorld,
-    WallClock, launch, launch_loopback, launch_process,
+    Clock, Comm, CommStats, Communicator, Connector, LaunchOptions, Link, LinkModel, LinkSpecError,
+    LocalComm, ManualClock, OpKind, OpStats, Pending, PendingSend, ProcessGroup, Tag, TcpComm,
+    TcpWorld, Transport, WallClock, WorldExit, launch, launch_loopback, launch_process,
 };
 pub use error::{CommError, ParallelError, Result};
 pub use mesh::{Axis, Mesh};

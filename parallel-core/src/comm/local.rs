@@ -34,6 +34,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Shape, Slice, TensorMetadata};
 
 use super::link::{Clock, LinkModel, WallClock};
+use super::transport::Transport;
 use super::{
     Comm, CommStats, Communicator, Completion, OpKind, P2pHandle, P2pOp, RawPending,
     RawPendingSend, Tag,
@@ -252,6 +253,9 @@ pub struct LaunchOptions<B: Backend> {
     pub link: Option<LinkModel>,
     /// The clock of the link model (`None`: the wall clock).
     pub clock: Option<Arc<dyn Clock>>,
+    /// The transport that forms the world (`None`: [`LocalComm`] in process, TCP between
+    /// processes); see [`Transport`].
+    pub transport: Option<Arc<dyn Transport<B>>>,
 }
 
 impl<B: Backend> Default for LaunchOptions<B> {
@@ -262,6 +266,7 @@ impl<B: Backend> Default for LaunchOptions<B> {
             threads_per_rank: None,
             link: None,
             clock: None,
+            transport: None,
         }
     }
 }
@@ -290,6 +295,12 @@ impl<B: Backend> LaunchOptions<B> {
     /// [`ManualClock`]: super::ManualClock
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// These options with the world formed by `transport` (see [`Transport`]).
+    pub fn with_transport(mut self, transport: Arc<dyn Transport<B>>) -> Self {
+        self.transport = Some(transport);
         self
     }
 }
@@ -358,6 +369,9 @@ where
     T: Send,
     F: Fn(Comm<B>) -> Result<T, ParallelError> + Sync,
 {
+    if let Some(transport) = &options.transport {
+        return launch_on(transport.as_ref(), size, options, f);
+    }
     let (world, comms) = create_world(size, options);
     std::thread::scope(|scope| {
         let handles: Vec<_> = comms
@@ -382,6 +396,61 @@ where
                             let reason = panic_message(panic.as_ref());
                             world.fail(rank, format!("panicked: {reason}"));
                             Err(ParallelError::RankFailed { rank, reason })
+                        }
+                    })
+                    .expect("spawning a rank thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|p| {
+                    Err(ParallelError::RankFailed { rank, reason: panic_message(p.as_ref()) })
+                })
+            })
+            .collect()
+    })
+}
+
+/// [`launch`] on a [`Transport`]: each rank's thread connects, runs `f`, and on failure
+/// aborts its communicator so that the other ranks' waits end.
+fn launch_on<B, T, F>(
+    transport: &dyn Transport<B>,
+    size: usize,
+    options: &LaunchOptions<B>,
+    f: F,
+) -> Vec<Result<T, ParallelError>>
+where
+    B: Backend,
+    T: Send,
+    F: Fn(Comm<B>) -> Result<T, ParallelError> + Sync,
+{
+    let connector = match transport.world(size, options) {
+        Ok(c) => c,
+        Err(e) => return (0..size).map(|_| Err(ParallelError::Comm(e.clone()))).collect(),
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..size)
+            .map(|rank| {
+                let (f, connector) = (&f, connector.clone());
+                let threads = options.threads_per_rank;
+                std::thread::Builder::new()
+                    .name(format!("rank-{rank}"))
+                    .spawn_scoped(scope, move || {
+                        let comm = connector.connect(rank)?;
+                        let mine = comm.clone();
+                        match run_rank(rank, threads, || f(comm)) {
+                            Ok(Ok(v)) => Ok(v),
+                            Ok(Err(e)) => {
+                                mine.abort(&e.to_string());
+                                Err(e)
+                            }
+                            Err(panic) => {
+                                let reason = panic_message(panic.as_ref());
+                                mine.abort(&format!("panicked: {reason}"));
+                                Err(ParallelError::RankFailed { rank, reason })
+                            }
                         }
                     })
                     .expect("spawning a rank thread")
@@ -428,12 +497,11 @@ pub(super) fn run_rank<T: Send>(
 }
 
 /// Checks the members of a [`Communicator::split`] made by world rank `me` of a world of
-/// `world_size`; this rank's index among them.
-pub(super) fn check_split(
-    me: usize,
-    world_size: usize,
-    members: &[usize],
-) -> Result<usize, CommError> {
+/// `world_size`; this rank's index among them. For every implementation of the contract.
+///
+/// # Errors
+/// [`CommError::InvalidRank`]: members repeated, empty, outside the world, or without `me`.
+pub fn check_split(me: usize, world_size: usize, members: &[usize]) -> Result<usize, CommError> {
     let mut sorted = members.to_vec();
     sorted.sort_unstable();
     sorted.dedup();

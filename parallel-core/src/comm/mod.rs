@@ -51,14 +51,16 @@ mod local;
 mod stats;
 mod store;
 mod tcp;
+mod transport;
 
 pub use link::{Clock, Link, LinkModel, LinkSpecError, ManualClock, PRESETS, Preset, WallClock};
-pub use local::{LaunchOptions, LocalComm, launch};
+pub use local::{LaunchOptions, LocalComm, check_split, launch};
 pub use stats::{CommStats, OpKind, OpStats, all_reduce_elements, ring_chunks};
 pub use store::{StoreClient, StoreServer};
 pub use tcp::{
     ProcessGroup, TcpComm, TcpWorld, free_loopback_port, join, launch_loopback, launch_process,
 };
+pub use transport::{Connector, Transport, WorldExit};
 
 use std::fmt;
 use std::sync::Arc;

@@ -54,6 +54,7 @@ use burn::tensor::{DType, Shape, Slice, Tensor, TensorData, TensorMetadata, Tens
 
 use super::local::{LaunchOptions, check_split, chunks, next_split, panic_message, run_rank};
 use super::store::{StoreClient, StoreServer};
+use super::transport::WorldExit;
 use super::{
     Comm, CommStats, Communicator, Completion, OpKind, P2pHandle, P2pOp, RawPending,
     RawPendingSend, Tag,
@@ -456,6 +457,20 @@ impl TcpWorld {
                     let _ = lock(s).shutdown(Shutdown::Write);
                 }
             }
+        }
+    }
+}
+
+impl WorldExit for TcpWorld {
+    fn finish(self: Box<Self>) {
+        TcpWorld::finish(*self)
+    }
+
+    fn abort(self: Box<Self>, origin: usize, reason: &str) {
+        if origin == self.shared.rank {
+            TcpWorld::abort(*self, reason)
+        } else {
+            self.abort_for(origin, reason)
         }
     }
 }
@@ -1389,7 +1404,13 @@ where
     T: Send,
     F: FnOnce(Comm<B>) -> Result<T, ParallelError> + Send,
 {
-    let (comm, world) = join(group, options)?;
+    let (comm, world): (Comm<B>, Box<dyn WorldExit>) = match &options.transport {
+        Some(transport) => transport.join(group, options)?,
+        None => {
+            let (comm, world) = join(group, options)?;
+            (comm, Box::new(world))
+        }
+    };
     let rank = group.rank;
     match run_rank(rank, options.threads_per_rank, move || f(comm)) {
         Ok(Ok(v)) => {
@@ -1402,16 +1423,16 @@ where
                 ParallelError::Comm(CommError::PeerFailed { failed_rank, reason, .. })
                     if *failed_rank != rank =>
                 {
-                    world.abort_for(*failed_rank, reason)
+                    world.abort(*failed_rank, reason)
                 }
-                ParallelError::RankFailed { reason, .. } => world.abort(reason),
-                other => world.abort(&other.to_string()),
+                ParallelError::RankFailed { reason, .. } => world.abort(rank, reason),
+                other => world.abort(rank, &other.to_string()),
             }
             Err(e)
         }
         Err(panic) => {
             let reason = panic_message(panic.as_ref());
-            world.abort(&format!("panicked: {reason}"));
+            world.abort(rank, &format!("panicked: {reason}"));
             Err(ParallelError::RankFailed { rank, reason })
         }
     }

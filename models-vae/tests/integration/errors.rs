@@ -2,12 +2,10 @@
 //! match the weights (shape, missing key, unused key), unreadable weights, wrong tensor shapes,
 //! unwritable image paths.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::{B, errors, load_vae, read_tensor, reference, temp_dir, vae_folder, values};
 use burn::prelude::*;
-use common::{B, errors, load_vae, read_tensor, reference, temp_dir, vae_folder, values};
 use models_vae::{AutoencoderKL, AutoencoderKLConfig, VaeError, VaeParts, save_png, to_image};
 
 fn load(folder: &Path, parts: VaeParts) -> Result<AutoencoderKL<B>, VaeError> {

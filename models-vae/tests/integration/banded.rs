@@ -4,10 +4,8 @@
 //! With the serial seams instead (each band alone: zero halos, local statistics and
 //! attention) the bands differ: the exchanges are needed, so the test can fail.
 
-mod common;
-
+use crate::common::{B, errors, load_vae, values};
 use burn::tensor::{Distribution, Tensor};
-use common::{B, errors, load_vae, values};
 use models_vae::VaeParts;
 use parallel_core::split::{ExactRows, balanced};
 use parallel_core::{LaunchOptions, Serial, launch};

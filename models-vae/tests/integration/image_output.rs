@@ -1,9 +1,7 @@
 //! Post-processing and PNG output: diffusers' `(x * 0.5 + 0.5).clamp(0, 1)`, × 255, NumPy
 //! rounding (halves to even), against the pipeline's own `output_type="pt"` image.
 
-mod common;
-
-use common::{errors, load_vae, read_f32, read_tensor, reference, temp_dir, values};
+use crate::common::{errors, load_vae, read_f32, read_tensor, reference, temp_dir, values};
 use models_vae::{VaeParts, denormalize, denormalize_to_u8, save_png, to_image, to_images};
 
 #[test]
@@ -88,7 +86,7 @@ fn a_non_finite_sample_is_an_error_not_a_black_pixel() {
     let dev = Default::default();
     let mut values = vec![0.25f32; 3 * 2 * 2];
     values[5] = f32::NAN;
-    let sample = burn::tensor::Tensor::<common::B, 4>::from_data(
+    let sample = burn::tensor::Tensor::<crate::common::B, 4>::from_data(
         burn::tensor::TensorData::new(values, [1, 3, 2, 2]),
         &dev,
     );

@@ -9,11 +9,9 @@
 //! **1.4e-6** (the worst) and logvar 1.0e-6, a margin of 7. max|a−b| / max|b| is printed next
 //! to it (run with `--nocapture`; measured ≤ 1.7e-6).
 
-mod common;
-
 use std::time::Instant;
 
-use common::{errors, load_vae, read_tensor, reference, values};
+use crate::common::{errors, load_vae, read_tensor, reference, values};
 use models_vae::VaeParts;
 
 /// float32 rounding through the whole network (the project's bar for serial models,

@@ -1,14 +1,12 @@
 //! Decode time of the fixture VAE (ignored by default; run with
-//! `cargo test -p models-vae --test timing -- --ignored --nocapture`). Dependencies are built
+//! `cargo test -p models-vae --test integration timing -- --ignored --nocapture`). Dependencies are built
 //! at opt-level 3 in every profile (see the workspace `Cargo.toml`), so the test profile times
 //! Burn's kernels as a release build would.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{B, load_vae, read_tensor, reference};
 use burn::prelude::*;
-use common::{B, load_vae, read_tensor, reference};
 use models_vae::VaeParts;
 
 #[test]
