@@ -30,6 +30,32 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// The communicator the ranks talk through (`--comm`, `parallel.comm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CommKind {
+    /// NCCL where it can work — CUDA, a harness built with the `nccl` feature, a GPU per rank
+    /// (in one process) or one process per rank (under a launcher) — else the built-in one.
+    #[default]
+    Auto,
+    /// The built-in communicator: in-process queues for ranks that are threads, TCP between
+    /// processes.
+    Builtin,
+    /// NCCL (crate `comm-nccl`; CUDA, the `nccl` feature, one GPU per rank): an error where
+    /// it cannot work, instead of falling back.
+    Nccl,
+}
+
+impl std::fmt::Display for CommKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CommKind::Auto => "auto",
+            CommKind::Builtin => "builtin",
+            CommKind::Nccl => "nccl",
+        })
+    }
+}
+
 /// The dtype the denoiser computes in (`--dtype`, `parallel.dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -83,6 +109,8 @@ pub struct ParallelConfig {
     /// The denoiser's compute dtype: `f32` (default), `f16`, `bf16`; its weights are
     /// converted while loading.
     pub dtype: DtypeKind,
+    /// The communicator: `auto` (default: NCCL where it can work), `builtin`, `nccl`.
+    pub comm: CommKind,
     /// The strategy's own options (`harness list` shows them).
     pub options: BTreeMap<String, toml::Value>,
     /// A link model for the in-process transport: a preset (`nvlink-a100`, `nvlink-h100`,
@@ -121,6 +149,7 @@ impl Default for ParallelConfig {
             threads_per_rank: None,
             backend: BackendKind::Cpu,
             dtype: DtypeKind::F32,
+            comm: CommKind::Auto,
             options: BTreeMap::new(),
             link: None,
             vae_parallel: false,

@@ -91,9 +91,94 @@ pub fn cuda_devices(parallel: &ParallelConfig) -> Result<Vec<burn_cuda::CudaDevi
         .collect())
 }
 
+/// The transport of a run (see [`crate::config::CommKind`]): NCCL where `parallel.comm` asks
+/// for it and it can work on `devices` (by rank), else `None`, the built-in communicator.
+///
+/// # Errors
+/// `--comm nccl` where NCCL cannot work: not CUDA, a harness without the `nccl` feature, no
+/// NCCL library, two in-process ranks on one GPU — each naming `parallel.comm`.
+pub fn transport<B: burn::tensor::backend::Backend>(
+    parallel: &crate::config::ParallelConfig,
+    devices: &[B::Device],
+) -> crate::error::Result<Option<std::sync::Arc<dyn parallel_core::Transport<B>>>> {
+    use crate::config::{BackendKind, CommKind};
+    let explicit = parallel.comm == CommKind::Nccl;
+    let bad =
+        |reason: String| crate::error::HarnessError::config("parallel.comm (--comm nccl)", reason);
+    // Where NCCL cannot work: an error when asked for, the built-in communicator otherwise.
+    let refuse = |reason: String| if explicit { Err(bad(reason)) } else { Ok(None) };
+    if parallel.comm == CommKind::Builtin {
+        return Ok(None);
+    }
+    if parallel.backend != BackendKind::Cuda {
+        return refuse("NCCL moves CUDA tensors: it needs --backend cuda".into());
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = devices;
+        refuse(
+            "this harness was built without NCCL (cargo build --release -p harness --features \
+             cuda,nccl)"
+                .into(),
+        )
+    }
+    #[cfg(feature = "nccl")]
+    {
+        let in_process = parallel.process.is_none();
+        if in_process && parallel.world_size == 1 && !explicit {
+            return Ok(None);
+        }
+        if let Err(e) = comm_nccl::check_library(0) {
+            if !explicit {
+                log::warn!("NCCL is not available, ranks use the built-in communicator: {e}");
+            }
+            return refuse(e.to_string());
+        }
+        if in_process {
+            for r in 0..devices.len() {
+                if let Some(q) = devices[..r].iter().position(|d| *d == devices[r]) {
+                    return refuse(format!(
+                        "ranks {q} and {r} share {:?}: NCCL needs one GPU per rank (more GPUs, \
+                         --devices, or one process per GPU with harness launch)",
+                        devices[r]
+                    ));
+                }
+            }
+        }
+        let t: std::sync::Arc<dyn parallel_core::Transport<crate::CudaBackend>> =
+            std::sync::Arc::new(comm_nccl::NcclTransport);
+        let any: Box<dyn std::any::Any> = Box::new(Some(t));
+        // B is the CUDA backend whenever parallel.backend is cuda (run and forward choose it
+        // from the same setting).
+        any.downcast::<Option<std::sync::Arc<dyn parallel_core::Transport<B>>>>()
+            .map(|t| *t)
+            .map_err(|_| bad("the CUDA backend was not the backend of this run".into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nccl_where_it_cannot_work_is_an_error_only_when_asked_for() {
+        use crate::config::{BackendKind, CommKind, ParallelConfig};
+        let mut p = ParallelConfig { world_size: 2, ..ParallelConfig::default() };
+        assert!(transport::<crate::CpuBackend>(&p, &[]).unwrap().is_none());
+        p.comm = CommKind::Nccl;
+        let e = transport::<crate::CpuBackend>(&p, &[]).err().unwrap().to_string();
+        assert_eq!(
+            e,
+            "parallel.comm (--comm nccl): NCCL moves CUDA tensors: it needs --backend cuda"
+        );
+        p.backend = BackendKind::Cuda;
+        if !cfg!(feature = "nccl") {
+            let e = transport::<crate::CpuBackend>(&p, &[]).err().unwrap().to_string();
+            assert!(e.contains("built without NCCL") && e.contains("--features cuda,nccl"), "{e}");
+        }
+        p.comm = CommKind::Builtin;
+        assert!(transport::<crate::CpuBackend>(&p, &[]).unwrap().is_none());
+    }
 
     #[test]
     fn device_lists_parse_and_bad_ones_are_named() {

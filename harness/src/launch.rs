@@ -29,11 +29,11 @@ pub fn threads_per_rank(parallel: &ParallelConfig) -> usize {
 }
 
 /// The launch options of a parallel config: its timeout, one rayon pool of
-/// [`threads_per_rank`] per rank, its link model, and `devices` by rank (empty: the default
-/// device).
+/// [`threads_per_rank`] per rank, its link model, `devices` by rank (empty: the default
+/// device) and its transport ([`crate::devices::transport`]: NCCL, or the built-in one).
 ///
 /// # Errors
-/// A link specification that does not parse.
+/// A link specification that does not parse; `--comm nccl` where NCCL cannot work.
 pub fn launch_options<B: Backend>(
     parallel: &ParallelConfig,
     devices: Vec<B::Device>,
@@ -41,6 +41,7 @@ pub fn launch_options<B: Backend>(
     let mut options = LaunchOptions::<B>::default()
         .with_timeout(Duration::from_secs(parallel.timeout_secs))
         .with_threads_per_rank(threads_per_rank(parallel));
+    options.transport = crate::devices::transport::<B>(parallel, &devices)?;
     options.devices = devices;
     options.link = parallel.link_model()?;
     Ok(options)

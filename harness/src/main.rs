@@ -79,6 +79,10 @@ struct ParallelArgs {
     /// ib100, eth25) or bandwidth=…,latency=…, optionally ,dilation=F.
     #[arg(long, value_name = "SPEC")]
     link: Option<String>,
+    /// The communicator: auto (NCCL where it can work: CUDA, the `nccl` feature, a GPU per
+    /// rank), builtin (threads: in-process; processes: TCP), nccl (an error where it cannot).
+    #[arg(long, value_name = "KIND")]
+    comm: Option<harness::config::CommKind>,
     /// CUDA: the GPU of each rank, `devices[rank mod len]`, e.g. "0,1" (default: rank mod
     /// visible GPUs).
     #[arg(long, value_name = "IDS")]
@@ -115,6 +119,9 @@ impl ParallelArgs {
         }
         if let Some(v) = self.dtype {
             p.dtype = v;
+        }
+        if let Some(v) = self.comm {
+            p.comm = v;
         }
         if let Some(v) = &self.link {
             p.link = Some(v.clone());

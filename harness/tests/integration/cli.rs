@@ -1319,7 +1319,7 @@ fn launched_forwards_of_every_strategy_equal_the_in_process_run() {
         let stdout = launched(*n, &procs);
         assert!(stdout.contains("relative L2 error"), "{strategy}: {stdout}");
         // The same program on the same bits: the TCP transport moves and sums exactly what
-        // the in-process one does (parallel-core/tests/tcp.rs), so nothing may differ.
+        // the in-process one does (parallel-core/tests/integration/tcp.rs), so nothing may differ.
         assert!(sample_of(&a) == sample_of(&b), "{strategy}: processes differ from threads");
     }
 }
@@ -1608,4 +1608,31 @@ fn launched_data_parallel_batches_equal_the_in_process_batch() {
     };
     assert_eq!(meta(&a), meta(&b));
     assert_eq!(meta(&b).len(), 3);
+}
+
+#[test]
+fn nccl_where_it_cannot_work_is_refused_before_any_work() {
+    // On the CPU backend NCCL has nothing to move: `--comm nccl` (or `comm = "nccl"`) is one
+    // error naming the setting; `auto` and `builtin` run on the built-in communicator.
+    let e =
+        fails(&["run", "configs/demo.toml", "--steps", "1", "--world-size", "2", "--comm", "nccl"]);
+    assert_eq!(
+        e.trim(),
+        "error: parallel.comm (--comm nccl): NCCL moves CUDA tensors: it needs --backend cuda"
+    );
+    let e = fails(&[
+        "forward",
+        "--model",
+        "fixtures/dit/pixart-alpha",
+        "--inputs",
+        "fixtures/dit/pixart-alpha/cases/square.safetensors",
+        "--output",
+        s(&tmp("nccl-refused").join("x.safetensors")),
+        "--comm",
+        "nccl",
+    ]);
+    assert!(e.contains("parallel.comm (--comm nccl)"), "{e}");
+    let e = harness(&["run", "--help"]);
+    let help = String::from_utf8_lossy(&e.stdout);
+    assert!(help.contains("--comm <KIND>") && help.contains("builtin"), "{help}");
 }

@@ -285,7 +285,7 @@ fn run_parallel(
 /// decodes alone, with any strategy (here tensor on 2 ranks, naive patch on 4: the latents
 /// are the same with and without the split decode, so only the decode differs). Pixels may
 /// differ by one 8-bit level where float32 reordering (≤ 1.3e-6 relative, see
-/// `models-vae/tests/banded.rs`) crosses a rounding boundary; measured: 1–2 of 49 152.
+/// `models-vae/tests/integration/banded.rs`) crosses a rounding boundary; measured: 1–2 of 49 152.
 #[test]
 fn the_split_vae_decode_equals_rank_0s() {
     for case in CASES.iter().filter(|c| c.file == "sd15_pndm" || c.file == "sdxl_euler") {
