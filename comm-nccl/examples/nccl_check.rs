@@ -139,8 +139,25 @@ fn abort_check(comm: Comm<Cuda>) -> Result<String, ParallelError> {
     }
 }
 
+fn fail(why: &str) -> ! {
+    eprintln!("error: {why}");
+    std::process::exit(1)
+}
+
 fn main() {
-    let visible = cudarc::driver::CudaContext::device_count().unwrap_or(0).max(0) as usize;
+    // cudarc panics when libcuda cannot be loaded: say it in words instead.
+    std::panic::set_hook(Box::new(|_| {}));
+    let probed = std::panic::catch_unwind(cudarc::driver::CudaContext::device_count);
+    let _ = std::panic::take_hook();
+    let visible = match probed {
+        Ok(Ok(n)) if n > 0 => n as usize,
+        Ok(Ok(_)) => fail("the CUDA driver shows no GPU"),
+        Ok(Err(e)) => fail(&format!("the CUDA driver failed to initialise: {e:?}")),
+        Err(_) => fail("no CUDA driver library (libcuda.so) can be loaded on this machine"),
+    };
+    if let Err(e) = comm_nccl::check_library(0) {
+        fail(&e.to_string());
+    }
     let ranks: usize =
         std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(visible.max(1));
     println!(

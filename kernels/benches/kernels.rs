@@ -43,6 +43,9 @@ fn main() {
     let vec3 = randn([BATCH, 1, HIDDEN]);
     let w = randn([HIDDEN, 4 * HIDDEN]);
     let bias = randn([4 * HIDDEN]);
+    // SD 1.5's first U-Net transformer block at 512 px: GEGLU's projection output, 4096 tokens
+    // × 2·1280.
+    let proj = randn([BATCH, 4096, 2 * 1280]);
 
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
@@ -127,6 +130,20 @@ fn main() {
             &|| drop(kernels::gated_residual(x.clone(), Some(vec3.clone()), y.clone()).into_data()),
             &|| drop((vec3.clone() * y.clone() + x.clone()).into_data()),
         );
+        g.bench_function(format!("geglu_2x4096x2560/ours/{threads}t"), |b| {
+            pool.install(|| b.iter(|| drop(kernels::geglu(proj.clone(), true).into_data())))
+        });
+        // What models-unet did before the fused kernel: narrow both halves, our GELU on the
+        // gate (a strided copy first), Flex's product.
+        g.bench_function(format!("geglu_2x4096x2560/narrow_gelu_mul/{threads}t"), |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    let value = proj.clone().narrow(2, 0, 1280);
+                    let gate = proj.clone().narrow(2, 1280, 1280);
+                    drop((value * kernels::gelu(gate, false)).into_data())
+                })
+            })
+        });
         g.finish();
     }
     c.final_summary();

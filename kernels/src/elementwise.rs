@@ -84,6 +84,71 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
 }
 
+/// GEGLU's activation, `value · gelu(gate)` with `[value, gate]` the two halves of the last
+/// dim of `h` (diffusers' `GEGLU`: the projection's output split by `chunk(2, -1)`); `exact`
+/// picks erf GELU (`true`, the U-Nets) or the tanh form.
+///
+/// Flex/f32: one pass over `h` that reads both halves where the projection wrote them and
+/// writes the product — no strided copies of the halves, no GELU intermediate. Other
+/// backends: Burn's ops.
+///
+/// # Shapes
+/// `h`: `[batch, tokens, 2·inner]` → `[batch, tokens, inner]`.
+pub fn geglu<B: Backend>(h: Tensor<B, 3>, exact: bool) -> Tensor<B, 3> {
+    let [batch, tokens, width] = h.dims();
+    let inner = width / 2;
+    let burn_ops = |h: Tensor<B, 3>| {
+        let value = h.clone().narrow(2, 0, inner);
+        let gate = h.narrow(2, inner, inner);
+        value * if exact { activation::gelu(gate) } else { activation::gelu_approximate(gate) }
+    };
+    if width % 2 != 0 || inner == 0 {
+        return burn_ops(h);
+    }
+    match to_flex(h) {
+        Ok(t) => {
+            let t = contiguous(t);
+            let input = values(&t);
+            let mut out = flex::zeros(vec![batch, tokens, inner]);
+            let rows_per_task = (CHUNK / width.max(1)).max(1);
+            out.storage_mut::<f32>()
+                .par_chunks_mut(rows_per_task * inner.max(1))
+                .zip(input.par_chunks(rows_per_task * width.max(1)))
+                .for_each(|(out, input)| simd(Geglu { out, input, inner, exact }));
+            from_flex(out)
+        }
+        Err(h) => burn_ops(h),
+    }
+}
+
+/// GEGLU over a task's rows: `out[r] = value[r] · gelu(gate[r])`.
+struct Geglu<'a> {
+    out: &'a mut [f32],
+    input: &'a [f32],
+    inner: usize,
+    exact: bool,
+}
+
+impl Kernel for Geglu<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let n = self.inner;
+        for (o, row) in self.out.chunks_exact_mut(n).zip(self.input.chunks_exact(2 * n)) {
+            let (value, gate) = row.split_at(n);
+            if self.exact {
+                for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
+                    *o = v * math::gelu_erf(g);
+                }
+            } else {
+                for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
+                    *o = v * math::gelu_tanh(g);
+                }
+            }
+        }
+    }
+}
+
 /// `residual + gate·y` (`gate` `None`: `residual + y`), the gated residual of adaLN blocks.
 ///
 /// # Shapes

@@ -39,7 +39,7 @@ mod math;
 mod norm;
 
 pub use attention::{attention, attention_with_lse, merge_partial};
-pub use elementwise::{gated_residual, gelu, silu};
+pub use elementwise::{gated_residual, geglu, gelu, silu};
 pub use linear::linear;
 pub use norm::layer_norm_modulate;
 

@@ -72,6 +72,31 @@ fn activations_match_burn() {
     }
 }
 
+#[test]
+fn geglu_matches_burn() {
+    for threads in [1, 3] {
+        on_threads(threads, || {
+            // 2 × 9 tokens × 2·1283: rows split over tasks unevenly, an odd half width.
+            let h = randn([2, 9, 2 * 1283], 2).mul_scalar(4.0);
+            let (value, gate) = (h.clone().narrow(2, 0, 1283), h.clone().narrow(2, 1283, 1283));
+            // The same GELU error as `activations_match_burn` (≤ 2.4e-7 measured there),
+            // times a value: measured 4.9e-8 (erf and tanh); swapping the halves gives O(1).
+            let e = err(
+                "geglu erf",
+                kernels::geglu(h.clone(), true),
+                value.clone() * activation::gelu(gate.clone()),
+            );
+            assert!(e < 2e-6, "geglu erf {e}");
+            let e = err(
+                "geglu tanh",
+                kernels::geglu(h.clone(), false),
+                value * activation::gelu_approximate(gate),
+            );
+            assert!(e < 2e-6, "geglu tanh {e}");
+        });
+    }
+}
+
 fn burn_layer_norm(x: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
     let mean = x.clone().mean_dim(2);
     let c = x - mean;

@@ -41,10 +41,8 @@ impl<B: Backend> FeedForward<B> {
         layer: usize,
         seams: &mut dyn Seams<B>,
     ) -> parallel_core::Result<Tensor<B, 3>> {
-        let h = linear(&self.net_0_proj, x);
-        let value = h.clone().narrow(2, 0, self.inner);
-        let gate = h.narrow(2, self.inner, self.inner);
-        let h = value * kernels::gelu(gate, false);
+        // The value half then the gate half, fused (exact GELU).
+        let h = kernels::geglu(linear(&self.net_0_proj, x), true);
         let reduce = ReduceSite { layer, projection: Projection::MlpOut };
         models_dit::row_parallel(&self.net_2, h, reduce, seams)
     }
