@@ -497,6 +497,37 @@ fn nccl_dtype(t: &Prim, op: &str, rank: usize) -> Result<(sys::ncclDataType_t, u
     Ok((dt, code))
 }
 
+/// One transfer of a point-to-point group: is it a send, the peer (group rank), the device
+/// address, elements, dtype.
+type Transfer = (bool, usize, u64, usize, sys::ncclDataType_t);
+
+/// Issues `transfers` as one NCCL group (closed on every path).
+///
+/// # Safety
+/// Every address must hold its elements, alive until the group's work has completed.
+unsafe fn group(
+    transfers: &[Transfer],
+    comm: sys::ncclComm_t,
+    stream: sys::cudaStream_t,
+) -> Result<nccl::NcclStatus, nccl::NcclError> {
+    nccl::group_start()?;
+    let mut r = Ok(nccl::NcclStatus::Success);
+    for &(is_send, peer, p, count, dt) in transfers {
+        r = r.and_then(|_| {
+            // SAFETY: the caller's.
+            unsafe {
+                if is_send {
+                    nccl::send(p as *const _, count, dt, peer as i32, comm, stream)
+                } else {
+                    nccl::recv(p as *mut _, count, dt, peer as i32, comm, stream)
+                }
+            }
+        });
+    }
+    let end = nccl::group_end();
+    r.and(end)
+}
+
 fn elems(shape: &[usize]) -> usize {
     shape.iter().product()
 }
@@ -820,25 +851,15 @@ impl Communicator<Cuda> for NcclComm {
             let offsets: Vec<usize> =
                 sizes.iter().scan(0, |acc, &s| Some(std::mem::replace(acc, *acc + s))).collect();
             let me = sh.rank;
-            sh.call(&op, |comm, stream| unsafe {
-                // SAFETY: each receive writes its rank's slot of `dst`; the group is closed
-                // on every path.
-                nccl::group_start()?;
-                let mut r = Ok(nccl::NcclStatus::Success);
-                for (j, (&s, &o)) in sizes.iter().zip(&offsets).enumerate() {
-                    if j == me || r.is_err() {
-                        continue;
-                    }
-                    r = nccl::send(src as *const _, mine, dt, j as i32, comm, stream).and_then(
-                        |_| {
-                            let at = dst + (o * inner * esize) as u64;
-                            nccl::recv(at as *mut _, s * inner, dt, j as i32, comm, stream)
-                        },
-                    );
+            let mut plan: Vec<Transfer> = Vec::new();
+            for (j, (&s, &o)) in sizes.iter().zip(&offsets).enumerate() {
+                if j != me {
+                    plan.push((true, j, src, mine, dt));
+                    plan.push((false, j, dst + (o * inner * esize) as u64, s * inner, dt));
                 }
-                let end = nccl::group_end();
-                r.and(end)
-            })?;
+            }
+            // SAFETY: each receive writes its rank's slot of `dst`.
+            sh.call(&op, |comm, stream| unsafe { group(&plan, comm, stream) })?;
             let at = dst + (offsets[me] * inner * esize) as u64;
             // SAFETY: both ranges lie in live buffers; ordered on this stream.
             unsafe {
@@ -921,26 +942,18 @@ impl Communicator<Cuda> for NcclComm {
             }
         }
         let esize = like.dtype.size();
-        let plan_s: Vec<(usize, u64, usize)> =
-            sends.iter().map(|(j, s)| (*j, s.ptr, elems(s.cube.shape().as_slice()))).collect();
-        let plan_r: Vec<(usize, u64, usize)> =
-            recvs.iter().map(|(j, s)| (*j, s.ptr, elems(s.cube.shape().as_slice()))).collect();
-        sh.call(&op, |comm, stream| unsafe {
-            // SAFETY: every buffer is contiguous and alive until the handle completes.
-            nccl::group_start()?;
-            let mut r = Ok(nccl::NcclStatus::Success);
-            for &(j, p, c) in &plan_s {
-                r = r.and_then(|_| nccl::send(p as *const _, c, dt, j as i32, comm, stream));
-            }
-            for &(j, p, c) in &plan_r {
-                r = r.and_then(|_| nccl::recv(p as *mut _, c, dt, j as i32, comm, stream));
-            }
-            let end = nccl::group_end();
-            r.and(end)
-        })?;
+        let plan: Vec<Transfer> = sends
+            .iter()
+            .map(|(j, s)| (true, *j, s.ptr, elems(s.cube.shape().as_slice()), dt))
+            .chain(
+                recvs.iter().map(|(j, s)| (false, *j, s.ptr, elems(s.cube.shape().as_slice()), dt)),
+            )
+            .collect();
+        // SAFETY: every buffer is contiguous and alive until the handle completes.
+        sh.call(&op, |comm, stream| unsafe { group(&plan, comm, stream) })?;
         let event = sh.mark(&op)?;
         let sent: Vec<(usize, u64)> =
-            plan_s.iter().map(|&(j, _, c)| (sh.members[j], c as u64)).collect();
+            plan.iter().filter(|t| t.0).map(|&(_, j, _, c, _)| (sh.members[j], c as u64)).collect();
         sh.count(OpKind::AllToAll, &sent, esize as u64);
         let order: Vec<Option<usize>> =
             (0..n).map(|j| if j == me { None } else { Some(j) }).collect();
@@ -1031,43 +1044,16 @@ impl Communicator<Cuda> for NcclComm {
             })
             .collect();
         {
-            let s_ptrs: Vec<(usize, u64)> =
-                send_hdr.iter().map(|(d, b)| (*d, b.device_ptr(&sh.stream).0)).collect();
-            let mut r_ptrs: Vec<(usize, u64)> = Vec::new();
+            let u32_ = sys::ncclDataType_t::ncclUint32;
+            let mut plan: Vec<Transfer> = send_hdr
+                .iter()
+                .map(|(d, b)| (true, *d, b.device_ptr(&sh.stream).0, HEADER_WORDS, u32_))
+                .collect();
             for (s, b) in recv_hdr.iter_mut() {
-                r_ptrs.push((*s, b.device_ptr_mut(&sh.stream).0));
+                plan.push((false, *s, b.device_ptr_mut(&sh.stream).0, HEADER_WORDS, u32_));
             }
-            sh.call(&op, |comm, stream| unsafe {
-                // SAFETY: header buffers of HEADER_WORDS words, alive for the call and wait.
-                nccl::group_start()?;
-                let mut r = Ok(nccl::NcclStatus::Success);
-                for &(d, p) in &s_ptrs {
-                    r = r.and_then(|_| {
-                        nccl::send(
-                            p as *const _,
-                            HEADER_WORDS,
-                            sys::ncclDataType_t::ncclUint32,
-                            d as i32,
-                            comm,
-                            stream,
-                        )
-                    });
-                }
-                for &(s, p) in &r_ptrs {
-                    r = r.and_then(|_| {
-                        nccl::recv(
-                            p as *mut _,
-                            HEADER_WORDS,
-                            sys::ncclDataType_t::ncclUint32,
-                            s as i32,
-                            comm,
-                            stream,
-                        )
-                    });
-                }
-                let end = nccl::group_end();
-                r.and(end)
-            })?;
+            // SAFETY: header buffers of HEADER_WORDS words, alive for the call and the wait.
+            sh.call(&op, |comm, stream| unsafe { group(&plan, comm, stream) })?;
         }
         let done = sh.mark(&op)?;
         sh.wait_event(&op, &done, &peers)?;
@@ -1111,7 +1097,7 @@ impl Communicator<Cuda> for NcclComm {
                 }
             }
         }
-        let plan: Vec<(bool, usize, u64, usize, sys::ncclDataType_t)> = staged
+        let plan: Vec<Transfer> = staged
             .iter()
             .map(|(is_send, peer, s)| {
                 let dt = match wire::dtype_code(s.cube.dtype) {
@@ -1122,22 +1108,8 @@ impl Communicator<Cuda> for NcclComm {
                 (*is_send, *peer, s.ptr, elems(s.cube.shape().as_slice()), dt)
             })
             .collect();
-        sh.call(&op, |comm, stream| unsafe {
-            // SAFETY: contiguous payload buffers, alive until their handles complete.
-            nccl::group_start()?;
-            let mut r = Ok(nccl::NcclStatus::Success);
-            for &(is_send, peer, p, c, dt) in &plan {
-                r = r.and_then(|_| {
-                    if is_send {
-                        nccl::send(p as *const _, c, dt, peer as i32, comm, stream)
-                    } else {
-                        nccl::recv(p as *mut _, c, dt, peer as i32, comm, stream)
-                    }
-                });
-            }
-            let end = nccl::group_end();
-            r.and(end)
-        })?;
+        // SAFETY: contiguous payload buffers, alive until their handles complete.
+        sh.call(&op, |comm, stream| unsafe { group(&plan, comm, stream) })?;
         let mut handles = Vec::with_capacity(staged.len());
         for (is_send, peer, buf) in staged {
             let event = sh.mark(&op)?;
@@ -1225,22 +1197,13 @@ impl Communicator<Cuda> for NcclComm {
             let (ptr, _g) = buf.device_ptr_mut(&sh.stream);
             let peers: Vec<usize> = parent[1..].to_vec();
             let root = parent[0];
-            sh.call(&op, |comm, stream| unsafe {
-                // SAFETY: a 128-byte buffer alive for the call and the wait below.
-                if idx == 0 {
-                    nccl::group_start()?;
-                    let mut r = Ok(nccl::NcclStatus::Success);
-                    for &p in &peers {
-                        r = r.and_then(|_| {
-                            nccl::send(ptr as *const _, ID, uint8, p as i32, comm, stream)
-                        });
-                    }
-                    let end = nccl::group_end();
-                    r.and(end)
-                } else {
-                    nccl::recv(ptr as *mut _, ID, uint8, root as i32, comm, stream)
-                }
-            })?;
+            let plan: Vec<Transfer> = if idx == 0 {
+                peers.iter().map(|&p| (true, p, ptr, ID, uint8)).collect()
+            } else {
+                vec![(false, root, ptr, ID, uint8)]
+            };
+            // SAFETY: a 128-byte buffer alive for the call and the wait below.
+            sh.call(&op, |comm, stream| unsafe { group(&plan, comm, stream) })?;
         }
         let done = sh.mark(&op)?;
         sh.wait_event(&op, &done, &[members[0]])?;

@@ -1,16 +1,16 @@
-//! The rendezvous of a multi-process NCCL world, the torchrun way: rank 0 hosts the TCP store
-//! at `MASTER_ADDR:MASTER_PORT` (parallel-core's [`StoreServer`]), every rank registers with
-//! its `WORLD_SIZE`, rank 0 publishes the NCCL unique id, and a store barrier (with the ranks
-//! checked) comes before `ncclCommInitRank`, which itself waits without a deadline.
+//! The rendezvous of a multi-process NCCL world, the torchrun way: parallel-core's
+//! [`rendezvous`] (rank 0 hosts the TCP store at `MASTER_ADDR:MASTER_PORT`, every rank
+//! registers with its `WORLD_SIZE`, a rank that never arrives or arrives twice is named), with
+//! rank 0's record carrying the NCCL unique id — so the ranks have met, and agree on the
+//! world, before `ncclCommInitRank`, which itself waits without a deadline.
 //!
 //! No GPU is involved here, so it is tested on the CPU: a rank that never arrives, two
 //! processes with one `RANK`, a `WORLD_SIZE` that differs, a port in use — each an error
 //! naming the rank or setting at fault, within the deadline.
 
-use std::io;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parallel_core::comm::{StoreClient, StoreServer};
+use parallel_core::comm::{StoreClient, StoreServer, rendezvous, rendezvous_error};
 use parallel_core::{CommError, ProcessGroup};
 
 /// Bytes of an NCCL unique id.
@@ -27,108 +27,29 @@ pub struct Met {
     pub client: StoreClient,
 }
 
-fn fail(group: &ProcessGroup, detail: String) -> CommError {
-    CommError::Rendezvous { addr: group.master.to_string(), rank: group.rank, detail }
-}
-
 /// Meets the other ranks of `group` within `timeout`; rank 0 makes the id with `make_id`.
 ///
 /// # Errors
-/// [`CommError::Rendezvous`]: `RANK ≥ WORLD_SIZE`, the store's port in use (rank 0), no store
-/// answering, a second process with this rank, a rank with another `WORLD_SIZE` (both
-/// named), a rank that never arrives (named, with the ranks present), an id of the wrong
-/// size; `make_id`'s error.
+/// [`rendezvous`]'s; `make_id`'s error; an id of the wrong size.
 pub fn meet(
     group: &ProcessGroup,
     timeout: Duration,
     make_id: impl FnOnce() -> Result<Vec<u8>, String>,
 ) -> Result<Met, CommError> {
-    let (rank, size) = (group.rank, group.world_size);
-    if size == 0 || rank >= size {
-        return Err(fail(
-            group,
-            format!("RANK {rank} must be below WORLD_SIZE {size} (ranks are 0..WORLD_SIZE)"),
-        ));
-    }
-    let deadline = Instant::now() + timeout;
-    let secs = timeout.as_secs_f64();
-    let server = if rank == 0 {
-        Some(StoreServer::bind(group.master).map_err(|e| {
-            fail(
-                group,
-                format!(
-                    "rank 0 cannot host the rendezvous store there: {e}{}",
-                    if e.kind() == io::ErrorKind::AddrInUse {
-                        " (another run is using MASTER_PORT: pick a free one)"
-                    } else {
-                        " (MASTER_ADDR must be an address of rank 0's machine)"
-                    }
-                ),
-            )
-        })?)
-    } else {
-        None
-    };
-    let mut client = StoreClient::connect(group.master, deadline).map_err(|e| {
-        fail(
-            group,
-            format!("no rendezvous store answered within {secs:.0} s: {e} (is rank 0 running?)"),
-        )
-    })?;
-    let io_err = |e: io::Error| fail(group, format!("the store connection failed: {e}"));
-    if !client
-        .set_once(&format!("nccl/rank/{rank}"), size.to_string().as_bytes())
-        .map_err(io_err)?
-    {
-        return Err(fail(
-            group,
-            format!(
-                "another process already joined as rank {rank} (two processes have RANK={rank})"
-            ),
-        ));
-    }
-    if rank == 0 {
-        let id = make_id().map_err(|e| fail(group, format!("cannot make the NCCL id: {e}")))?;
-        client.set_once("nccl/id", &id).map_err(io_err)?;
-    }
-    // Every rank's record, rank 0's first: a wrong WORLD_SIZE is learnt at once.
-    for p in std::iter::once(0).chain(1..size).filter(|&p| p != rank) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some(v) = client.get(&format!("nccl/rank/{p}"), left).map_err(io_err)? else {
-            let present: Vec<usize> = (0..size)
-                .filter(|&q| {
-                    q == rank
-                        || matches!(
-                            client.get(&format!("nccl/rank/{q}"), Duration::ZERO),
-                            Ok(Some(_))
-                        )
-                })
-                .collect();
-            return Err(fail(
-                group,
-                format!(
-                    "rank {p} never arrived within {secs:.0} s (WORLD_SIZE {size}; ranks present: \
-                     {present:?})"
-                ),
-            ));
-        };
-        let theirs = String::from_utf8_lossy(&v).into_owned();
-        if theirs != size.to_string() {
-            return Err(fail(
-                group,
-                format!("rank {p} has WORLD_SIZE {theirs} but rank {rank} has WORLD_SIZE {size}"),
-            ));
+    let met = rendezvous(group, timeout, "nccl", |_| {
+        if group.rank != 0 {
+            return Ok(Vec::new());
         }
-    }
-    let left = deadline.saturating_duration_since(Instant::now());
-    let id = client
-        .get("nccl/id", left)
-        .map_err(io_err)?
-        .ok_or_else(|| fail(group, "rank 0 never published the NCCL id".into()))?;
+        make_id().map_err(|e| rendezvous_error(group, format!("cannot make the NCCL id: {e}")))
+    })?;
+    let id = met.payloads.into_iter().next().unwrap_or_default();
     if id.len() != ID_BYTES {
-        return Err(fail(group, format!("the NCCL id has {} bytes, not {ID_BYTES}", id.len())));
+        return Err(rendezvous_error(
+            group,
+            format!("rank 0's NCCL id has {} bytes, not {ID_BYTES}", id.len()),
+        ));
     }
-    Ok(Met { id, server, client })
+    Ok(Met { id, server: met.server, client: met.client })
 }
 
 #[cfg(test)]

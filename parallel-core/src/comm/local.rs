@@ -401,15 +401,7 @@ where
                     .expect("spawning a rank thread")
             })
             .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|p| {
-                    Err(ParallelError::RankFailed { rank, reason: panic_message(p.as_ref()) })
-                })
-            })
-            .collect()
+        join_ranks(handles)
     })
 }
 
@@ -456,16 +448,24 @@ where
                     .expect("spawning a rank thread")
             })
             .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|p| {
-                    Err(ParallelError::RankFailed { rank, reason: panic_message(p.as_ref()) })
-                })
-            })
-            .collect()
+        join_ranks(handles)
     })
+}
+
+/// Every rank thread's result in rank order; a thread that panicked outside its rank's
+/// catch is [`ParallelError::RankFailed`].
+pub(super) fn join_ranks<T>(
+    handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T, ParallelError>>>,
+) -> Vec<Result<T, ParallelError>> {
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(rank, h)| {
+            h.join().unwrap_or_else(|p| {
+                Err(ParallelError::RankFailed { rank, reason: panic_message(p.as_ref()) })
+            })
+        })
+        .collect()
 }
 
 /// What running one rank's work gave: its own result, or the payload of its panic.

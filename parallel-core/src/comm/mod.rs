@@ -48,6 +48,7 @@
 
 mod link;
 mod local;
+mod rendezvous;
 mod stats;
 mod store;
 mod tcp;
@@ -55,6 +56,7 @@ mod transport;
 
 pub use link::{Clock, Link, LinkModel, LinkSpecError, ManualClock, PRESETS, Preset, WallClock};
 pub use local::{LaunchOptions, LocalComm, check_split, launch};
+pub use rendezvous::{Rendezvous, rendezvous, rendezvous_error};
 pub use stats::{CommStats, OpKind, OpStats, all_reduce_elements, ring_chunks};
 pub use store::{StoreClient, StoreServer};
 pub use tcp::{

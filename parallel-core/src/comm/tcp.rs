@@ -52,8 +52,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use super::local::{LaunchOptions, check_split, chunks, next_split, panic_message, run_rank};
-use super::store::{StoreClient, StoreServer};
+use super::local::{
+    LaunchOptions, check_split, chunks, join_ranks, next_split, panic_message, run_rank,
+};
+use super::rendezvous::{rendezvous, rendezvous_error};
+use super::store::StoreServer;
 use super::transport::WorldExit;
 use super::{
     Comm, CommStats, Communicator, Completion, OpKind, P2pHandle, P2pOp, RawPending,
@@ -475,10 +478,6 @@ impl WorldExit for TcpWorld {
     }
 }
 
-fn rendezvous_error(group: &ProcessGroup, detail: String) -> CommError {
-    CommError::Rendezvous { addr: group.master.to_string(), rank: group.rank, detail }
-}
-
 /// Joins the multi-process world of `group`: rendezvous at the master address, then a TCP
 /// connection to every other rank (see the [module docs](self)). The returned [`Comm`] is the
 /// world's communicator; report the rank's outcome on the [`TcpWorld`] when its work ends.
@@ -496,94 +495,30 @@ pub fn join<B: Backend>(
     options: &LaunchOptions<B>,
 ) -> Result<(Comm<B>, TcpWorld), CommError> {
     let (rank, size) = (group.rank, group.world_size);
-    if size == 0 || rank >= size {
-        return Err(rendezvous_error(
-            group,
-            format!("RANK {rank} must be below WORLD_SIZE {size} (ranks are 0..WORLD_SIZE)"),
-        ));
-    }
-    let deadline = Instant::now() + options.timeout;
-    let secs = options.timeout.as_secs_f64();
-    let store = if rank == 0 {
-        Some(StoreServer::bind(group.master).map_err(|e| {
-            rendezvous_error(
-                group,
-                format!(
-                    "rank 0 cannot host the rendezvous store there: {e}{}",
-                    if e.kind() == io::ErrorKind::AddrInUse {
-                        " (another run is using MASTER_PORT: pick a free one)"
-                    } else {
-                        " (MASTER_ADDR must be an address of rank 0's machine)"
-                    }
-                ),
-            )
-        })?)
-    } else {
-        None
-    };
-    let mut client = StoreClient::connect(group.master, deadline).map_err(|e| {
-        rendezvous_error(
-            group,
-            format!("no rendezvous store answered within {secs:.0} s: {e} (is rank 0 running?)"),
-        )
+    // The data port, opened on the interface through which this machine reaches the store
+    // (the address other ranks can reach this one at), is this rank's record.
+    let mut listener: Option<TcpListener> = None;
+    let met = rendezvous(group, options.timeout, "tcp", |client| {
+        let io_err =
+            |e: io::Error| rendezvous_error(group, format!("the store connection failed: {e}"));
+        let ip = client.local_addr().map_err(io_err)?.ip();
+        let l = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| {
+            rendezvous_error(group, format!("cannot open a data port on {ip}: {e}"))
+        })?;
+        let addr = l.local_addr().map_err(io_err)?;
+        listener = Some(l);
+        Ok(addr.to_string().into_bytes())
     })?;
-    let io_err =
-        |e: io::Error| rendezvous_error(group, format!("the store connection failed: {e}"));
-    let ip = client.local_addr().map_err(io_err)?.ip();
-    let listener = TcpListener::bind(SocketAddr::new(ip, 0))
-        .map_err(|e| rendezvous_error(group, format!("cannot open a data port on {ip}: {e}")))?;
-    let data_addr = listener.local_addr().map_err(io_err)?;
-    let record = format!("{size} {data_addr}");
-    if !client.set_once(&format!("rank/{rank}"), record.as_bytes()).map_err(io_err)? {
-        return Err(rendezvous_error(
-            group,
-            format!(
-                "another process already joined as rank {rank} (two processes have RANK={rank})"
-            ),
-        ));
-    }
-    // Rank 0's record first: a rank with the wrong WORLD_SIZE learns it at once.
+    let listener = listener.expect("the payload opened the data port");
     let mut addrs: Vec<Option<SocketAddr>> = vec![None; size];
-    addrs[rank] = Some(data_addr);
-    let order: Vec<usize> = std::iter::once(0).chain(1..size).filter(|&p| p != rank).collect();
-    for p in order {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some(v) = client.get(&format!("rank/{p}"), left).map_err(io_err)? else {
-            let present: Vec<usize> = (0..size)
-                .filter(|&q| {
-                    q == rank
-                        || matches!(client.get(&format!("rank/{q}"), Duration::ZERO), Ok(Some(_)))
-                })
-                .collect();
-            return Err(rendezvous_error(
-                group,
-                format!(
-                    "rank {p} never arrived within {secs:.0} s (WORLD_SIZE {size}; ranks present: \
-                     {present:?})"
-                ),
-            ));
-        };
-        let text = String::from_utf8_lossy(&v).into_owned();
-        let mut parts = text.split_whitespace();
-        let theirs: Option<usize> = parts.next().and_then(|s| s.parse().ok());
-        let addr: Option<SocketAddr> = parts.next().and_then(|s| s.parse().ok());
-        match (theirs, addr) {
-            (Some(n), Some(a)) if n == size => addrs[p] = Some(a),
-            (Some(n), Some(_)) => {
-                return Err(rendezvous_error(
-                    group,
-                    format!("rank {p} has WORLD_SIZE {n} but rank {rank} has WORLD_SIZE {size}"),
-                ));
-            }
-            _ => {
-                return Err(rendezvous_error(
-                    group,
-                    format!("rank {p}'s record {text:?} is malformed"),
-                ));
-            }
-        }
+    for (p, payload) in met.payloads.iter().enumerate() {
+        let text = String::from_utf8_lossy(payload);
+        addrs[p] = Some(text.parse().map_err(|_| {
+            rendezvous_error(group, format!("rank {p}'s record {text:?} is malformed"))
+        })?);
     }
-    drop(client);
+    let (store, deadline) = (met.server, met.deadline);
+    drop(met.client);
     let streams = connect_mesh(group, &listener, &addrs, deadline)?;
     let shared = Arc::new(Shared {
         rank,
@@ -1475,15 +1410,7 @@ where
                 scope.spawn(move || launch_process(&group, options, f))
             })
             .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|p| {
-                    Err(ParallelError::RankFailed { rank, reason: panic_message(p.as_ref()) })
-                })
-            })
-            .collect()
+        join_ranks(handles)
     })
 }
 
