@@ -2,8 +2,8 @@
 # The prepared GPU check (issue 18), for a machine with CUDA and NCCL but no Rust toolchain.
 #
 # Built here (a CPU machine), into the ignored folder gpu-bin/:
-#   cargo build --release -p harness --features cuda,nccl
-#   cargo build --release -p comm-nccl --features nccl --example nccl_check
+#   cargo build --release -p harness -p comm-nccl \
+#       --features harness/cuda,harness/nccl,comm-nccl/nccl --bin harness --example nccl_check
 #   mkdir -p gpu-bin && cp target/release/harness target/release/examples/nccl_check gpu-bin/
 #   strip gpu-bin/*
 # Run there from the repository root: bash tools/gpu/check.sh > gpu-check.txt
