@@ -145,6 +145,22 @@ fn main() {
             })
         });
         g.finish();
+
+        // The cores' float32 FMA peak (registers only), every thread of the pool busy:
+        // criterion's elements per second are floating-point operations per second.
+        const ITERATIONS: usize = 2_000_000;
+        let flops = (threads * kernels::fma_throughput(ITERATIONS)) as u64;
+        let mut m = c.benchmark_group("machine");
+        m.sample_size(10).warm_up_time(Duration::from_millis(300));
+        m.throughput(criterion::Throughput::Elements(flops));
+        m.bench_function(format!("fma_peak/{threads}t"), |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    rayon::broadcast(|_| std::hint::black_box(kernels::fma_throughput(ITERATIONS)))
+                })
+            })
+        });
+        m.finish();
     }
     c.final_summary();
 }

@@ -37,11 +37,13 @@ mod gemm;
 mod linear;
 mod math;
 mod norm;
+mod probe;
 
 pub use attention::{attention, attention_with_lse, merge_partial};
 pub use elementwise::{gated_residual, geglu, gelu, silu};
 pub use linear::linear;
 pub use norm::layer_norm_modulate;
+pub use probe::fma_throughput;
 
 /// The instruction set the vector kernels run with on this CPU (`"avx512"`, `"avx2+fma"`,
 /// `"neon"` or `"scalar"`), for benchmark reports.
