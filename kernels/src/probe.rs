@@ -49,7 +49,7 @@ mod tests {
     fn the_probe_counts_its_operations() {
         // Two operations per lane per chain per round, in vectors of 1 to 16 lanes.
         let per_round = fma_throughput(1);
-        assert!(per_round >= 2 * CHAINS && per_round <= 2 * CHAINS * 16, "{per_round}");
+        assert!((2 * CHAINS..=2 * CHAINS * 16).contains(&per_round), "{per_round}");
         assert_eq!(fma_throughput(10), 10 * per_round);
     }
 }
