@@ -13,6 +13,7 @@
 //! | [`gelu`], [`silu`] | vectorised, on the rank's threads, in place when the input is not shared |
 //! | [`layer_norm_modulate`] | LayerNorm fused with adaLN's `·(1 + scale) + shift` |
 //! | [`gated_residual`] | `residual + gate·y` in one pass |
+//! | [`contiguous`] | strided views copied run by run (Flex copies ND views element by element) |
 //!
 //! # The backend extension
 //! Each call asks whether `B::FloatTensorPrimitive` is `FlexTensor` (a `TypeId` comparison)
@@ -34,6 +35,7 @@ mod attention;
 mod elementwise;
 mod flex;
 mod gemm;
+mod layout;
 mod linear;
 mod math;
 mod norm;
@@ -41,6 +43,7 @@ mod probe;
 
 pub use attention::{attention, attention_with_lse, merge_partial};
 pub use elementwise::{gated_residual, geglu, gelu, silu};
+pub use layout::{contiguous, contiguous_primitive};
 pub use linear::linear;
 pub use norm::layer_norm_modulate;
 pub use probe::fma_throughput;

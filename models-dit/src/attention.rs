@@ -73,7 +73,9 @@ impl<B: Backend> Attention<B> {
     /// `[batch, heads, tokens, d]` → `[batch, tokens, heads·d]`.
     fn merge_heads(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
         let [batch, heads, tokens, d] = x.dims();
-        x.swap_dims(1, 2).reshape([batch, tokens, heads * d])
+        // A strategy's exchange may hand the heads back in `[b, h, n, d]` order: copied run by
+        // run then (a no-op when they are already where the merge wants them).
+        kernels::contiguous(x.swap_dims(1, 2)).reshape([batch, tokens, heads * d])
     }
 
     /// Self-attention of this band's image tokens; the attention itself is the

@@ -435,7 +435,9 @@ impl<B: Backend> QkvProjection<B> {
 
 pub(crate) fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     let [batch, heads, tokens, d] = x.dims();
-    x.swap_dims(1, 2).reshape([batch, tokens, heads * d])
+    // A strategy's exchange may hand the heads back in `[b, h, n, d]` order: copied run by
+    // run then (a no-op when they are already where the merge wants them).
+    kernels::contiguous(x.swap_dims(1, 2)).reshape([batch, tokens, heads * d])
 }
 
 /// One joint transformer block (key `transformer_blocks.i`).

@@ -248,7 +248,11 @@ impl<B: Backend> RingAttention<B> {
         let tag = |origin: usize| {
             Tag::new("ring_kv").step(self.forward).layer(layer as u32).patch(origin as u32)
         };
-        let mut kv: Tensor<B, 5> = Tensor::stack(vec![k, v], 0);
+        // K and V arrive as head views of the projections (`[B, n, H, d]` memory): copied run
+        // by run, then stacked block-wise (stacking the views had Flex copy them element by
+        // element).
+        let mut kv: Tensor<B, 5> =
+            Tensor::stack(vec![kernels::contiguous(k), kernels::contiguous(v)], 0);
         let mut acc: Option<(Tensor<B, 4>, Tensor<B, 4>)> = None;
         for round in 0..n {
             let origin = (r + n - round) % n;

@@ -162,6 +162,15 @@ impl<B: Backend> Usp<B> {
     }
 }
 
+/// `q`, `k`, `v` (`[B, H, n, d]`, as the model's head split views its projections'
+/// `[B, n, H·d]`) stacked to `[B, 3, H, n, d]` with one copy: stacked in token-major order
+/// (`[B, n, 3, H, d]`, whole rows of heads per copy) and viewed in head-major order. Stacking
+/// the `[B, H, n, d]` views directly had Flex copy each of them element by element first.
+fn stack_qkv<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 5> {
+    let rows = |t: Tensor<B, 4>| kernels::contiguous(t.swap_dims(1, 2));
+    Tensor::stack::<5>(vec![rows(q), rows(k), rows(v)], 2).permute([0, 2, 3, 1, 4])
+}
+
 struct UspSeams<'a, B: Backend> {
     ulysses: &'a Comm<B>,
     /// Tokens of each member of this rank's Ulysses group, in group order.
@@ -180,7 +189,7 @@ impl<B: Backend> Seams<B> for UspSeams<'_, B> {
         let u = self.ulysses.size();
         let (q, k, v) = if u > 1 {
             // [B, 3, H, n, d]: one all-to-all for q, k and v (scatter heads, gather tokens).
-            let qkv = Tensor::stack::<5>(vec![q, k, v], 1);
+            let qkv = stack_qkv(q, k, v);
             let qkv = self.ulysses.all_to_all(qkv, 2, 3)?;
             let part = |i| qkv.clone().narrow(1, i, 1).squeeze_dim::<4>(1);
             (part(0), part(1), part(2))
@@ -211,7 +220,7 @@ impl<B: Backend> Seams<B> for UspSeams<'_, B> {
         let u = self.ulysses.size();
         let heads = q.dims()[1] / u;
         let (q, k, v) = if u > 1 {
-            let qkv = Tensor::stack::<5>(vec![q, k, v], 1);
+            let qkv = stack_qkv(q, k, v);
             let qkv = self.ulysses.all_to_all(qkv, 2, 3)?;
             let part = |i| qkv.clone().narrow(1, i, 1).squeeze_dim::<4>(1);
             (part(0), part(1), part(2))

@@ -1070,7 +1070,11 @@ impl<B: Backend> RankGroup<B> {
                                 }
                             })
                             .collect();
-                        self.to_device(B::float_slice(t, &slices))
+                        // The slice of a head or token range is a strided view; the
+                        // concatenation below would copy it element by element.
+                        kernels::contiguous_primitive::<B>(
+                            self.to_device(B::float_slice(t, &slices)),
+                        )
                     })
                     .collect();
                 B::float_cat(parts, *gather)
