@@ -391,6 +391,8 @@ mod tests {
     #[test]
     fn merged_band_stats_equal_the_whole_maps() {
         let dev = Default::default();
+        // Seeded: the tolerance below was measured over seeds, not for one lucky draw.
+        <Flex as burn::tensor::backend::Backend>::seed(&dev, 0);
         // A large mean over a small spread: where Σx² − n·mean² would cancel.
         let x = Tensor::<Flex, 3>::random([2, 3, 96], Distribution::Normal(0.0, 0.01), &dev)
             .add_scalar(40.0);
@@ -406,9 +408,12 @@ mod tests {
             let b: Vec<f32> = b.into_data().to_vec().unwrap();
             a.iter().zip(&b).map(|(x, y)| ((x - y) / y).abs()).fold(0f32, f32::max)
         };
-        // Measured 2e-7 (mean) and 3e-6 (variance): float32 rounding of the merge.
+        // Float32 rounding of the merge and of the whole-map reference itself (a mean of 40
+        // against a spread of 0.01): measured 2e-7 (mean) and up to 1.3e-4 (variance) over 41
+        // seeds (the unseeded test once failed CI at 1e-4); 5e-4 leaves margin and stays far
+        // below the naive formula's > 1e-2.
         assert!(rel(merged.mean.clone(), whole.mean.clone()) < 1e-6);
-        assert!(rel(merged.variance(), whole.variance()) < 1e-4);
+        assert!(rel(merged.variance(), whole.variance()) < 5e-4);
         // The naive Σx²/n − mean² in float32 is far off here (what the design avoids).
         let sum_sq: Tensor<Flex, 2> = (x.clone() * x).sum_dim(2).squeeze_dim(2);
         let naive = sum_sq.div_scalar(96.0) - whole.mean.clone() * whole.mean.clone();
