@@ -11,6 +11,7 @@
 use std::any::Any;
 
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 
@@ -24,17 +25,32 @@ pub(crate) fn to_flex<B: Backend, const D: usize>(
     }
     match x.into_primitive() {
         TensorPrimitive::Float(p) => {
-            let mut slot = Some(p);
-            match (&mut slot as &mut dyn Any).downcast_mut::<Option<FlexTensor>>() {
-                Some(flex) => flex.take().ok_or_else(unreachable_slot),
-                None => match slot {
-                    Some(p) => Err(Tensor::from_primitive(TensorPrimitive::Float(p))),
-                    None => Err(unreachable_slot()),
-                },
-            }
+            primitive_to_flex::<B>(p).map_err(|p| Tensor::from_primitive(TensorPrimitive::Float(p)))
         }
         other => Err(Tensor::from_primitive(other)),
     }
+}
+
+/// A backend float primitive as a Flex tensor if `B` is the Flex backend, else back
+/// unchanged (any rank; the dtype is the caller's to check).
+pub(crate) fn primitive_to_flex<B: Backend>(
+    p: FloatTensor<B>,
+) -> Result<FlexTensor, FloatTensor<B>> {
+    let mut slot = Some(p);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<FlexTensor>>() {
+        Some(flex) => flex.take().ok_or_else(unreachable_slot),
+        None => Err(slot.take().unwrap_or_else(unreachable_slot)),
+    }
+}
+
+/// A Flex tensor back as `B`'s float primitive. Only called with `B` the Flex backend (the
+/// tensor came from [`primitive_to_flex`] or [`to_flex`] of the same call).
+pub(crate) fn flex_to_primitive<B: Backend>(t: FlexTensor) -> FloatTensor<B> {
+    let mut slot = Some(t);
+    (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<FloatTensor<B>>>()
+        .and_then(Option::take)
+        .unwrap_or_else(|| panic!("kernels: from_flex called for a backend that is not Flex"))
 }
 
 /// Never called: the slot was filled one line before it is read.
@@ -51,12 +67,7 @@ pub(crate) fn is_flex<B: Backend>() -> bool {
 /// A Flex tensor back as a `Tensor<B, D>`. Only called with `B` the Flex backend (the tensor
 /// came from [`to_flex`] of the same call).
 pub(crate) fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
-    let mut slot = Some(t);
-    let p = (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<B::FloatTensorPrimitive>>()
-        .and_then(Option::take)
-        .unwrap_or_else(|| panic!("kernels: from_flex called for a backend that is not Flex"));
-    Tensor::from_primitive(TensorPrimitive::Float(p))
+    Tensor::from_primitive(TensorPrimitive::Float(flex_to_primitive::<B>(t)))
 }
 
 /// Several (optional) tensors of one call as Flex tensors, all or none: if `B` is not Flex
@@ -87,9 +98,10 @@ pub(crate) fn checked_flex<B: Backend, const D: usize>(x: Tensor<B, D>) -> FlexT
 }
 
 /// The float32 values of a Flex tensor in row-major order, borrowed when its layout is
-/// already contiguous (from offset 0 or any other), copied otherwise.
+/// already contiguous (from offset 0 or any other), copied otherwise (run by run, see
+/// [`crate::layout`]).
 pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.layout().is_contiguous() { t } else { t.to_contiguous() }
+    crate::layout::copy_runs(t)
 }
 
 /// The elements of a contiguous float32 Flex tensor.

@@ -12,7 +12,7 @@ use burn::tensor::{DType, Tensor, TensorMetadata};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::flex::{self, is_flex};
+use crate::flex;
 
 /// Runs shorter than this are left to Flex's copy: per-run bookkeeping would dominate.
 const MIN_RUN: usize = 8;
@@ -36,16 +36,12 @@ pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
 
 /// [`contiguous`] on a backend primitive (for code that handles tensors of any rank).
 pub fn contiguous_primitive<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    if !is_flex::<B>() || x.dtype() != DType::F32 {
+    if x.dtype() != DType::F32 {
         return x;
     }
-    let t: Tensor<B, 1> = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(x));
-    // Rank is not known here: go through the flex tensor directly.
-    let t = flex::checked_flex(t);
-    let out = copy_runs(t);
-    match flex::from_flex::<B, 1>(out).into_primitive() {
-        burn::tensor::TensorPrimitive::Float(p) => p,
-        burn::tensor::TensorPrimitive::QFloat(_) => unreachable!("a float32 tensor"),
+    match flex::primitive_to_flex::<B>(x) {
+        Ok(t) => flex::flex_to_primitive::<B>(copy_runs(t)),
+        Err(x) => x,
     }
 }
 
@@ -68,7 +64,9 @@ fn collapse(shape: &[usize], strides: &[isize]) -> (Vec<usize>, Vec<isize>) {
     dims.into_iter().unzip()
 }
 
-fn copy_runs(t: FlexTensor) -> FlexTensor {
+/// `t` with a contiguous layout: unchanged if it has one, copied run by run where that
+/// pays, else by Flex's copy.
+pub(crate) fn copy_runs(t: FlexTensor) -> FlexTensor {
     let layout = t.layout();
     if layout.is_contiguous() {
         return t;
