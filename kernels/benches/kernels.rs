@@ -53,6 +53,26 @@ fn main() {
     // SD 1.5's first U-Net transformer block at 512 px: GEGLU's projection output, 4096 tokens
     // × 2·1280.
     let proj = randn([BATCH, 4096, 2 * 1280]);
+    // SD 1.5's U-Net: a resnet conv at 64×64 (320 channels) and at 8×8 (1280).
+    let map64 = randn([BATCH, 320, 64, 64]);
+    let w64 = randn([320, 320, 3, 3]).mul_scalar(0.02);
+    // Ours with the weight as models-unet loads it (`kernels::conv_weight`).
+    let w64p = kernels::conv_weight(w64.clone(), 1);
+    let map8 = randn([BATCH, 1280, 8, 8]);
+    let w8 = randn([1280, 1280, 3, 3]).mul_scalar(0.01);
+    let w8p = kernels::conv_weight(w8.clone(), 1);
+    let cbias = randn([1280]);
+    let conv_ours = |x: &Tensor<B, 4>, w: &Tensor<B, 4>| {
+        let b = cbias.clone().narrow(0, 0, w.dims()[0]);
+        let pad = kernels::ConvPadding::same(1);
+        drop(kernels::conv2d(x.clone(), w.clone(), Some(b), 1, pad).into_data())
+    };
+    let conv_burn = |x: &Tensor<B, 4>, w: &Tensor<B, 4>| {
+        let b = cbias.clone().narrow(0, 0, w.dims()[0]);
+        let options = burn::tensor::ops::ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        drop(burn::tensor::module::conv2d(x.clone(), w.clone(), Some(b), options).into_data())
+    };
+    let gamma = randn([320]);
 
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
@@ -135,6 +155,27 @@ fn main() {
             "gated_residual_2048x1152",
             &|| drop(kernels::gated_residual(x.clone(), Some(vec3.clone()), y.clone()).into_data()),
             &|| drop((vec3.clone() * y.clone() + x.clone()).into_data()),
+        );
+        pair("conv3x3_2x320x64x64", &|| conv_ours(&map64, &w64p), &|| conv_burn(&map64, &w64));
+        pair("conv3x3_2x1280x8x8", &|| conv_ours(&map8, &w8p), &|| conv_burn(&map8, &w8));
+        pair(
+            "group_norm_2x320x64x64",
+            &|| {
+                let (mean, m2) = kernels::group_norm_stats(map64.clone(), 32);
+                let rstd = m2.div_scalar((10 * 64 * 64) as f64).add_scalar(1e-5).sqrt().recip();
+                let g = Some(gamma.clone());
+                drop(kernels::group_norm_apply(map64.clone(), mean, rstd, g.clone(), g).into_data())
+            },
+            &|| {
+                // Burn's composition, as parallel-core's group_norm was before the kernel.
+                let x = map64.clone().reshape([BATCH, 32, 10 * 64 * 64]);
+                let mean = x.clone().mean_dim(2);
+                let c = x - mean;
+                let var = (c.clone() * c.clone()).mean_dim(2);
+                let y = (c / var.add_scalar(1e-5).sqrt()).reshape([BATCH, 320, 64, 64]);
+                let g = gamma.clone().reshape([1, 320, 1, 1]);
+                drop((y * g.clone() + g).into_data())
+            },
         );
         g.bench_function(format!("geglu_2x4096x2560/ours/{threads}t"), |b| {
             pool.install(|| b.iter(|| drop(kernels::geglu(proj.clone(), true).into_data())))

@@ -10,7 +10,9 @@
 //! |---|---|
 //! | [`attention`], [`attention_with_lse`], [`merge_partial`] | tiled online-softmax attention (memory linear in tokens), threads over batch × query tiles, heads read and written in place |
 //! | [`linear`] | one GEMM over all rows with the bias accumulated onto (no second pass) |
+//! | [`conv2d`] | shifted GEMMs over a zero-padded copy of the input (no im2col), threads over images and row bands |
 //! | [`gelu`], [`silu`] | vectorised, on the rank's threads, in place when the input is not shared |
+//! | [`group_norm_stats`], [`group_norm_apply`] | GroupNorm's per-group mean and `M2` (two passes, float64 block totals) and its normalisation (one pass, in place when it can) |
 //! | [`layer_norm_modulate`] | LayerNorm fused with adaLN's `·(1 + scale) + shift` |
 //! | [`gated_residual`] | `residual + gate·y` in one pass |
 //! | [`contiguous`] | strided views copied run by run (Flex copies ND views element by element) |
@@ -32,6 +34,7 @@
 //! float32 summation-order noise (named per test).
 
 mod attention;
+mod conv;
 mod elementwise;
 mod flex;
 mod gemm;
@@ -42,10 +45,11 @@ mod norm;
 mod probe;
 
 pub use attention::{attention, attention_with_lse, merge_partial};
+pub use conv::{ConvPadding, conv_weight, conv2d, pad_rows};
 pub use elementwise::{gated_residual, geglu, gelu, silu};
 pub use layout::{contiguous, contiguous_primitive};
 pub use linear::linear;
-pub use norm::layer_norm_modulate;
+pub use norm::{group_norm_apply, group_norm_stats, layer_norm_modulate};
 pub use probe::fma_throughput;
 
 /// The instruction set the vector kernels run with on this CPU (`"avx512"`, `"avx2+fma"`,

@@ -149,3 +149,197 @@ impl<'a> Kernel for NormRows<'a> {
         }
     }
 }
+
+/// Elements a group's sum covers in float32 before it is added to a float64 total (a VAE's
+/// group at 1024² holds 16 M elements; float32 lanes over all of them would drift).
+const SUM_BLOCK: usize = 1 << 14;
+
+/// Per image and group of channels: the mean, and `M2`, the sum of squared deviations from
+/// it — a GroupNorm's local statistics (before any merge over ranks).
+///
+/// Flex/f32: one task per (image, group), two passes (the mean, then the squared deviations
+/// from it), float32 lanes over blocks of 16 Ki elements summed in float64. Other backends:
+/// Burn's `mean_dim` and `sum_dim` of the same two passes.
+///
+/// # Shapes
+/// `x`: `[batch, channels, rows, width]` with `channels` a multiple of `groups` → `mean`,
+/// `m2`: `[batch, groups]`.
+pub fn group_norm_stats<B: Backend>(
+    x: Tensor<B, 4>,
+    groups: usize,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let [batch, channels, rows, width] = x.dims();
+    let count = (channels / groups.max(1)) * rows * width;
+    let fits = groups > 0 && channels % groups == 0 && count > 0;
+    match flex::to_flex(x) {
+        Ok(t) if fits => {
+            let t = contiguous(t);
+            let stats: Vec<(f32, f32)> =
+                values(&t).par_chunks(count).map(|group| simd(GroupStats { x: group })).collect();
+            let mut mean = flex::zeros(vec![batch, groups]);
+            let mut m2 = flex::zeros(vec![batch, groups]);
+            for ((m, s), &(a, b)) in
+                mean.storage_mut::<f32>().iter_mut().zip(m2.storage_mut::<f32>()).zip(&stats)
+            {
+                (*m, *s) = (a, b);
+            }
+            (from_flex(mean), from_flex(m2))
+        }
+        Ok(t) => group_stats_reference(from_flex(t), groups),
+        Err(x) => group_stats_reference(x, groups),
+    }
+}
+
+fn group_stats_reference<B: Backend>(
+    x: Tensor<B, 4>,
+    groups: usize,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let [batch, channels, rows, width] = x.dims();
+    let xg = x.reshape([batch, groups, channels / groups * rows * width]);
+    let mean = xg.clone().mean_dim(2);
+    let centered = xg - mean.clone();
+    let m2 = (centered.clone() * centered).sum_dim(2);
+    (mean.reshape([batch, groups]), m2.reshape([batch, groups]))
+}
+
+struct GroupStats<'a> {
+    x: &'a [f32],
+}
+
+impl Kernel for GroupStats<'_> {
+    type Output = (f32, f32);
+    #[inline(always)]
+    fn run(self) -> (f32, f32) {
+        let n = self.x.len() as f64;
+        let sum: f64 = self.x.chunks(SUM_BLOCK).map(|b| f64::from(math::sum(b))).sum();
+        let mean = (sum / n) as f32;
+        let m2: f64 = self.x.chunks(SUM_BLOCK).map(|b| f64::from(math::sum_sq_dev(b, mean))).sum();
+        (mean, m2 as f32)
+    }
+}
+
+/// Planes per task of the normalisation (a plane: one channel of one image).
+const NORM_TASK: usize = 1 << 14;
+
+/// GroupNorm's normalisation with given statistics: `(x − mean)·rstd·γ + β` per channel,
+/// `mean`/`rstd` those of the channel's group.
+///
+/// Flex/f32: one pass, in place when `x` owns its storage; `γ·rstd` and `β` per plane,
+/// threads over planes. Other backends: Burn's broadcast ops.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, rows, width]`; `mean`, `rstd`: `[batch, groups]`
+/// - `gamma`, `beta`: `[channels]` (both or neither)
+pub fn group_norm_apply<B: Backend>(
+    x: Tensor<B, 4>,
+    mean: Tensor<B, 2>,
+    rstd: Tensor<B, 2>,
+    gamma: Option<Tensor<B, 1>>,
+    beta: Option<Tensor<B, 1>>,
+) -> Tensor<B, 4> {
+    let [batch, channels, rows, width] = x.dims();
+    let [mb, groups] = mean.dims();
+    let affine = match (gamma, beta) {
+        (Some(g), Some(b)) if g.dims() == [channels] && b.dims() == [channels] => Some((g, b)),
+        (Some(g), Some(b)) => return apply_reference(x, mean, rstd, Some((g, b))),
+        _ => None,
+    };
+    let fits = groups > 0 && channels % groups == 0 && mb == batch && rstd.dims() == [mb, groups];
+    if !(fits && flex::is_flex::<B>() && x.dtype() == burn::tensor::DType::F32)
+        || [mean.dtype(), rstd.dtype()].iter().any(|d| *d != burn::tensor::DType::F32)
+        || affine.as_ref().is_some_and(|(g, b)| {
+            g.dtype() != burn::tensor::DType::F32 || b.dtype() != burn::tensor::DType::F32
+        })
+    {
+        return apply_reference(x, mean, rstd, affine);
+    }
+    let t = flex::checked_flex(x);
+    let (mean, rstd) = (contiguous(flex::checked_flex(mean)), contiguous(flex::checked_flex(rstd)));
+    let affine =
+        affine.map(|(g, b)| (contiguous(flex::checked_flex(g)), contiguous(flex::checked_flex(b))));
+    let plane = rows * width;
+    let per_group = channels / groups;
+    let (mean, rstd) = (values(&mean), values(&rstd));
+    let affine = affine.as_ref().map(|(g, b)| (values(g), values(b)));
+    // Scale and shift of plane i = (image, channel): y = (x − mean)·s + β.
+    let coef = |i: usize| -> (f32, f32, f32) {
+        let (image, c) = (i / channels, i % channels);
+        let g = image * groups + c / per_group;
+        match affine {
+            Some((gamma, beta)) => (mean[g], rstd[g] * gamma[c], beta[c]),
+            None => (mean[g], rstd[g], 0.0),
+        }
+    };
+    let planes_per_task = (NORM_TASK / plane.max(1)).max(1);
+    let chunk = planes_per_task * plane.max(1);
+    let mut t = contiguous(t);
+    let whole =
+        t.layout().start_offset() == 0 && t.storage::<f32>().len() == t.layout().num_elements();
+    if whole && let Some(data) = t.try_storage_mut::<f32>() {
+        data.par_chunks_mut(chunk).enumerate().for_each(|(task, c)| {
+            for (j, p) in c.chunks_mut(plane.max(1)).enumerate() {
+                let (m, s, b) = coef(task * planes_per_task + j);
+                simd(Affine { out: p, input: None, mean: m, scale: s, shift: b });
+            }
+        });
+        return from_flex(t);
+    }
+    let mut out = flex::zeros(vec![batch, channels, rows, width]);
+    out.storage_mut::<f32>()
+        .par_chunks_mut(chunk)
+        .zip(values(&t).par_chunks(chunk))
+        .enumerate()
+        .for_each(|(task, (o, x))| {
+            for (j, (p, xp)) in o.chunks_mut(plane.max(1)).zip(x.chunks(plane.max(1))).enumerate() {
+                let (m, s, b) = coef(task * planes_per_task + j);
+                simd(Affine { out: p, input: Some(xp), mean: m, scale: s, shift: b });
+            }
+        });
+    from_flex(out)
+}
+
+fn apply_reference<B: Backend>(
+    x: Tensor<B, 4>,
+    mean: Tensor<B, 2>,
+    rstd: Tensor<B, 2>,
+    affine: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+) -> Tensor<B, 4> {
+    let [batch, channels, rows, width] = x.dims();
+    let [_, groups] = mean.dims();
+    let xg = x.reshape([batch, groups, channels / groups * rows * width]);
+    let y = ((xg - mean.reshape([batch, groups, 1])) * rstd.reshape([batch, groups, 1]))
+        .reshape([batch, channels, rows, width]);
+    match affine {
+        Some((g, b)) => y * g.reshape([1, channels, 1, 1]) + b.reshape([1, channels, 1, 1]),
+        None => y,
+    }
+}
+
+/// `out = (x − mean)·scale + shift` over one plane (`input` `None`: `out` is `x`).
+struct Affine<'a> {
+    out: &'a mut [f32],
+    input: Option<&'a [f32]>,
+    mean: f32,
+    scale: f32,
+    shift: f32,
+}
+
+impl Kernel for Affine<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let (m, s, b) = (self.mean, self.scale, self.shift);
+        match self.input {
+            Some(x) => {
+                for (o, &x) in self.out.iter_mut().zip(x) {
+                    *o = (x - m).mul_add(s, b);
+                }
+            }
+            None => {
+                for o in self.out.iter_mut() {
+                    *o = (*o - m).mul_add(s, b);
+                }
+            }
+        }
+    }
+}

@@ -6,10 +6,8 @@ use std::ops::Range;
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use parallel_core::{
-    AttentionSite, ParallelError, Projection, ReduceSite, RowSite, Seams, group_norm, pad_rows,
+    AttentionSite, ParallelError, Projection, ReduceSite, RowSite, Seams, group_norm,
 };
 
 /// The rows of a feature map this forward computes, at that map's resolution.
@@ -121,15 +119,9 @@ pub struct Conv2d<B: Backend> {
 
 impl<B: Backend> Conv2d<B> {
     fn conv(&self, x: Tensor<B, 4>, top: usize, bottom: usize) -> Tensor<B, 4> {
-        let p = self.kernel / 2;
-        let s = self.stride;
         let bias = (!self.split_bias).then(|| self.bias.val());
-        if top == bottom {
-            let options = ConvOptions::new([s, s], [top, p], [1, 1], 1);
-            return conv2d(x, self.weight.val(), bias, options);
-        }
-        let options = ConvOptions::new([s, s], [0, p], [1, 1], 1);
-        conv2d(pad_rows(x, top, bottom), self.weight.val(), bias, options)
+        let padding = kernels::ConvPadding { top, bottom, cols: self.kernel / 2 };
+        kernels::conv2d(x, self.weight.val(), bias, self.stride, padding)
     }
 
     /// A reducing conv's output summed over ranks by the seam, then its bias where split.

@@ -194,7 +194,7 @@ impl<'a, B: Backend> Params<'a, B> {
         )?;
         let bias = self.tensor(&format!("{key}.bias"), [d_out], Init::Bias)?;
         Ok(Conv2d {
-            weight: Param::from_tensor(weight),
+            weight: Param::from_tensor(kernels::conv_weight(weight, stride)),
             bias: Param::from_tensor(bias),
             kernel,
             stride,
@@ -235,7 +235,7 @@ impl<'a, B: Backend> Params<'a, B> {
         };
         let reduce = matches!(sharding, Sharding::Row { .. });
         Ok(Conv2d {
-            weight: Param::from_tensor(weight),
+            weight: Param::from_tensor(kernels::conv_weight(weight, 1)),
             bias: Param::from_tensor(bias),
             kernel,
             stride: 1,

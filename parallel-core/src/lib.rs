@@ -80,6 +80,8 @@ pub use comm::{
     TcpWorld, Transport, WallClock, WorldExit, launch, launch_loopback, launch_process,
 };
 pub use error::{CommError, ParallelError, Result};
+/// Zero rows around a band (re-exported from `kernels`, where the convolutions use it).
+pub use kernels::pad_rows;
 pub use mesh::{Axis, Mesh};
 pub use model::{
     Conditioning, Denoiser, DenoiserInput, FeatureSite, JointLayer, LatentGrid, LoadPlan,
@@ -91,7 +93,7 @@ pub use registry::{
 };
 pub use seams::{
     AttentionSite, GroupNormMode, GroupNormStats, Halo, JointOutput, Projection, ReduceSite,
-    RowSite, Seams, Serial, TextQkv, group_norm, pad_rows,
+    RowSite, Seams, Serial, TextQkv, group_norm,
 };
 pub use strategy::{
     CurrentRequest, DenoiseLoop, ExpectedComm, MemoryReport, ParallelStrategy, RequestInfo,

@@ -317,51 +317,16 @@ pub fn group_norm<B: Backend>(
     site: &RowSite,
     seams: &mut dyn Seams<B>,
 ) -> Result<Tensor<B, 4>> {
-    let [batch, channels, height, width] = x.dims();
-    let g = groups;
+    let [_, channels, height, width] = x.dims();
     let dtype = x.dtype();
-    let count = channels / g * height * width;
-    let xf = x.cast(DType::F32).reshape([batch, g, count]);
-    let mean = xf.clone().mean_dim(2);
-    let centered = xf.clone() - mean.clone();
-    let m2 = (centered.clone() * centered).sum_dim(2);
-    let local =
-        GroupNormStats { mean: mean.reshape([batch, g]), m2: m2.reshape([batch, g]), count };
-    let stats = seams.group_norm_stats(site, local)?;
-    let rstd = stats.variance().add_scalar(eps).sqrt().recip().reshape([batch, g, 1]);
-    let centered = xf - stats.mean.reshape([batch, g, 1]);
-    let y = (centered * rstd).reshape([batch, channels, height, width]);
-    let affine = |t: Tensor<B, 1>| t.cast(DType::F32).reshape([1, channels, 1, 1]);
-    let y = match (gamma, beta) {
-        (Some(gamma), Some(beta)) => y * affine(gamma) + affine(beta),
-        _ => y,
-    };
+    let count = channels / groups * height * width;
+    let xf = x.cast(DType::F32);
+    let (mean, m2) = kernels::group_norm_stats(xf.clone(), groups);
+    let stats = seams.group_norm_stats(site, GroupNormStats { mean, m2, count })?;
+    let rstd = stats.variance().add_scalar(eps).sqrt().recip();
+    let f32s = |t: Option<Tensor<B, 1>>| t.map(|t| t.cast(DType::F32));
+    let y = kernels::group_norm_apply(xf, stats.mean, rstd, f32s(gamma), f32s(beta));
     Ok(y.cast(dtype))
-}
-
-/// `x` with `top` and `bottom` rows of zeros (in `x`'s dtype) around its rows: the uneven
-/// row padding of a band's convolution, written out because Burn 0.21's asymmetric
-/// `conv2d` pads with a tensor of the default float dtype, which a float16/bfloat16 map
-/// cannot be assigned into.
-///
-/// # Shapes
-/// `[batch, channels, rows, width]` → `[batch, channels, top + rows + bottom, width]`.
-pub fn pad_rows<B: Backend>(x: Tensor<B, 4>, top: usize, bottom: usize) -> Tensor<B, 4> {
-    if top == 0 && bottom == 0 {
-        return x;
-    }
-    let [b, c, _, w] = x.dims();
-    let (device, dtype) = (x.device(), x.dtype());
-    let zeros = |rows: usize| Tensor::<B, 4>::zeros([b, c, rows, w], (&device, dtype));
-    let mut parts = Vec::with_capacity(3);
-    if top > 0 {
-        parts.push(zeros(top));
-    }
-    parts.push(x);
-    if bottom > 0 {
-        parts.push(zeros(bottom));
-    }
-    Tensor::cat(parts, 2)
 }
 
 /// The serial seams: a model run with these is plain single-device code.
