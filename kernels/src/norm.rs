@@ -210,10 +210,18 @@ impl Kernel for GroupStats<'_> {
     type Output = (f32, f32);
     #[inline(always)]
     fn run(self) -> (f32, f32) {
+        // Plain loops, not closures: a closure is a function of its own, compiled without the
+        // target features `simd` enabled (its `mul_add` became a call to libm's `fmaf`).
         let n = self.x.len() as f64;
-        let sum: f64 = self.x.chunks(SUM_BLOCK).map(|b| f64::from(math::sum(b))).sum();
+        let mut sum = 0f64;
+        for b in self.x.chunks(SUM_BLOCK) {
+            sum += f64::from(math::sum(b));
+        }
         let mean = (sum / n) as f32;
-        let m2: f64 = self.x.chunks(SUM_BLOCK).map(|b| f64::from(math::sum_sq_dev(b, mean))).sum();
+        let mut m2 = 0f64;
+        for b in self.x.chunks(SUM_BLOCK) {
+            m2 += f64::from(math::sum_sq_dev(b, mean));
+        }
         (mean, m2 as f32)
     }
 }

@@ -8,7 +8,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::VaeError;
-use crate::params::{ParamSource, group_norm, linear};
+use crate::params::{ParamSource, group_norm, linear, norm};
 
 /// Single-head self-attention over the pixels of a feature map, with a residual connection.
 ///
@@ -58,7 +58,7 @@ impl<B: Backend> Attention<B> {
         let [batch, channels, height, width] = input.dims();
         let tokens = height * width;
         // GroupNorm over [B, C, H, W] equals diffusers' GroupNorm over [B, C, H·W].
-        let hidden = self.group_norm.forward(input.clone());
+        let hidden = norm(&self.group_norm, input.clone());
         let hidden = hidden.reshape([batch, channels, tokens]).swap_dims(1, 2);
         // One head: [B, 1, tokens, C].
         let heads = |t: Tensor<B, 3>| t.unsqueeze_dim::<4>(1);

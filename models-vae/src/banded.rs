@@ -16,9 +16,9 @@ use std::ops::Range;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use burn::tensor::module::{conv2d, interpolate};
-use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions};
-use parallel_core::{AttentionSite, RowSite, Seams, pad_rows};
+use burn::tensor::module::interpolate;
+use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use parallel_core::{AttentionSite, RowSite, Seams};
 
 use crate::VaeError;
 use crate::attention::Attention;
@@ -50,18 +50,20 @@ impl<B: Backend> Rows<'_, B> {
     }
 }
 
-/// A stride-1 convolution with `top`/`bottom` rows of zero padding written out (Burn 0.21's
-/// asymmetric padding pads in the default float dtype) and the conv's own column padding.
+/// A stride-1 convolution with `top`/`bottom` rows of zero padding and the conv's own column
+/// padding ([`kernels::conv2d`]: the project's CPU convolution on Flex/f32; on other backends
+/// Burn's, the rows padded by concatenation since Burn 0.21's asymmetric padding pads in the
+/// default float dtype).
 fn conv_rows<B: Backend>(
     conv: &Conv2d<B>,
     x: Tensor<B, 4>,
     top: usize,
     bottom: usize,
 ) -> Tensor<B, 4> {
-    let p = conv.kernel_size[0] / 2;
+    let cols = conv.kernel_size[0] / 2;
     let bias = conv.bias.as_ref().map(|b| b.val());
-    let x = pad_rows(x, top, bottom);
-    conv2d(x, conv.weight.val(), bias, ConvOptions::new([1, 1], [0, p], [1, 1], 1))
+    let padding = kernels::ConvPadding { top, bottom, cols };
+    kernels::conv2d(x, conv.weight.val(), bias, 1, padding)
 }
 
 /// A 3×3 (or 1×1) convolution of the band, halo rows from the seam.

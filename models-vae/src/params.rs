@@ -92,7 +92,7 @@ pub(crate) fn conv2d<B: Backend>(
     )?;
     let bias = src.tensor(&format!("{key}.bias"), [channels_out], Init::Bias)?;
     Ok(Conv2d {
-        weight: Param::from_tensor(weight),
+        weight: Param::from_tensor(kernels::conv_weight(weight, stride)),
         bias: Some(Param::from_tensor(bias)),
         stride: [stride, stride],
         kernel_size: [kernel, kernel],
@@ -118,6 +118,41 @@ pub(crate) fn conv1x1<B: Backend>(
     channels: [usize; 2],
 ) -> Result<Conv2d<B>, VaeError> {
     conv2d(src, key, channels, 1, 1, PaddingConfig2d::Valid)
+}
+
+/// `conv.forward(x)`, through [`kernels::conv2d`] for the stride-1, symmetrically padded
+/// convolutions (every one of the decoder's): the project's CPU convolution on Flex/f32,
+/// Burn's on every other backend. Anything else (the encoder's stride-2 down-samplers):
+/// Burn's module.
+pub(crate) fn conv<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let pad = match conv.padding {
+        PaddingConfig2d::Valid => Some(0),
+        PaddingConfig2d::Explicit(t, l, b, r) if t == l && l == b && b == r => Some(t),
+        _ => None,
+    };
+    match pad {
+        Some(p) if conv.stride == [1, 1] && conv.dilation == [1, 1] && conv.groups == 1 => {
+            let bias = conv.bias.as_ref().map(|b| b.val());
+            kernels::conv2d(x, conv.weight.val(), bias, 1, kernels::ConvPadding::same(p))
+        }
+        _ => conv.forward(x),
+    }
+}
+
+/// `norm.forward(x)` for float32 maps through the GroupNorm kernels
+/// ([`kernels::group_norm_stats`], [`kernels::group_norm_apply`]: two passes for the
+/// statistics, one for the normalisation); Burn's module for other dtypes, whose numerics the
+/// half-precision fixtures were written against.
+pub(crate) fn norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    if x.dtype() != burn::tensor::DType::F32 {
+        return norm.forward(x);
+    }
+    let [_, channels, rows, width] = x.dims();
+    let count = channels / norm.num_groups * rows * width;
+    let (mean, m2) = kernels::group_norm_stats(x.clone(), norm.num_groups);
+    let rstd = m2.div_scalar(count as f64).add_scalar(norm.epsilon).sqrt().recip();
+    let (gamma, beta) = (norm.gamma.as_ref().map(|g| g.val()), norm.beta.as_ref().map(|b| b.val()));
+    kernels::group_norm_apply(x, mean, rstd, gamma, beta)
 }
 
 /// An affine GroupNorm (eps [`GROUP_NORM_EPS`]) from `{key}.weight` and `{key}.bias`.

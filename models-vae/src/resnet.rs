@@ -6,7 +6,7 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
 use crate::VaeError;
-use crate::params::{ParamSource, conv1x1, conv3x3, group_norm, silu};
+use crate::params::{ParamSource, conv, conv1x1, conv3x3, group_norm, norm, silu};
 
 /// A pre-norm residual block: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`.
 ///
@@ -53,10 +53,10 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// - `input`: `[batch, channels_in, height, width]`
     /// - output: `[batch, channels_out, height, width]`
     pub fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
-        let hidden = self.conv1.forward(silu(self.norm1.forward(input.clone())));
-        let hidden = self.conv2.forward(silu(self.norm2.forward(hidden)));
+        let hidden = conv(&self.conv1, silu(norm(&self.norm1, input.clone())));
+        let hidden = conv(&self.conv2, silu(norm(&self.norm2, hidden)));
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(input),
+            Some(shortcut) => conv(shortcut, input),
             None => input,
         };
         shortcut + hidden

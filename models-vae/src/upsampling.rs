@@ -7,7 +7,7 @@ use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::VaeError;
-use crate::params::{ParamSource, conv3x3};
+use crate::params::{ParamSource, conv, conv3x3};
 
 /// Nearest-neighbour ×2 up-sampling followed by a 3×3 convolution (key `conv`).
 #[derive(Module, Debug)]
@@ -35,6 +35,6 @@ impl<B: Backend> Upsample2D<B> {
         let [_, _, height, width] = input.dims();
         let options = InterpolateOptions::new(InterpolateMode::Nearest);
         let up = interpolate(input, [2 * height, 2 * width], options);
-        self.conv.forward(up)
+        conv(&self.conv, up)
     }
 }

@@ -7,7 +7,7 @@ use burn::prelude::*;
 
 use crate::VaeError;
 use crate::config::AutoencoderKLConfig;
-use crate::params::{ParamSource, conv3x3, group_norm, silu};
+use crate::params::{ParamSource, conv, conv3x3, group_norm, norm, silu};
 use crate::unet_2d_blocks::{DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D};
 
 /// The VAE decoder: latent (after `post_quant_conv`) to image.
@@ -75,9 +75,9 @@ impl<B: Backend> Decoder<B> {
     /// - `latent`: `[batch, latent_channels, height, width]`
     /// - output: `[batch, out_channels, s·height, s·width]`, s = 2^(blocks − 1)
     pub fn forward(&self, latent: Tensor<B, 4>) -> Tensor<B, 4> {
-        let hidden = self.mid_block.forward(self.conv_in.forward(latent));
+        let hidden = self.mid_block.forward(conv(&self.conv_in, latent));
         let hidden = self.up_blocks.iter().fold(hidden, |h, block| block.forward(h));
-        self.conv_out.forward(silu(self.conv_norm_out.forward(hidden)))
+        conv(&self.conv_out, silu(norm(&self.conv_norm_out, hidden)))
     }
 }
 
@@ -148,10 +148,10 @@ impl<B: Backend> Encoder<B> {
     /// - output: `[batch, 2·latent_channels, height/s, width/s]`, s = 2^(blocks − 1), each
     ///   halving rounding down
     pub fn forward(&self, image: Tensor<B, 4>) -> Tensor<B, 4> {
-        let hidden = self.conv_in.forward(image);
+        let hidden = conv(&self.conv_in, image);
         let hidden = self.down_blocks.iter().fold(hidden, |h, block| block.forward(h));
         let hidden = self.mid_block.forward(hidden);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(hidden)))
+        conv(&self.conv_out, silu(norm(&self.conv_norm_out, hidden)))
     }
 }
 
