@@ -1,7 +1,8 @@
 //! The project's CPU kernels beside Burn's Flex ops on the same inputs, at PixArt-XL-2-512
 //! sizes (512 px: 1024 tokens, hidden 1152 = 16 heads × 72, a 120-token caption, guidance
 //! batch 2), on a 1-thread and a 2-thread pool. `cargo bench -p kernels`; PyTorch's numbers
-//! for the same shapes: `tools/bench/pytorch_timing.py --kernels`.
+//! for the same shapes: `tools/bench/pytorch_timing.py --kernels`. Also SD 1.5 U-Net shapes
+//! (its level-0 self-attention, GEGLU, two 3×3 convs, a GroupNorm).
 //!
 //! Names: `{kernel}/{ours|burn}/{threads}t`. Each timed closure ends with `into_data()`.
 
@@ -73,6 +74,11 @@ fn main() {
         drop(burn::tensor::module::conv2d(x.clone(), w.clone(), Some(b), options).into_data())
     };
     let gamma = randn([320]);
+    // SD 1.5's first-level self-attention at 512 px: 4096 tokens, 8 heads × 40.
+    let unet_heads = |x: Tensor<B, 3>| x.reshape([BATCH, 4096, 8, 40]).swap_dims(1, 2);
+    let uq = unet_heads(randn([BATCH, 4096, 320]));
+    let (uk, uv) = (unet_heads(randn([BATCH, 4096, 320])), unet_heads(randn([BATCH, 4096, 320])));
+    let unet_merge = |x: Tensor<B, 4>| x.swap_dims(1, 2).reshape([BATCH, 4096, 320]);
 
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
@@ -97,6 +103,24 @@ fn main() {
                     AttentionModuleOptions::default(),
                 );
                 drop(merge(o).into_data())
+            },
+        );
+        pair(
+            "attention_4096tok_8x40",
+            &|| {
+                let o = kernels::attention(uq.clone(), uk.clone(), uv.clone(), None);
+                drop(unet_merge(o).into_data())
+            },
+            &|| {
+                let o = burn_attention(
+                    uq.clone(),
+                    uk.clone(),
+                    uv.clone(),
+                    None,
+                    None,
+                    AttentionModuleOptions::default(),
+                );
+                drop(unet_merge(o).into_data())
             },
         );
         pair(
@@ -161,10 +185,8 @@ fn main() {
         pair(
             "group_norm_2x320x64x64",
             &|| {
-                let (mean, m2) = kernels::group_norm_stats(map64.clone(), 32);
-                let rstd = m2.div_scalar((10 * 64 * 64) as f64).add_scalar(1e-5).sqrt().recip();
                 let g = Some(gamma.clone());
-                drop(kernels::group_norm_apply(map64.clone(), mean, rstd, g.clone(), g).into_data())
+                drop(kernels::group_norm(map64.clone(), 32, 1e-5, g.clone(), g).into_data())
             },
             &|| {
                 // Burn's composition, as parallel-core's group_norm was before the kernel.

@@ -1,15 +1,20 @@
-//! 2-D convolution as shifted GEMMs over a zero-padded copy of the input: no im2col matrix.
+//! 2-D convolution as `k` shifted GEMMs, one per kernel row, over shifted copies of the input
+//! rows: no im2col matrix.
 //!
-//! Each input channel is laid out as a plane of rows `width + p` long (`p = k / 2`), the `p`
-//! zero columns between two rows serving as the right padding of one and the left padding of
-//! the next, with the rows' zero padding above and below. In that plane the input pixel under
-//! output pixel `q = y·(width + p) + x` for kernel tap `(ky, kx)` sits at `q + shift` with
-//! `shift = ky·(width + p) + kx`: for each of the `k²` taps the whole convolution is one GEMM
-//! `out[c_out, q] += W[:, :, ky, kx] · plane[c_in, q + shift]`, whose right operand is the
-//! plane itself at an offset (row stride: the plane's size, column stride 1); the weight is
-//! copied to `[c_out, k², c_in]` once per call, so each tap's matrix has contiguous rows. The `p` columns of each output row
-//! past `width` are computed and dropped when the rows are copied out (with the bias): at
-//! most `p / width` extra work (1.6 % at 64 columns, 12.5 % at 8).
+//! The output is cut into tasks (`plan`: all images at once with output channels split over
+//! the threads on small maps, bands of rows of one image on large ones). A task keeps `k`
+//! copies of its input rows per channel (with zero rows above and below where it reaches the
+//! map's edge), copy `kx` shifted by `kx − p` columns (`p = k / 2`) with the columns it shifts
+//! in set to zero: in copy `kx`, the element at output position `q = y·width + x`, plus
+//! `ky·width`, is the input under output pixel `(y, x)` for tap `(ky, kx)` — the zero columns
+//! are the convolution's left and right padding, so no position wraps into a neighbouring
+//! row. Stacked as `[kx, c_in]`, the depth index `kx·c_in + c` has one row stride, and kernel
+//! row `ky` is a single GEMM `out[c_out, q] += W[:, ky, :, :] · planes[k·c_in, q + ky·width]`
+//! of depth `k·c_in` (the weight laid out `[c_out, k, k, c_in]`, by [`conv_weight`] at load
+//! or per call). When a task is a whole image, the GEMMs accumulate straight into the output,
+//! pre-filled with the bias; otherwise into a scratch block copied out with the bias (the
+//! `k − 1` padding rows between two images of a multi-image task are computed and dropped).
+//! Scratch and planes per task are bounded (`TASK_FLOATS`, `LOCAL_FLOATS`).
 //!
 //! Burn's Flex instead builds an im2col tile of `c_in·k²` rows per 512 output pixels, copies
 //! the input to NHWC and the weight to `[c_out, k, k, c_in]` on one thread at every call, and
@@ -58,8 +63,9 @@ impl ConvPadding {
 /// `nn.Conv2d` (one group, no dilation): `[batch, c_in, rows, width]` with weight
 /// `[c_out, c_in, k, k]` and bias `[c_out]` → `[batch, c_out, rows', width']`.
 ///
-/// Flex/f32, stride 1, odd `k` with `padding.cols == k / 2` and `c_in ≥ 16`: shifted GEMMs
-/// on a padded copy of the input (module docs), threads over images and bands of output rows.
+/// Flex/f32, stride 1, odd `k` with `padding.cols == k / 2` and `c_in ≥ 16`: one GEMM per
+/// kernel row over per-task shifted copies of the input rows (module docs), threads over
+/// output channels (small maps), images, or bands of output rows (large maps).
 /// Anything else (other backends, dtypes, strides, kernels): Burn's `conv2d`, with the rows
 /// padded by concatenation when `top ≠ bottom`.
 pub fn conv2d<B: Backend>(
@@ -155,20 +161,20 @@ impl Task {
     }
 
     /// Output positions the task computes (module docs), over all its images: up to the
-    /// last image's last row, whose padding columns are not needed.
+    /// last image's last row (the padding rows after it are not needed).
     fn span(&self, g: &Geometry) -> usize {
-        ((self.images.len() - 1) * self.block(g.k) + self.rows.len() - 1) * g.row + g.width
+        ((self.images.len() - 1) * self.block(g.k) + self.rows.len()) * g.width
     }
 
     /// Where output row `y` of the `j`-th image of the task starts among its positions.
     fn position(&self, j: usize, y: usize, g: &Geometry) -> usize {
-        (j * self.block(g.k) + y - self.rows.start) * g.row
+        (j * self.block(g.k) + y - self.rows.start) * g.width
     }
 
-    /// Elements per channel of the task's planes: its images' padded rows and `p` zeros
-    /// after them (read past the last row's end by the last taps).
+    /// Elements per channel of each copy of the task's planes: its images' padded rows (the
+    /// last tap row's GEMM reads up to the end).
     fn plane(&self, g: &Geometry) -> usize {
-        self.images.len() * self.block(g.k) * g.row + g.k / 2
+        self.images.len() * self.block(g.k) * g.width
     }
 }
 
@@ -183,8 +189,6 @@ struct Geometry {
     /// Input rows, and the zero rows above them.
     rows_in: usize,
     top: usize,
-    /// Row length in the padded planes, `width + k / 2`.
-    row: usize,
 }
 
 fn conv_flex(
@@ -202,9 +206,8 @@ fn conv_flex(
     let &[c_out, _, k, _] = w.layout().shape().as_slice() else {
         unreachable!("conv2d: a 4-D weight")
     };
-    let p = k / 2;
     let rows_out = top + rows_in + bottom + 1 - k;
-    let g = Geometry { c_in, c_out, k, width, rows_in, top, row: width + p };
+    let g = Geometry { c_in, c_out, k, width, rows_in, top };
     let mut out = flex::zeros(vec![batch, c_out, rows_out, width]);
     if batch == 0 || c_out == 0 || width == 0 {
         return out;
@@ -223,12 +226,26 @@ fn conv_flex(
     let bias = bias.as_ref().map(values);
 
     let tasks = plan(batch, rows_out, g);
+    let image_out = c_out * rows_out * width;
+    if tasks.len() == batch && tasks.iter().all(|t| t.images.len() == 1 && t.rows.len() == rows_out)
+    {
+        // One task per whole image: the GEMMs accumulate into the output, bias first.
+        out.storage_mut::<f32>().par_chunks_mut(image_out).zip(&tasks).for_each(|(dst, task)| {
+            if let Some(b) = bias {
+                for (plane, &b) in dst.chunks_exact_mut(rows_out * width).zip(b) {
+                    plane.fill(b);
+                }
+            }
+            products(dst, task, input, weights, g, bias.is_some());
+        });
+        return out;
+    }
     let wave = rayon::current_num_threads().max(1) * 2;
     let stride = tasks.iter().map(|t| t.channels.len() * t.span(&g)).max().unwrap_or(0);
     let mut scratch = vec![0f32; stride * wave.min(tasks.len())];
     for wave_tasks in tasks.chunks(wave) {
         scratch.par_chunks_mut(stride.max(1)).zip(wave_tasks).for_each(|(dst, task)| {
-            products(dst, task, input, weights, g);
+            products(dst, task, input, weights, g, false);
         });
         // Output rows out of the scratch, plus the bias: threads over (image, channel) planes.
         let plane_out = rows_out * width;
@@ -270,8 +287,8 @@ fn plan(batch: usize, rows_out: usize, g: Geometry) -> Vec<Task> {
             .collect();
     }
     let by_threads = rows_out.div_ceil(threads.div_ceil(batch));
-    let by_scratch = TASK_FLOATS / (g.c_out * g.row).max(1);
-    let by_planes = (LOCAL_FLOATS / (g.k * g.c_in * g.row).max(1)).saturating_sub(g.k - 1);
+    let by_scratch = TASK_FLOATS / (g.c_out * g.width).max(1);
+    let by_planes = (LOCAL_FLOATS / (g.k * g.c_in * g.width).max(1)).saturating_sub(g.k - 1);
     let most = by_threads.min(by_scratch).min(if g.k == 1 { usize::MAX } else { by_planes });
     let band = rows_out.div_ceil(rows_out.div_ceil(most.max(1)));
     (0..batch)
@@ -336,43 +353,53 @@ fn tap_major(w: &[f32], c_out: usize, per_out: usize, taps: usize) -> Vec<f32> {
     out
 }
 
-/// One task's padded planes, `[k (column shift kx), c_in, local plane]`: copy `kx` of
-/// channel `c` is the task's padded plane (module docs) read from position `kx` on, so that
-/// `planes[(kx·c_in + c)·plane + ky·row + q]` is the input under output position `q`, tap
-/// `(ky, kx)`: one row stride for the depth of a GEMM over all `kx` of a kernel row.
+/// One task's planes, `[k (column shift kx), c_in, local plane]`: copy `kx` of channel `c`
+/// holds the task's rows (zero rows where they fall outside the input) shifted by `kx − p`
+/// columns, the columns shifted in left zero, so that `planes[(kx·c_in + c)·plane + ky·width + q]`
+/// is the input under output position `q`, tap `(ky, kx)`: one row stride for the depth of a
+/// GEMM over all `kx` of a kernel row.
 fn local_planes(input: &[f32], task: &Task, g: Geometry) -> Vec<f32> {
     let plane = task.plane(&g);
-    let p = g.k / 2;
-    let per_image = g.c_in * g.rows_in * g.width;
-    let mut planes = vec![0f32; g.k * g.c_in * plane];
-    for (i, dst) in planes.chunks_exact_mut(plane).enumerate() {
+    let (p, width) = (g.k / 2, g.width);
+    let per_image = g.c_in * g.rows_in * width;
+    // Written in order, zeros included, rather than zeroed first and copied into: one pass
+    // over fresh memory instead of two.
+    let mut planes = Vec::with_capacity(g.k * g.c_in * plane);
+    for i in 0..g.k * g.c_in {
         let (kx, c) = (i / g.c_in, i % g.c_in);
-        for (j, image) in task.images.clone().enumerate() {
-            let channel =
-                &input[image * per_image + c * g.rows_in * g.width..][..g.rows_in * g.width];
-            // Padded rows rows.start .. + block of this image; padded row r is input row r − top.
+        // Column x of copy kx holds input column x + kx − p: `to` zeros, `n` values, zeros.
+        let (from, to) = (kx.saturating_sub(p), p.saturating_sub(kx));
+        let n = width.saturating_sub(from.max(to));
+        for image in task.images.clone() {
+            let channel = &input[image * per_image + c * g.rows_in * width..][..g.rows_in * width];
+            // Local row lr of this image is padded row rows.start + lr, input row that − top.
             for lr in 0..task.block(g.k) {
-                let Some(y) = (task.rows.start + lr).checked_sub(g.top).filter(|&y| y < g.rows_in)
-                else {
-                    continue;
-                };
-                let src = &channel[y * g.width..(y + 1) * g.width];
-                let at = (j * task.block(g.k) + lr) * g.row + p;
-                // Element x lands at at + x − kx; the first kx − at of the first row fall
-                // before the plane (no output position reads them).
-                let skip = kx.saturating_sub(at);
-                let start = at + skip - kx;
-                dst[start..start + g.width - skip].copy_from_slice(&src[skip..]);
+                let end = planes.len() + width;
+                if let Some(y) =
+                    (task.rows.start + lr).checked_sub(g.top).filter(|&y| y < g.rows_in)
+                {
+                    planes.resize(planes.len() + to, 0.0);
+                    planes.extend_from_slice(&channel[y * width + from..][..n]);
+                }
+                planes.resize(end, 0.0);
             }
         }
     }
     planes
 }
 
-/// `dst[c_out, span] = Σ_ky W[:, ky, :, :] · planes[k·c_in, ky·row ..]` for one task, on the
-/// calling thread: one GEMM of depth `k·c_in` per kernel row (a depth of `c_in` per tap ran at
-/// 83 GFLOP/s on the AVX-512 EPYC where `3·320` runs at 101).
-fn products(dst: &mut [f32], task: &Task, input: &[f32], weights: &[f32], g: Geometry) {
+/// `dst[c_out, span] (+)= Σ_ky W[:, ky, :, :] · planes[k·c_in, ky·width ..]` for one task, on
+/// the calling thread (`accumulate`: onto what `dst` holds, the bias): one GEMM of depth
+/// `k·c_in` per kernel row (a depth of `c_in` per tap ran at 83 GFLOP/s on the AVX-512 EPYC
+/// where `3·320` runs at 101).
+fn products(
+    dst: &mut [f32],
+    task: &Task,
+    input: &[f32],
+    weights: &[f32],
+    g: Geometry,
+    accumulate: bool,
+) {
     let span = task.span(&g);
     let depth = g.k * g.c_in;
     let rows = task.channels.len();
@@ -397,7 +424,7 @@ fn products(dst: &mut [f32], task: &Task, input: &[f32], weights: &[f32], g: Geo
             col_stride: 1,
         };
         let out = MatMut { data: out, rows, cols: span, row_stride: span };
-        matmul(out, false, lhs, rhs, 1.0, Parallelism::None);
+        matmul(out, accumulate, lhs, rhs, 1.0, Parallelism::None);
         return;
     }
     let planes = local_planes(input, task, g);
@@ -413,14 +440,14 @@ fn products(dst: &mut [f32], task: &Task, input: &[f32], weights: &[f32], g: Geo
         };
         let rhs = MatRef {
             data: &planes,
-            offset: ky * g.row,
+            offset: ky * g.width,
             rows: depth,
             cols: span,
             row_stride: plane,
             col_stride: 1,
         };
         let dst = MatMut { data: &mut out[..], rows, cols: span, row_stride: span };
-        matmul(dst, ky > 0, lhs, rhs, 1.0, Parallelism::None);
+        matmul(dst, accumulate || ky > 0, lhs, rhs, 1.0, Parallelism::None);
     }
 }
 
@@ -472,7 +499,10 @@ mod tests {
         // A map whose planes exceed LOCAL_FLOATS: bands of rows of each image; below it all
         // images share one product and the output channels are split over the threads.
         case([2, 16, 20, 200, 220, 3], ConvPadding::same(1), 2);
-        // 5×5, more threads than images (bands of rows).
+        // 5×5, more threads than images (bands of rows, through a scratch block).
         case([1, 16, 4, 12, 10, 5], ConvPadding::same(2), 3);
+        // One image on one thread: a whole-image task, accumulated into the output.
+        case([1, 16, 8, 6, 5, 3], ConvPadding::same(1), 1);
+        case([1, 16, 8, 6, 5, 5], ConvPadding { top: 1, bottom: 2, cols: 2 }, 1);
     }
 }

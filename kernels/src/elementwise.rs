@@ -17,19 +17,10 @@ const CHUNK: usize = 16 * 1024;
 /// `f` applied to every element, in place when `t` owns its storage, else into a new
 /// tensor. Generic over `f` so it is inlined into the vectorised loop.
 fn map<F: Fn(f32) -> f32 + Sync + Send + Copy>(t: FlexTensor, f: F) -> FlexTensor {
-    let mut t = contiguous(t);
-    let whole =
-        t.layout().start_offset() == 0 && t.storage::<f32>().len() == t.layout().num_elements();
-    if whole && let Some(data) = t.try_storage_mut::<f32>() {
-        data.par_chunks_mut(CHUNK).for_each(|c| simd(MapInPlace { data: c, f }));
-        return t;
-    }
-    let mut out = flex::zeros(t.layout().shape().to_vec());
-    out.storage_mut::<f32>()
-        .par_chunks_mut(CHUNK)
-        .zip(values(&t).par_chunks(CHUNK))
-        .for_each(|(out, input)| simd(Map { out, input, f }));
-    out
+    flex::update_chunks(t, CHUNK, |_, out, input| match input {
+        Some(input) => simd(Map { out, input, f }),
+        None => simd(MapInPlace { data: out, f }),
+    })
 }
 
 struct MapInPlace<'a, F> {

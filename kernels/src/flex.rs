@@ -115,3 +115,29 @@ pub(crate) fn values(t: &FlexTensor) -> &[f32] {
 pub(crate) fn zeros(shape: Vec<usize>) -> FlexTensor {
     FlexTensor::zeros(shape.into(), DType::F32)
 }
+
+/// The tensor `f` writes, chunk by chunk over the rank's threads: `f(task, out, input)` gets
+/// the `task`-th `chunk` elements of the result and, when the result is a fresh tensor, the
+/// same elements of `t` (`None`: `out` holds them already and is updated in place, which
+/// happens when `t` is contiguous and owns all of its storage).
+pub(crate) fn update_chunks<F>(t: FlexTensor, chunk: usize, f: F) -> FlexTensor
+where
+    F: Fn(usize, &mut [f32], Option<&[f32]>) + Sync + Send,
+{
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    let mut t = contiguous(t);
+    let whole =
+        t.layout().start_offset() == 0 && t.storage::<f32>().len() == t.layout().num_elements();
+    if whole && let Some(data) = t.try_storage_mut::<f32>() {
+        data.par_chunks_mut(chunk).enumerate().for_each(|(task, c)| f(task, c, None));
+        return t;
+    }
+    let mut out = zeros(t.layout().shape().to_vec());
+    out.storage_mut::<f32>()
+        .par_chunks_mut(chunk)
+        .zip(values(&t).par_chunks(chunk))
+        .enumerate()
+        .for_each(|(task, (o, x))| f(task, o, Some(x)));
+    out
+}

@@ -13,6 +13,7 @@
 //! | [`conv2d`] | shifted GEMMs over a zero-padded copy of the input (no im2col), threads over images and row bands |
 //! | [`gelu`], [`silu`] | vectorised, on the rank's threads, in place when the input is not shared |
 //! | [`group_norm_stats`], [`group_norm_apply`] | GroupNorm's per-group mean and `M2` (two passes, float64 block totals) and its normalisation (one pass, in place when it can) |
+//! | [`group_norm_normalize`], [`group_norm`] | the normalisation from a mean and variance (after a merge over ranks), and a whole GroupNorm |
 //! | [`layer_norm_modulate`] | LayerNorm fused with adaLN's `·(1 + scale) + shift` |
 //! | [`gated_residual`] | `residual + gate·y` in one pass |
 //! | [`contiguous`] | strided views copied run by run (Flex copies ND views element by element) |
@@ -49,7 +50,9 @@ pub use conv::{ConvPadding, conv_weight, conv2d, pad_rows};
 pub use elementwise::{gated_residual, geglu, gelu, silu};
 pub use layout::{contiguous, contiguous_primitive};
 pub use linear::linear;
-pub use norm::{group_norm_apply, group_norm_stats, layer_norm_modulate};
+pub use norm::{
+    group_norm, group_norm_apply, group_norm_normalize, group_norm_stats, layer_norm_modulate,
+};
 pub use probe::fma_throughput;
 
 /// The instruction set the vector kernels run with on this CPU (`"avx512"`, `"avx2+fma"`,

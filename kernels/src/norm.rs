@@ -280,30 +280,52 @@ pub fn group_norm_apply<B: Backend>(
     };
     let planes_per_task = (NORM_TASK / plane.max(1)).max(1);
     let chunk = planes_per_task * plane.max(1);
-    let mut t = contiguous(t);
-    let whole =
-        t.layout().start_offset() == 0 && t.storage::<f32>().len() == t.layout().num_elements();
-    if whole && let Some(data) = t.try_storage_mut::<f32>() {
-        data.par_chunks_mut(chunk).enumerate().for_each(|(task, c)| {
-            for (j, p) in c.chunks_mut(plane.max(1)).enumerate() {
-                let (m, s, b) = coef(task * planes_per_task + j);
-                simd(Affine { out: p, input: None, mean: m, scale: s, shift: b });
-            }
-        });
-        return from_flex(t);
-    }
-    let mut out = flex::zeros(vec![batch, channels, rows, width]);
-    out.storage_mut::<f32>()
-        .par_chunks_mut(chunk)
-        .zip(values(&t).par_chunks(chunk))
-        .enumerate()
-        .for_each(|(task, (o, x))| {
-            for (j, (p, xp)) in o.chunks_mut(plane.max(1)).zip(x.chunks(plane.max(1))).enumerate() {
-                let (m, s, b) = coef(task * planes_per_task + j);
-                simd(Affine { out: p, input: Some(xp), mean: m, scale: s, shift: b });
-            }
-        });
-    from_flex(out)
+    from_flex(flex::update_chunks(t, chunk, |task, out, input| {
+        let plane = plane.max(1);
+        for (j, p) in out.chunks_mut(plane).enumerate() {
+            let (m, s, b) = coef(task * planes_per_task + j);
+            let input = input.map(|x| &x[j * plane..][..p.len()]);
+            simd(Affine { out: p, input, mean: m, scale: s, shift: b });
+        }
+    }))
+}
+
+/// GroupNorm's normalisation from a group's `mean` and (biased) `variance`:
+/// `rstd = 1/√(variance + eps)`, then [`group_norm_apply`]. What a GroupNorm whose statistics
+/// were merged over ranks (`parallel_core::group_norm`) runs after the merge.
+///
+/// # Shapes
+/// As [`group_norm_apply`], `variance` in place of `rstd`.
+pub fn group_norm_normalize<B: Backend>(
+    x: Tensor<B, 4>,
+    mean: Tensor<B, 2>,
+    variance: Tensor<B, 2>,
+    eps: f64,
+    gamma: Option<Tensor<B, 1>>,
+    beta: Option<Tensor<B, 1>>,
+) -> Tensor<B, 4> {
+    let rstd = variance.add_scalar(eps).sqrt().recip();
+    group_norm_apply(x, mean, rstd, gamma, beta)
+}
+
+/// A whole GroupNorm (`torch.nn.GroupNorm`, biased variance, eps inside the square root):
+/// [`group_norm_stats`], then [`group_norm_normalize`] with `variance = M2 / count`.
+///
+/// # Shapes
+/// `x`: `[batch, channels, rows, width]` in and out, `channels` a multiple of `groups`;
+/// `gamma`, `beta`: `[channels]` (both or neither).
+pub fn group_norm<B: Backend>(
+    x: Tensor<B, 4>,
+    groups: usize,
+    eps: f64,
+    gamma: Option<Tensor<B, 1>>,
+    beta: Option<Tensor<B, 1>>,
+) -> Tensor<B, 4> {
+    let [_, channels, rows, width] = x.dims();
+    let count = channels / groups.max(1) * rows * width;
+    let (mean, m2) = group_norm_stats(x.clone(), groups);
+    let variance = m2.div_scalar(count.max(1) as f64);
+    group_norm_normalize(x, mean, variance, eps, gamma, beta)
 }
 
 fn apply_reference<B: Backend>(

@@ -139,20 +139,15 @@ pub(crate) fn conv<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4
     }
 }
 
-/// `norm.forward(x)` for float32 maps through the GroupNorm kernels
-/// ([`kernels::group_norm_stats`], [`kernels::group_norm_apply`]: two passes for the
-/// statistics, one for the normalisation); Burn's module for other dtypes, whose numerics the
-/// half-precision fixtures were written against.
+/// `norm.forward(x)` for float32 maps through the GroupNorm kernel ([`kernels::group_norm`]:
+/// two passes for the statistics, one for the normalisation); Burn's module for other dtypes,
+/// whose numerics the half-precision fixtures were written against.
 pub(crate) fn norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     if x.dtype() != burn::tensor::DType::F32 {
         return norm.forward(x);
     }
-    let [_, channels, rows, width] = x.dims();
-    let count = channels / norm.num_groups * rows * width;
-    let (mean, m2) = kernels::group_norm_stats(x.clone(), norm.num_groups);
-    let rstd = m2.div_scalar(count as f64).add_scalar(norm.epsilon).sqrt().recip();
     let (gamma, beta) = (norm.gamma.as_ref().map(|g| g.val()), norm.beta.as_ref().map(|b| b.val()));
-    kernels::group_norm_apply(x, mean, rstd, gamma, beta)
+    kernels::group_norm(x, norm.num_groups, norm.epsilon, gamma, beta)
 }
 
 /// An affine GroupNorm (eps [`GROUP_NORM_EPS`]) from `{key}.weight` and `{key}.bias`.

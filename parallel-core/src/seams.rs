@@ -323,9 +323,9 @@ pub fn group_norm<B: Backend>(
     let xf = x.cast(DType::F32);
     let (mean, m2) = kernels::group_norm_stats(xf.clone(), groups);
     let stats = seams.group_norm_stats(site, GroupNormStats { mean, m2, count })?;
-    let rstd = stats.variance().add_scalar(eps).sqrt().recip();
+    let variance = stats.variance();
     let f32s = |t: Option<Tensor<B, 1>>| t.map(|t| t.cast(DType::F32));
-    let y = kernels::group_norm_apply(xf, stats.mean, rstd, f32s(gamma), f32s(beta));
+    let y = kernels::group_norm_normalize(xf, stats.mean, variance, eps, f32s(gamma), f32s(beta));
     Ok(y.cast(dtype))
 }
 

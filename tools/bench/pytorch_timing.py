@@ -20,7 +20,8 @@ Prints one line per forward and a JSON summary (median seconds per forward) on t
 `--kernels` times, instead of the model, the kernels that `cargo bench -p kernels` times (the
 same shapes, names and thread count): self-attention over 1024 tokens, cross-attention to 120
 text tokens, the 2048x1152x4608 linear, tanh-GELU, LayerNorm with adaLN modulation, the gated
-residual. Also reports peak RSS (`ru_maxrss`) of the process.
+residual, and SD 1.5 U-Net shapes (level-0 self-attention, two 3x3 convs, GroupNorm). Also
+reports peak RSS (`ru_maxrss`) of the process.
 """
 
 import argparse
@@ -137,7 +138,17 @@ def kernels(args) -> None:
     wide = torch.randn(b, t, 4 * hidden)
     vec = torch.randn(b, 1, hidden)
     w, bias = torch.randn(4 * hidden, hidden), torch.randn(4 * hidden)
+    # SD 1.5 U-Net shapes: level-0 self-attention (4096 tokens, 8 heads x 40), resnet convs at
+    # 64x64x320 and 8x8x1280, a 32-group GroupNorm.
+    uq, uk, uv = (torch.randn(b, 4096, 8, 40).transpose(1, 2) for _ in range(3))
+    map64, w64 = torch.randn(b, 320, 64, 64), torch.randn(320, 320, 3, 3) * 0.02
+    map8, w8 = torch.randn(b, 1280, 8, 8), torch.randn(1280, 1280, 3, 3) * 0.01
+    cbias, gamma = torch.randn(1280), torch.randn(320)
     cases = {
+        "attention_4096tok_8x40": lambda: F.scaled_dot_product_attention(uq, uk, uv).transpose(1, 2).reshape(b, 4096, 320),
+        "conv3x3_2x320x64x64": lambda: F.conv2d(map64, w64, cbias[:320], padding=1),
+        "conv3x3_2x1280x8x8": lambda: F.conv2d(map8, w8, cbias, padding=1),
+        "group_norm_2x320x64x64": lambda: F.group_norm(map64, 32, gamma, gamma, eps=1e-5),
         "attention_1024tok": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, hidden),
         "cross_attention_1024q_120kv": lambda: F.scaled_dot_product_attention(q, tk, tv),
         "linear_2048x1152x4608": lambda: F.linear(x, w, bias),
