@@ -20,7 +20,7 @@ use crate::gemm::{MatMut, MatRef, Parallelism, matmul};
 use crate::math::{self, Kernel, simd};
 
 /// Query rows per task (fewer when the batch × tiles would not keep every thread busy).
-const Q_TILE: usize = 128;
+const Q_TILE: usize = 256;
 /// Keys per tile of the online softmax when there are more than [`SINGLE_KV_TILE`] keys.
 const KV_TILE: usize = 512;
 /// Up to this many keys, one tile holds them all (a 64 × 1024 score block is 256 KiB).

@@ -76,6 +76,34 @@ pub(crate) fn exp(x: f32) -> f32 {
     if x > 88.7 { f32::INFINITY } else { y }
 }
 
+/// `e^x` for `x ≤ 0` (a softmax's `x − max`), to within 2 ulp on [−87.3, 0]; 0 below and at
+/// −∞, NaN for NaN. [`exp`] without what positive arguments need (the upper clamp and 2^n
+/// split in two factors for n up to 128): 2^n for n ∈ [−126, 0] is one exponent field.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    let xc = x.max(-87.3);
+    let n = (xc * LOG2_E + 0.5).floor();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+    let r2 = r * r;
+    let p = 1.987_569_1e-4_f32
+        .mul_add(r, 1.398_199_9e-3)
+        .mul_add(r, 8.333_452e-3)
+        .mul_add(r, 4.166_579_6e-2)
+        .mul_add(r, 1.666_666_5e-1)
+        .mul_add(r, 0.5);
+    let er = p.mul_add(r2, r + 1.0);
+    let pow2 = f32::from_bits(((n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127)) << 23);
+    let y = er * pow2;
+    // `x.max` dropped a NaN; `x < −87.3` is false for it, so it comes back as the NaN sum.
+    if x < -87.3 {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
 /// The logistic function 1 / (1 + e^−x).
 #[inline(always)]
 pub(crate) fn sigmoid(x: f32) -> f32 {
@@ -183,20 +211,21 @@ pub(crate) fn max(xs: &[f32]) -> f32 {
     m
 }
 
-/// `x ← e^(x − c)` for every element; returns Σ of the results (vectorises).
+/// `x ← e^(x − c)` for every element, `c ≥` every `x` (a softmax row's maximum); returns Σ of
+/// the results (vectorises).
 #[inline(always)]
 pub(crate) fn exp_sub_sum(xs: &mut [f32], c: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = xs.chunks_exact_mut(LANES);
     for ch in &mut chunks {
         for (a, x) in acc.iter_mut().zip(ch.iter_mut()) {
-            *x = exp(*x - c);
+            *x = exp_nonpositive(*x - c);
             *a += *x;
         }
     }
     let mut s = acc.iter().sum::<f32>();
     for x in chunks.into_remainder() {
-        *x = exp(*x - c);
+        *x = exp_nonpositive(*x - c);
         s += *x;
     }
     s
@@ -274,6 +303,21 @@ mod tests {
     }
 
     #[test]
+    fn exp_nonpositive_is_within_two_ulp_and_saturates() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            worst = worst.max(ulps(exp_nonpositive(x), (x as f64).exp()));
+        }
+        println!("exp_nonpositive worst error: {worst:.2} ulp");
+        assert!(worst <= 2.0, "exp_nonpositive off by {worst} ulp");
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(-200.0), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    #[test]
     fn reductions_equal_serial_sums() {
         let xs: Vec<f32> = (0..1001).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         let serial: f64 = xs.iter().map(|&x| x as f64).sum();
@@ -283,8 +327,9 @@ mod tests {
         let var: f64 = xs.iter().map(|&x| (x as f64 - mean).powi(2)).sum();
         assert!((sum_sq_dev(&xs, mean as f32) as f64 - var).abs() / var < 1e-6);
         let mut e = xs.clone();
-        let s = exp_sub_sum(&mut e, 7.0);
-        let want: f64 = xs.iter().map(|&x| (x as f64 - 7.0).exp()).sum();
+        let top = max(&xs);
+        let s = exp_sub_sum(&mut e, top);
+        let want: f64 = xs.iter().map(|&x| (x as f64 - top as f64).exp()).sum();
         assert!((s as f64 - want).abs() / want < 1e-6);
     }
 }
