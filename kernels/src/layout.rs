@@ -74,6 +74,13 @@ pub(crate) fn copy_runs(t: FlexTensor) -> FlexTensor {
     let (shape, strides) = collapse(layout.shape(), layout.strides());
     let run = shape.last().copied().unwrap_or(1);
     let simple = strides.last() == Some(&1) && strides.iter().all(|&s| s >= 0);
+    let transposed = shape.len() >= 3
+        && strides[shape.len() - 2] == 1
+        && strides.iter().all(|&s| s > 0)
+        && run >= MIN_RUN;
+    if transposed {
+        return transpose_blocks(t, &shape, &strides);
+    }
     // Flex copies ≤ 2 collapsed dimensions with a tiled loop already.
     if !simple || run < MIN_RUN || shape.len() <= 2 {
         return t.to_contiguous();
@@ -113,6 +120,48 @@ pub(crate) fn copy_runs(t: FlexTensor) -> FlexTensor {
     out
 }
 
+/// Side of the square tiles of [`transpose_blocks`] (16 floats: one cache line per row).
+const TILE: usize = 16;
+
+/// A batch of transposed matrices made contiguous: collapsed `shape` `[outer…, rows, cols]`
+/// whose `rows` have stride 1 and `cols` a larger one — a `[b, c, h·w]` map viewed as
+/// `[b, h·w, c]` (a U-Net transformer's tokens) or back. Flex copies such a view element by
+/// element when the batch keeps it from collapsing to two dimensions. Copied in 16 × 16
+/// tiles (each source column read as one cache line), threads over bands of 16 output rows.
+fn transpose_blocks(t: FlexTensor, shape: &[usize], strides: &[isize]) -> FlexTensor {
+    let layout = t.layout();
+    let d = shape.len();
+    let (rows, cols, col_stride) = (shape[d - 2], shape[d - 1], strides[d - 1] as usize);
+    let (outer, outer_strides) = (&shape[..d - 2], &strides[..d - 2]);
+    let base = layout.start_offset();
+    let src = t.storage::<f32>();
+    let mut out = flex::zeros(layout.shape().to_vec());
+    let matrix = rows * cols;
+    let n = layout.num_elements();
+    out.storage_mut::<f32>()[..n].par_chunks_mut(matrix.max(1)).enumerate().for_each(|(m, dst)| {
+        // The source offset of matrix m (row-major index over the outer dims).
+        let (mut rest, mut at) = (m, base);
+        for (&extent, &stride) in outer.iter().zip(outer_strides).rev() {
+            at += (rest % extent) * stride as usize;
+            rest /= extent;
+        }
+        dst.par_chunks_mut(TILE * cols.max(1)).enumerate().for_each(|(band, dst)| {
+            let r0 = band * TILE;
+            let band_rows = dst.len() / cols.max(1);
+            for c0 in (0..cols).step_by(TILE) {
+                let tile_cols = TILE.min(cols - c0);
+                for r in 0..band_rows {
+                    let row = &mut dst[r * cols + c0..][..tile_cols];
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = src[at + r0 + r + (c0 + j) * col_stride];
+                    }
+                }
+            }
+        });
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,8 +183,12 @@ mod tests {
             x.clone().narrow(1, 3, 20).permute([2, 0, 1, 3]),
             // Short runs (4 < MIN_RUN): Flex's copy.
             x.clone().narrow(3, 0, 4).swap_dims(1, 2),
-            // A transposed last dim: Flex's copy.
+            // A transposed last dim with a short run (5 rows of stride 1): Flex's copy.
             x.clone().swap_dims(2, 3),
+            // Channels and tokens swapped over a batch ([b, c, h·w] as [b, h·w, c]): tiles,
+            // with partial tiles on both sides (301 × 120).
+            x.clone().reshape([2, 301, 120, 1]).swap_dims(1, 2),
+            x.clone().reshape([2, 301, 120, 1]).narrow(1, 7, 250).swap_dims(1, 2),
         ];
         for (i, v) in views.into_iter().enumerate() {
             let want = v.to_data();

@@ -90,7 +90,9 @@ impl<B: Backend> Transformer2DModel<B> {
             h = block.forward(h, text, text_bias, &site, fwd.seams)?;
         }
         let h = linear(&self.proj_out, h);
-        let h = h.swap_dims(1, 2).reshape([batch, c, rows, width]);
+        // Tokens back to channel-major: a batched transpose (`kernels::contiguous`'s tiles;
+        // Flex's reshape would copy the view element by element).
+        let h = kernels::contiguous(h.swap_dims(1, 2)).reshape([batch, c, rows, width]);
         Ok(h + x)
     }
 }
