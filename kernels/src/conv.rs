@@ -302,7 +302,7 @@ fn plan(batch: usize, rows_out: usize, g: Geometry) -> Vec<Task> {
         .collect()
 }
 
-/// Float32 elements of one task's padded planes (16 MiB: the `k` column-shifted copies of
+/// Float32 elements of one task's planes (16 MiB: the `k` shifted copies of
 /// its input rows, all channels).
 const LOCAL_FLOATS: usize = 1 << 22;
 

@@ -10,13 +10,13 @@
 //! |---|---|
 //! | [`attention`], [`attention_with_lse`], [`merge_partial`] | tiled online-softmax attention (memory linear in tokens), threads over batch × query tiles, heads read and written in place |
 //! | [`linear`] | one GEMM over all rows with the bias accumulated onto (no second pass) |
-//! | [`conv2d`] | shifted GEMMs over a zero-padded copy of the input (no im2col), threads over images and row bands |
+//! | [`conv2d`] | one GEMM per kernel row over shifted copies of the input rows (no im2col), threads over output channels, images or row bands |
 //! | [`gelu`], [`silu`] | vectorised, on the rank's threads, in place when the input is not shared |
 //! | [`group_norm_stats`], [`group_norm_apply`] | GroupNorm's per-group mean and `M2` (two passes, float64 block totals) and its normalisation (one pass, in place when it can) |
 //! | [`group_norm_normalize`], [`group_norm`] | the normalisation from a mean and variance (after a merge over ranks), and a whole GroupNorm |
 //! | [`layer_norm_modulate`] | LayerNorm fused with adaLN's `·(1 + scale) + shift` |
 //! | [`gated_residual`] | `residual + gate·y` in one pass |
-//! | [`contiguous`] | strided views copied run by run (Flex copies ND views element by element) |
+//! | [`contiguous`] | strided views copied run by run, batched transposes in tiles (Flex copies ND views element by element) |
 //!
 //! # The backend extension
 //! Each call asks whether `B::FloatTensorPrimitive` is `FlexTensor` (a `TypeId` comparison)
