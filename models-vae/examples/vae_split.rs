@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Arguments: ranks `N` (1 runs the plain whole-image `decode`), latent side (128 → 1024²,
-//! 256 → 2048²). Prints one JSON line: the decode's wall time, the process's peak RSS
+//! 256 → 2048²), and for `N = 1` the decode's threads (default 1). Prints one JSON line: the decode's wall time, the process's peak RSS
 //! (`VmHWM`, every rank together: the ranks are threads), the decoder's weight bytes (held
 //! once per rank) and the estimate of one rank's peak activations, `(peak − N·weights)/N`
 //! (the ranks run in lockstep, so their peaks coincide).
@@ -45,6 +45,11 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let side: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(128);
+    // Threads of the serial decode (N = 1 only; each of N > 1 ranks has one).
+    let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
+    if threads == 0 || (n > 1 && threads != 1) {
+        return Err(format!("threads: {threads} (at least 1, and 1 when N > 1)").into());
+    }
     let config = AutoencoderKLConfig::from_json_str(SD_VAE)?;
     let z = Tensor::<Flex, 4>::random(
         [1, 4, side, side],
@@ -53,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     );
     let t0 = Instant::now();
     let weights = if n == 1 {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
         pool.install(|| -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
             let vae = config.init::<Flex>(VaeParts::DecoderOnly, &Default::default())?;
             let t = Instant::now();

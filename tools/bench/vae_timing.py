@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Times Stable Diffusion's VAE decoder in PyTorch + diffusers on the CPU, beside
-`cargo run --release -p models-vae --example vae_split -- 1 SIDE` (not run by CI).
+`cargo run --release -p models-vae --example vae_split -- 1 SIDE THREADS` (its `decode` line on
+stderr is the decode alone; not run by CI).
 
 The configuration of `stabilityai/sd-vae-ft-mse` (the one the example embeds), diffusers'
 random init (seeded), float32, batch 1, a `SIDE x SIDE` latent of 4 channels (`SIDE · 8`
