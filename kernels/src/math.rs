@@ -47,14 +47,12 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
-/// `e^x` to within 2 ulp for x in [−87.3, 88.7]; 0 below (so exp(−∞) = 0), +∞ above.
-/// Cephes' `expf`: x = n·ln 2 + r with |r| ≤ ln2/2, a degree-7 polynomial for e^r, then
-/// the exponent bits of 2^n.
+/// Cephes' `expf` range reduction: `x = n·ln 2 + r` with |r| ≤ ln2/2, and a degree-7
+/// polynomial for `e^r`. Returns `(e^r, n)`; `x` must already be clamped to [−87.3, 88.7].
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    let xc = x.clamp(-87.3, 88.7);
-    let n = (xc * LOG2_E + 0.5).floor();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+fn exp_reduced(x: f32) -> (f32, f32) {
+    let n = (x * LOG2_E + 0.5).floor();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let r2 = r * r;
     let p = 1.987_569_1e-4_f32
         .mul_add(r, 1.398_199_9e-3)
@@ -62,16 +60,25 @@ pub(crate) fn exp(x: f32) -> f32 {
         .mul_add(r, 4.166_579_6e-2)
         .mul_add(r, 1.666_666_5e-1)
         .mul_add(r, 0.5);
-    let er = p.mul_add(r2, r + 1.0);
-    // 2^n through the exponent field, n ∈ [−126, 128] (2^128 split as 2·2^127). The integer
-    // n is read from the mantissa of n + 1.5·2^23 (a bit cast, not `as i32`, whose saturating
-    // semantics LLVM does not vectorise).
+    (p.mul_add(r2, r + 1.0), n)
+}
+
+/// 2^k for an integral `k` in [−126, 127], through the exponent field. The integer is read
+/// from the mantissa of k + 1.5·2^23 (a bit cast, not `as i32`, whose saturating semantics
+/// LLVM does not vectorise).
+#[inline(always)]
+fn pow2(k: f32) -> f32 {
+    f32::from_bits(((k + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127)) << 23)
+}
+
+/// `e^x` to within 2 ulp for x in [−87.3, 88.7]; 0 below (so exp(−∞) = 0), +∞ above.
+/// Cephes' `expf` ([`exp_reduced`]), then 2^n with n ∈ [−126, 128] (2^128 split as
+/// 2·2^127).
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    let (er, n) = exp_reduced(x.clamp(-87.3, 88.7));
     let half = (n * 0.5).floor();
-    let pow2 = |k: f32| {
-        f32::from_bits(((k + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127)) << 23)
-    };
-    let (a, b) = (pow2(half), pow2(n - half));
-    let y = er * a * b;
+    let y = er * pow2(half) * pow2(n - half);
     let y = if x < -87.3 { 0.0 } else { y };
     if x > 88.7 { f32::INFINITY } else { y }
 }
@@ -81,20 +88,9 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// split in two factors for n up to 128): 2^n for n ∈ [−126, 0] is one exponent field.
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    let xc = x.max(-87.3);
-    let n = (xc * LOG2_E + 0.5).floor();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
-    let r2 = r * r;
-    let p = 1.987_569_1e-4_f32
-        .mul_add(r, 1.398_199_9e-3)
-        .mul_add(r, 8.333_452e-3)
-        .mul_add(r, 4.166_579_6e-2)
-        .mul_add(r, 1.666_666_5e-1)
-        .mul_add(r, 0.5);
-    let er = p.mul_add(r2, r + 1.0);
-    let pow2 = f32::from_bits(((n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127)) << 23);
-    let y = er * pow2;
-    // `x.max` dropped a NaN; `x < −87.3` is false for it, so it comes back as the NaN sum.
+    let (er, n) = exp_reduced(x.max(-87.3));
+    let y = er * pow2(n);
+    // `x.max(−87.3)` maps a NaN to −87.3, so the NaN is passed through explicitly.
     if x < -87.3 {
         0.0
     } else if x.is_nan() {
