@@ -4,7 +4,6 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
 use crate::flex::{self, checked_flex, contiguous, from_flex, is_flex, values};
 use crate::gemm::{MatMut, MatRef, matmul, parallelism_for};
@@ -49,16 +48,11 @@ fn linear_flex(
     let x = contiguous(x);
     let w = if w.layout().strides().iter().any(|&s| s < 0) { w.to_contiguous() } else { w };
     let rows = x.layout().num_elements().checked_div(d_in).unwrap_or(0);
-    let mut out = flex::zeros(vec![rows, d_out]);
     let bias = bias.map(contiguous);
-    if let Some(b) = &bias {
-        let b = values(b);
-        out.storage_mut::<f32>().par_chunks_mut(d_out.max(1) * 64).for_each(|c| {
-            for row in c.chunks_exact_mut(d_out.max(1)) {
-                row.copy_from_slice(b);
-            }
-        });
-    }
+    let mut out = match &bias {
+        Some(b) => flex::repeated_rows(rows, values(b)),
+        None => flex::zeros(vec![rows, d_out]),
+    };
     let (ws, wl) = (w.storage::<f32>(), w.layout());
     let (w_rs, w_cs) = (wl.strides()[0], wl.strides()[1]);
     if rows == 0 || d_out == 0 {
