@@ -17,6 +17,7 @@
 //! | [`layer_norm_modulate`] | LayerNorm fused with adaLN's `·(1 + scale) + shift` |
 //! | [`gated_residual`] | `residual + gate·y` in one pass |
 //! | [`contiguous`] | strided views copied run by run, batched transposes in tiles (Flex copies ND views element by element) |
+//! | [`tune_allocator`] | (not a kernel) glibc's allocator set for tensor-sized blocks, for a binary's `main` |
 //!
 //! # The backend extension
 //! Each call asks whether `B::FloatTensorPrimitive` is `FlexTensor` (a `TypeId` comparison)
@@ -34,6 +35,7 @@
 //! activations within 1e-6 relative of their f64 definitions, attention and LayerNorm within
 //! float32 summation-order noise (named per test).
 
+mod alloc;
 mod attention;
 mod conv;
 mod elementwise;
@@ -45,6 +47,7 @@ mod math;
 mod norm;
 mod probe;
 
+pub use alloc::{MMAP_THRESHOLD, TRIM_THRESHOLD, tune_allocator};
 pub use attention::{attention, attention_with_lse, merge_partial};
 pub use conv::{ConvPadding, conv_weight, conv2d, pad_rows};
 pub use elementwise::{gated_residual, geglu, gelu, silu};
