@@ -19,11 +19,14 @@ use crate::flex::{self, all_to_flex, from_flex};
 use crate::gemm::{MatMut, MatRef, Parallelism, matmul};
 use crate::math::{self, Kernel, simd};
 
-/// Query rows per task (fewer when the batch × tiles would not keep every thread busy).
-const Q_TILE: usize = 256;
+/// Query rows per task (fewer when the batch × tiles would not keep every thread busy). The
+/// GEMMs pack each key/value tile once per query tile, so larger tiles pack less: 512 against
+/// 256 on the Intel Xeon machine (docs/BENCH.md), 8 × 4096 × 40 at 1 / 2 threads 366 → 357 /
+/// 192 → 185 ms, 16 × 1024 × 72 at 1 thread 77.5 → 75.0 ms; 1024 was slower (381 / 196).
+const Q_TILE: usize = 512;
 /// Keys per tile of the online softmax when there are more than [`SINGLE_KV_TILE`] keys.
 const KV_TILE: usize = 512;
-/// Up to this many keys, one tile holds them all (a 64 × 1024 score block is 256 KiB).
+/// Up to this many keys, one tile holds them all (a 512 × 1024 score block is 2 MiB).
 const SINGLE_KV_TILE: usize = 1024;
 
 /// `softmax(q·kᵀ/√d + bias)·v`.

@@ -24,6 +24,8 @@ fn tensor<const D: usize>(t: &weights::HostTensor) -> Tensor<Flex, D> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // As the harness binary does (glibc set for tensor-sized blocks).
+    kernels::tune_allocator();
     let mut args = std::env::args().skip(1);
     let folder = PathBuf::from(args.next().ok_or("usage: unet_timing FOLDER [THREADS] [REPS]")?);
     let threads: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);

@@ -42,6 +42,8 @@ fn peak_rss_bytes() -> u64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // As the harness binary does (glibc set for tensor-sized blocks).
+    kernels::tune_allocator();
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
     let side: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(128);
